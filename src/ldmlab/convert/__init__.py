@@ -1,0 +1,1 @@
+"""State-dict mapping between ldmlab, SD-original and diffusers layouts."""

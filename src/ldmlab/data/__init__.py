@@ -1,0 +1,1 @@
+"""WebDataset pipelines, transforms, demo data and DataModules."""

@@ -1,0 +1,1 @@
+"""Diffusion math as small pure functions: import torch only."""

@@ -1,0 +1,220 @@
+"""VAEModule: the KL-autoencoder first stage, trained with L1 + KL + LPIPS + a PatchGAN discriminator.
+
+The loss is LDM's `LPIPSWithDiscriminator` (contperceptual.py) written out as a generator step and a
+discriminator step with Lightning 2 manual optimisation; the networks and loss functions are plain torch
+(`ldmlab.nn`, `ldmlab.losses`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_info
+from safetensors.torch import save_file
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+
+from ldmlab.losses import vae as losses
+from ldmlab.nn.autoencoder import AutoencoderKL
+
+OptimizerFactory = Callable[..., Optimizer]
+SchedulerFactory = Callable[[Optimizer], Any]
+
+
+def _to_unit(x: Tensor) -> Tensor:
+    """[-1, 1] → [0, 1] for PSNR/SSIM with data_range 1."""
+    return ((x.clamp(-1, 1) + 1) / 2).float()
+
+
+class VAEModule(pl.LightningModule):
+    """KL-VAE with LPIPS and PatchGAN losses; `trainer.global_step` counts training iterations (batches)."""
+
+    def __init__(
+        self,
+        autoencoder: AutoencoderKL,
+        discriminator: nn.Module,
+        lpips: Callable[[], nn.Module] | None = None,
+        optimizer: OptimizerFactory | None = None,
+        lr_scheduler: SchedulerFactory | None = None,
+        rec_loss: str = "l1",
+        kl_weight: float = 1e-6,
+        perceptual_weight: float = 1.0,
+        disc_weight: float = 0.5,
+        disc_start: int = 50001,
+        disc_factor: float = 1.0,
+        disc_loss: str = "hinge",
+        logvar_init: float = 0.0,
+        learn_logvar: bool = False,
+        grad_clip: float | None = None,
+        scale_lr: bool = False,
+        sample_posterior: bool = True,
+    ) -> None:
+        super().__init__()
+        self.automatic_optimization = False  # explicit G and D steps (STYLE 12)
+        self.save_hyperparameters(ignore=["autoencoder", "discriminator", "lpips", "optimizer", "lr_scheduler"])
+        losses.get_pixel_loss(rec_loss), losses.get_d_loss(disc_loss)  # fail at construction on a bad name
+        self.autoencoder = autoencoder
+        self.discriminator = discriminator
+        # LPIPS is built only when used, so a missing VGG16 file only matters when perceptual_weight > 0
+        self.lpips = lpips() if (lpips is not None and perceptual_weight > 0) else None
+        # LDM's learned log-variance of the Laplace likelihood; LDM never optimises it (learn_logvar=False)
+        self.logvar = nn.Parameter(torch.full((), float(logvar_init)), requires_grad=learn_logvar)
+        self.optimizer_factory = optimizer or partial(torch.optim.Adam, lr=4.5e-6, betas=(0.5, 0.9))
+        self.scheduler_factory = lr_scheduler
+        self.d_loss_fn = losses.get_d_loss(disc_loss)
+        self.val_psnr = PeakSignalNoiseRatio(data_range=1.0)
+        self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
+
+    # ------------------------------------------------------------------ training
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        x = batch["image"]
+        opt_g, opt_d = self.optimizers()
+        sched_g, sched_d = self._schedulers()
+        gan_active = losses.disc_factor(self.global_step, self.hparams.disc_start, self.hparams.disc_factor) > 0
+
+        with self.toggled_optimizer(opt_g):
+            rec, posterior = self.autoencoder(x, sample_posterior=self.hparams.sample_posterior)
+            g_total, logs = self._generator_loss(x, rec, posterior, gan_active)
+            self._optimizer_step(opt_g, g_total, sched_g, counted=True)
+
+        if gan_active:  # before disc_start the discriminator never runs nor steps
+            with self.toggled_optimizer(opt_d):
+                d_total, d_logs = self._discriminator_loss(x, rec.detach())
+                self._optimizer_step(opt_d, d_total, sched_d, counted=False)
+            logs.update(d_logs)
+        self.log("train/rec_loss", logs.pop("train/rec_loss"), prog_bar=True)
+        self.log_dict(logs)
+
+    def _generator_loss(self, x: Tensor, rec: Tensor, posterior: Any, gan_active: bool) -> tuple[Tensor, dict]:
+        """LDM contperceptual, optimizer_idx 0: nll + kl_weight·KL + d_weight·disc_factor·g_loss."""
+        hp = self.hparams
+        perceptual = self.lpips(x, rec) if self.lpips is not None else None
+        rec_elem = losses.reconstruction_loss(x, rec, perceptual, hp.perceptual_weight, hp.rec_loss)
+        nll = losses.nll_with_learned_logvar(rec_elem, self.logvar)
+        kl = losses.kl_loss(posterior.kl())
+        total = nll + hp.kl_weight * kl
+        logs = {"train/rec_loss": losses.get_pixel_loss(hp.rec_loss)(x, rec).mean().detach(),
+                "train/nll": nll.detach(), "train/kl": kl.detach(), "train/logvar": self.logvar.detach()}
+        if perceptual is not None:
+            logs["train/perceptual"] = perceptual.mean().detach()
+        if gan_active:
+            logits_fake = self.discriminator(rec)
+            g_loss = losses.generator_loss(logits_fake)
+            # VQGAN eq. 7: balance the GAN gradient against the reconstruction gradient at the last layer
+            d_weight = losses.adaptive_weight(nll, g_loss, self.autoencoder.last_layer) * hp.disc_weight
+            total = total + d_weight * hp.disc_factor * g_loss
+            logs.update({"train/g_loss": g_loss.detach(), "train/d_weight": d_weight})
+        logs["train/total_loss"] = total.detach()
+        return total, logs
+
+    def _discriminator_loss(self, x: Tensor, rec: Tensor) -> tuple[Tensor, dict]:
+        """LDM contperceptual, optimizer_idx 1: disc_factor·d_loss(D(x), D(x̂))."""
+        logits_real = self.discriminator(x)
+        logits_fake = self.discriminator(rec)
+        d_loss = self.hparams.disc_factor * self.d_loss_fn(logits_real, logits_fake)
+        logs = {"train/d_loss": d_loss.detach(), "train/logits_real": logits_real.mean().detach(),
+                "train/logits_fake": logits_fake.mean().detach()}
+        return d_loss, logs
+
+    def _optimizer_step(self, opt: Any, loss: Tensor, scheduler: Any, counted: bool) -> None:
+        """zero_grad → backward → clip → step → scheduler.step.
+
+        Lightning 2 counts every LightningOptimizer.step as a global step in manual optimisation, which
+        would make one G+D iteration count twice; the D step goes through the strategy directly (same
+        precision plugin and hooks, not counted) so max_steps and disc_start mean iterations, as in LDM.
+        """
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        if self.hparams.grad_clip:
+            self.clip_gradients(opt, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
+        if counted:
+            opt.step()
+        else:
+            self.trainer.strategy.optimizer_step(opt.optimizer, closure=lambda: None, model=self)
+        if scheduler is not None:
+            scheduler.step()
+
+    def _schedulers(self) -> tuple[Any, Any]:
+        scheds = self.lr_schedulers()
+        if scheds is None:
+            return None, None
+        return tuple(scheds) if isinstance(scheds, list) else (scheds, None)
+
+    # ------------------------------------------------------------------ validation
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """Deterministic reconstruction through the posterior mode."""
+        return self.autoencoder.decode(self.autoencoder.encode(x).mode())
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        x = batch["image"]
+        posterior = self.autoencoder.encode(x)
+        rec = self.autoencoder.decode(posterior.mode())
+        self.val_psnr(_to_unit(rec), _to_unit(x))
+        self.val_ssim(_to_unit(rec), _to_unit(x))
+        # torchmetrics objects reduce across ranks themselves; plain tensors need sync_dist
+        self.log_dict({"val/psnr": self.val_psnr, "val/ssim": self.val_ssim}, prog_bar=True, batch_size=len(x))
+        metrics = {"val/rec_loss": losses.get_pixel_loss(self.hparams.rec_loss)(x, rec).mean(),
+                   "val/kl": losses.kl_loss(posterior.kl())}
+        if self.lpips is not None:
+            metrics["val/lpips"] = self.lpips(x, rec).mean()
+        self.log_dict(metrics, sync_dist=True, batch_size=len(x))
+
+    def log_images(self, batch: dict[str, Tensor], num_images: int = 8) -> dict[str, Tensor]:
+        """Inputs and their reconstructions, for the ImageGrids callback."""
+        x = batch["image"][:num_images]
+        return {"inputs": x, "reconstructions": self.reconstruct(x)}
+
+    # ------------------------------------------------------------------ optimisers, checkpoints, export
+
+    def configure_optimizers(self) -> Any:
+        g_params = list(self.autoencoder.parameters()) + ([self.logvar] if self.hparams.learn_logvar else [])
+        opt_g = self.optimizer_factory(g_params)
+        opt_d = self.optimizer_factory(list(self.discriminator.parameters()))
+        if self.hparams.scale_lr:
+            self._scale_lr(opt_g, opt_d)
+        if self.scheduler_factory is None:
+            return [opt_g, opt_d]
+        scheds = [{"scheduler": self.scheduler_factory(o), "interval": "step"} for o in (opt_g, opt_d)]
+        return [opt_g, opt_d], scheds
+
+    def _scale_lr(self, *optimizers: Optimizer) -> None:
+        """LDM main.py: lr = base_lr × batch_size × world_size (manual optimisation has no accumulation)."""
+        batch_size = getattr(self.trainer.datamodule, "batch_size", None)
+        if batch_size is None:
+            raise ValueError("model.scale_lr=true needs a datamodule with a `batch_size` attribute; "
+                             "set model.scale_lr=false and give optimizer.lr directly")
+        factor = batch_size * self.trainer.world_size
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] *= factor
+        rank_zero_info(f"scale_lr: lr = base × batch {batch_size} × world {self.trainer.world_size} "
+                       f"= {optimizers[0].param_groups[0]['lr']:.3g}")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # the frozen LPIPS network is rebuilt from its own files: keep its 58 MB out of every checkpoint
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith("lpips.")]:
+            del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.lpips is not None:
+            checkpoint["state_dict"].update({f"lpips.{k}": v for k, v in self.lpips.state_dict().items()})
+
+    def export_weights(self, dirpath: str | Path) -> list[Path]:
+        """Write the autoencoder as `vae.safetensors` (ldmlab = SD-original `first_stage_model` names)."""
+        path = Path(dirpath) / "vae.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.autoencoder.state_dict().items()}
+        config = getattr(self.autoencoder, "config", {})
+        save_file(state, str(path), metadata={"format": "ldmlab.vae", "config": json.dumps(config)})
+        return [path]

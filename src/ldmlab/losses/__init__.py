@@ -1,0 +1,1 @@
+"""Pure loss functions of tensors: import torch only."""

@@ -1,0 +1,1 @@
+"""Pure nn.Module networks: import torch only (no lightning, hydra, omegaconf, wandb)."""

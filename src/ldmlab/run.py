@@ -1,0 +1,48 @@
+"""The training entry: config → data, module, callbacks, loggers, trainer → fit → the optimised metric."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+def instantiate_group(group: DictConfig | None) -> list[Any]:
+    """Instantiate every `_target_` entry of a dict-valued group (callbacks, loggers); null entries are skipped."""
+    if not group:
+        return []
+    return [hydra.utils.instantiate(node) for node in group.values() if node and "_target_" in node]
+
+
+def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, pl.Trainer]:
+    """Instantiate the datamodule, the module (with its optimizer and LR-scheduler factories) and the trainer."""
+    datamodule = hydra.utils.instantiate(cfg.data)
+    module = hydra.utils.instantiate(
+        cfg.model,
+        optimizer=hydra.utils.instantiate(cfg.optimizer),
+        lr_scheduler=hydra.utils.instantiate(cfg.lr_scheduler) if cfg.get("lr_scheduler") else None,
+    )
+    trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")), logger=instantiate_group(cfg.get("logger"))
+    )
+    return datamodule, module, trainer
+
+
+def train(cfg: DictConfig) -> float | None:
+    """Seed, build, log the resolved config, fit; return `cfg.optimized_metric` for sweeps."""
+    pl.seed_everything(cfg.seed, workers=True)
+    datamodule, module, trainer = build(cfg)
+    for logger in trainer.loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metric = trainer.callback_metrics.get(cfg.get("optimized_metric"))
+    if metric is None:
+        log.warning("optimized_metric %r was not logged; metrics: %s", cfg.get("optimized_metric"),
+                    sorted(trainer.callback_metrics))
+        return None
+    return float(metric)

@@ -1,0 +1,1 @@
+"""Small helpers shared by the Lightning layer (images, config checks)."""

@@ -1,0 +1,44 @@
+"""Shared test helpers: the repo root, Hydra composition of the real conf/ tree, subprocess runs of train.py."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+
+
+def compose_train(overrides: list[str], tmp_path: Path) -> DictConfig:
+    """Compose conf/train.yaml as `python train.py <overrides>` would, with paths redirected to tmp_path."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=[f"paths.root_dir={tmp_path}", *overrides], return_hydra_config=False)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "run")
+        if "data_dir" not in " ".join(overrides):
+            cfg.paths.data_dir = str(shared_data_dir())
+    return cfg
+
+
+def shared_data_dir() -> Path:
+    """One data dir for the whole session so the demo shards are built once, not per test."""
+    path = Path(os.environ.get("LDMLAB_TEST_DATA", REPO / ".pytest_cache" / "ldmlab-data"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def run_train(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run `python train.py <args>` in a subprocess with run dirs under cwd; fail with its output on error."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true"}
+    cmd = [sys.executable, str(REPO / "train.py"), f"paths.root_dir={cwd}",
+           f"paths.data_dir={shared_data_dir()}", *args]
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        pytest.fail(f"train.py {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
