@@ -24,11 +24,12 @@ import glob
 import io
 import json
 import math
+import multiprocessing
 import os
 import random
 import tarfile
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import lru_cache
 from itertools import count, islice
 from pathlib import Path
@@ -147,7 +148,17 @@ class ShardStream(IterableDataset):
         self.urls, self.batch_size, self.batches_per_rank = list(urls), batch_size, batches_per_rank
         self.mode, self.transform, self.shuffle_buffer, self.seed = mode, transform, shuffle_buffer, seed
         self.rank, self.world_size, self.num_samples = rank, world_size, num_samples
-        self.epoch = 0  # set by EpochLoader before workers start; reseeds shard order, shuffle and augment
+        # Shared memory, so persistent workers see the epoch EpochLoader sets; it reseeds order and augmentation.
+        self._epoch = multiprocessing.RawValue("q", 0)
+
+    @property
+    def epoch(self) -> int:
+        """Epoch number that seeds shard order, shuffling and augmentation."""
+        return self._epoch.value
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self._epoch.value = value
 
     def __len__(self) -> int:
         return self.batches_per_rank
@@ -161,23 +172,27 @@ class ShardStream(IterableDataset):
         rng = random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{worker}")  # str seeds are stable
         return islice(self._train_batches(worker, num_workers, rng), quota)
 
-    def _shard_urls(self, worker: int, num_workers: int, rng: random.Random) -> Iterator[str]:
-        """Endless shard urls for this (rank, worker)."""
+    def _train_samples(self, worker: int, num_workers: int, rng: random.Random) -> Iterator[dict]:
+        """Endless shuffled samples for this (rank, worker)."""
+        if self.mode == "resampled":
+            yield from self._shuffled((rng.choice(self.urls) for _ in count()), rng)
         for pass_ in count():
-            if self.mode == "resampled":
-                yield rng.choice(self.urls)
-                continue
             order = list(self.urls)
             # Seeded identically on all ranks, so the slots of one pass partition the shards.
             random.Random(f"{self.seed}/{self.epoch}/{pass_}").shuffle(order)
-            yield from slot_shards(order, self.rank, self.world_size, worker, num_workers)
+            # Shuffled per pass: a buffer over the endless stream would mix in repeats before a pass is done.
+            yield from self._shuffled(slot_shards(order, self.rank, self.world_size, worker, num_workers), rng)
+
+    def _shuffled(self, urls: Iterable[str], rng: random.Random) -> Iterator[dict]:
+        """Samples of `urls` through the shuffle buffer."""
+        samples = wds.tarfile_samples({"url": u} for u in urls)
+        if self.shuffle_buffer > 1:
+            samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
+        return iter(samples)
 
     def _train_batches(self, worker: int, num_workers: int, rng: random.Random) -> Iterator[dict]:
         """Shards → samples → shuffle buffer → decode + transform → batches."""
-        samples = wds.tarfile_samples({"url": u} for u in self._shard_urls(worker, num_workers, rng))
-        if self.shuffle_buffer > 1:
-            samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
-        for chunk in _chunks(iter(samples), self.batch_size):
+        for chunk in _chunks(self._train_samples(worker, num_workers, rng), self.batch_size):
             yield collate([self._load(s, rng) for s in chunk])
 
     def _eval_batches(self, worker: int, num_workers: int) -> Iterator[dict]:
@@ -202,9 +217,14 @@ class ShardStream(IterableDataset):
 
 
 class EpochLoader(DataLoader):
-    """DataLoader that tells its ShardStream the epoch before workers start (workers get a fresh copy)."""
+    """DataLoader over pre-batched items that sets its ShardStream's epoch before each pass.
 
-    def __init__(self, dataset: ShardStream, epoch_fn: Callable[[], int] | None = None, **kw) -> None:
+    Workers are persistent: besides saving start-up time, forking once per loader instead of once per epoch
+    avoids a CPython < 3.11.9 bug (gh-112275) where a worker forked while another thread exits deadlocks.
+    """
+
+    def __init__(self, dataset: ShardStream, epoch_fn: Callable[[], int | None] | None = None, **kw) -> None:
+        kw.setdefault("persistent_workers", kw.get("num_workers", 0) > 0)
         super().__init__(dataset, batch_size=None, **kw)
         self._epoch_fn, self._iters = epoch_fn, 0
 
@@ -293,7 +313,6 @@ class WebDatasetDataModule(pl.LightningDataModule):
         """A DataLoader over pre-batched items (batch_size=None: batching happens in the workers)."""
         if dataset is None:
             raise RuntimeError("call setup() before asking for a dataloader")
-        # Not persistent: fresh workers each epoch are what carry the new epoch number into the stream.
         return EpochLoader(dataset, epoch_fn, num_workers=self.num_workers, pin_memory=self.pin_memory)
 
     @property

@@ -170,9 +170,9 @@ class VAEModule(pl.LightningModule):
         self.log_dict(metrics, sync_dist=True, batch_size=len(x))
 
     def log_images(self, batch: dict[str, Tensor], num_images: int = 8) -> dict[str, Tensor]:
-        """Inputs and their reconstructions, for the ImageGrids callback."""
+        """One grid for the ImageGrids callback: inputs in the first row, their reconstructions below."""
         x = batch["image"][:num_images]
-        return {"inputs": x, "reconstructions": self.reconstruct(x)}
+        return {"reconstructions": torch.cat([x, self.reconstruct(x)])}
 
     # ------------------------------------------------------------------ optimisers, checkpoints, export
 

@@ -1,0 +1,118 @@
+"""What the network predicts (ε, v or x0): the single place where targets and conversions live.
+
+Every method comes in two forms. `target`, `to_x0`, `to_eps` take integer timesteps and a NoiseSchedule (the
+training step uses these); `*_at` take the scalings α = √ᾱ and σ = √(1−ᾱ) directly (samplers use these,
+including at interpolated noise levels). With x_t = α x0 + σ ε and α² + σ² = 1:
+    v = α ε − σ x0,   x0 = α x_t − σ v,   ε = σ x_t + α v        (Salimans & Ho 2022, sec. 4 and app. D)
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from ldmlab.diffusion.schedules import NoiseSchedule
+
+__all__ = ["Prediction", "EpsPrediction", "VPrediction", "X0Prediction"]
+
+Scale = Tensor | float
+
+
+class Prediction:
+    """Base class of a parameterisation: the training target and the maps model output → x0, ε."""
+
+    name: ClassVar[str]
+
+    def target_at(self, x0: Tensor, noise: Tensor, alpha: Scale, sigma: Scale) -> Tensor:
+        """Regression target for the model output, given the data, the noise and the scalings."""
+        raise NotImplementedError
+
+    def x0_at(self, model_out: Tensor, x_t: Tensor, alpha: Scale, sigma: Scale) -> Tensor:
+        """Predicted clean sample x̂0 from the model output at noise level (α, σ)."""
+        raise NotImplementedError
+
+    def eps_at(self, model_out: Tensor, x_t: Tensor, alpha: Scale, sigma: Scale) -> Tensor:
+        """Predicted noise ε̂ from the model output at noise level (α, σ)."""
+        raise NotImplementedError
+
+    def min_snr_weight(self, snr: Tensor, gamma: float) -> Tensor:
+        """Min-SNR-γ weight for this target's MSE (Hang et al. 2023, eq. 6 and sec. 3.4), finite at SNR = 0."""
+        raise NotImplementedError
+
+    def target(self, x0: Tensor, noise: Tensor, t: Tensor, schedule: NoiseSchedule) -> Tensor:
+        """Regression target at integer timesteps t (shape (B,)), in the dtype of x0."""
+        return self.target_at(x0, noise.to(x0.dtype), *schedule.scalings(t, x0))
+
+    def to_x0(self, model_out: Tensor, x_t: Tensor, t: Tensor, schedule: NoiseSchedule) -> Tensor:
+        """x̂0 from the model output at integer timesteps t."""
+        return self.x0_at(model_out, x_t, *schedule.scalings(t, x_t))
+
+    def to_eps(self, model_out: Tensor, x_t: Tensor, t: Tensor, schedule: NoiseSchedule) -> Tensor:
+        """ε̂ from the model output at integer timesteps t."""
+        return self.eps_at(model_out, x_t, *schedule.scalings(t, x_t))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class EpsPrediction(Prediction):
+    """ε-prediction (DDPM, Ho et al. 2020, eq. 11). x̂0 is undefined where ᾱ = 0 (use v there)."""
+
+    name = "eps"
+
+    def target_at(self, x0: Tensor, noise: Tensor, alpha: Scale, sigma: Scale) -> Tensor:
+        return noise
+
+    def x0_at(self, model_out: Tensor, x_t: Tensor, alpha: Scale, sigma: Scale) -> Tensor:
+        return (x_t - sigma * model_out) / alpha  # DDIM eq. 9
+
+    def eps_at(self, model_out: Tensor, x_t: Tensor, alpha: Scale, sigma: Scale) -> Tensor:
+        return model_out
+
+    def min_snr_weight(self, snr: Tensor, gamma: float) -> Tensor:
+        # At fixed x_t, ‖ε̂ − ε‖² = SNR‖x̂0 − x0‖², so min(SNR, γ)/SNR, written as γ / max(SNR, γ):
+        # the same value, and its SNR → 0 limit (1) without 0/0.
+        return gamma / snr.clamp(min=gamma)
+
+
+class VPrediction(Prediction):
+    """v-prediction v = √ᾱ ε − √(1−ᾱ) x0 (Salimans & Ho 2022, "Progressive Distillation", sec. 4)."""
+
+    name = "v"
+
+    def target_at(self, x0: Tensor, noise: Tensor, alpha: Scale, sigma: Scale) -> Tensor:
+        return alpha * noise - sigma * x0
+
+    def x0_at(self, model_out: Tensor, x_t: Tensor, alpha: Scale, sigma: Scale) -> Tensor:
+        return alpha * x_t - sigma * model_out
+
+    def eps_at(self, model_out: Tensor, x_t: Tensor, alpha: Scale, sigma: Scale) -> Tensor:
+        return sigma * x_t + alpha * model_out
+
+    def min_snr_weight(self, snr: Tensor, gamma: float) -> Tensor:
+        # At fixed x_t, ‖v̂ − v‖² = ‖x̂0 − x0‖²/σ² = (SNR + 1)‖x̂0 − x0‖²: divide by SNR + 1, not SNR.
+        return snr.clamp(max=gamma) / (snr + 1.0)
+
+
+class X0Prediction(Prediction):
+    """x0-prediction ("sample" in diffusers; discussed in Ho et al. 2020, sec. 3.2)."""
+
+    name = "x0"
+
+    def target_at(self, x0: Tensor, noise: Tensor, alpha: Scale, sigma: Scale) -> Tensor:
+        return x0
+
+    def x0_at(self, model_out: Tensor, x_t: Tensor, alpha: Scale, sigma: Scale) -> Tensor:
+        return model_out
+
+    def eps_at(self, model_out: Tensor, x_t: Tensor, alpha: Scale, sigma: Scale) -> Tensor:
+        return (x_t - alpha * model_out) / sigma  # DDIM eq. 4 solved for ε
+
+    def min_snr_weight(self, snr: Tensor, gamma: float) -> Tensor:
+        return snr.clamp(max=gamma)
+
+
+PREDICTIONS: dict[str, type[Prediction]] = {cls.name: cls for cls in (EpsPrediction, VPrediction, X0Prediction)}
+

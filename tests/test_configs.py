@@ -1,0 +1,112 @@
+"""Every config file composes; every model, data, trainer and logger option instantiates; experiments train."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import hydra
+import pytest
+import pytorch_lightning as pl
+from omegaconf import OmegaConf
+
+from conftest import CONF, REPO, compose_train
+from ldmlab.run import build, instantiate_group
+
+GROUPS = ["model", "data", "trainer", "optimizer", "lr_scheduler", "logger", "callbacks", "paths",
+          "experiment", "debug", "hydra"]
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+# options that need a GPU or remote data get CPU/demo stand-ins when instantiated here
+CPU_STANDINS = {"trainer": ["trainer.accelerator=cpu"], "model": ["model.lpips.backbone=random"],
+                "data": ["data.train_urls='/nonexistent/shard-{000000..000001}.tar'"]}
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_option_composes(group: str, option: str, tmp_path: Path) -> None:
+    override = f"{group}={option}" if group != "hydra" else f"hydra={option}"
+    cfg = compose_train([override], tmp_path)
+    OmegaConf.resolve(cfg)  # every interpolation resolves
+    assert cfg.model._target_ and cfg.trainer._target_ and cfg.data._target_
+
+
+@pytest.mark.parametrize("option", options("model"))
+def test_models_instantiate(option: str, tmp_path: Path) -> None:
+    cfg = compose_train([f"model={option}", *CPU_STANDINS["model"]], tmp_path)
+    module = hydra.utils.instantiate(cfg.model, optimizer=hydra.utils.instantiate(cfg.optimizer))
+    assert isinstance(module, pl.LightningModule)
+
+
+@pytest.mark.parametrize("option", options("data"))
+def test_data_instantiates(option: str, tmp_path: Path) -> None:
+    cfg = compose_train([f"data={option}", *(CPU_STANDINS["data"] if option == "wds" else [])], tmp_path)
+    assert isinstance(hydra.utils.instantiate(cfg.data), pl.LightningDataModule)
+
+
+@pytest.mark.parametrize("option", options("trainer"))
+def test_trainers_instantiate(option: str, tmp_path: Path) -> None:
+    cfg = compose_train([f"trainer={option}", *CPU_STANDINS["trainer"]], tmp_path)
+    assert isinstance(hydra.utils.instantiate(cfg.trainer), pl.Trainer)
+
+
+@pytest.mark.parametrize("option", ["csv", "tensorboard", "wandb", "many"])
+def test_loggers_instantiate(option: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: W&B must fall back to offline
+    cfg = compose_train([f"logger={option}"], tmp_path)
+    loggers = instantiate_group(cfg.logger)
+    assert loggers and all(isinstance(lg, pl.loggers.Logger) for lg in loggers)
+    for lg in loggers:
+        if isinstance(lg, pl.loggers.WandbLogger):
+            assert lg._offline
+
+
+def test_sd_vae_config_is_sd(tmp_path: Path) -> None:
+    """`model=vae_kl_f8 trainer=gpu` is SD's first stage: kl-f8 shapes and parameter counts, bf16 on a GPU."""
+    cfg = compose_train(["model=vae_kl_f8", "trainer=gpu"], tmp_path)
+    assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "bf16-mixed"
+    ae = hydra.utils.instantiate(cfg.model.autoencoder)
+    assert sum(p.numel() for p in ae.encoder.parameters()) == 34_163_592
+    assert sum(p.numel() for p in ae.decoder.parameters()) == 49_490_179
+    assert ae.downsample_factor == 8 and ae.embed_dim == 4
+    assert cfg.model.kl_weight == 1e-6 and cfg.model.disc_start == 50001 and cfg.model.disc_weight == 0.5
+    assert list(cfg.optimizer.betas) == [0.5, 0.9] and cfg.optimizer.lr == 4.5e-6
+
+
+def test_missing_lpips_backbone_stops_before_training(tmp_path: Path) -> None:
+    cfg = compose_train(["model=vae_kl_f8"], tmp_path)
+    with pytest.raises(Exception, match="vgg16-397923af.pth"):
+        build(cfg)
+
+
+def test_command_line_overrides_model_optimizer_default(tmp_path: Path) -> None:
+    cfg = compose_train(["optimizer=adamw", "optimizer.lr=3e-4", "model.autoencoder.channel_mult=[1,2]"], tmp_path)
+    assert cfg.optimizer._target_ == "torch.optim.AdamW" and cfg.optimizer.lr == 3e-4
+    assert list(cfg.model.autoencoder.channel_mult) == [1, 2]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("option", options("experiment"))
+def test_every_experiment_trains_one_step(option: str, tmp_path: Path) -> None:
+    """STYLE 7: every experiment preset is smoke-trained for one step on the CPU (demo data stands in)."""
+    from ldmlab.run import train
+
+    cfg = compose_train([f"experiment={option}", "trainer=cpu", "data=demo", "model.lpips.backbone=random",
+                         "trainer.max_steps=1", "trainer.limit_val_batches=1", "trainer.val_check_interval=1",
+                         "data.batch_size=2", "trainer.precision=32-true", "model.scale_lr=false"], tmp_path)
+    assert train(cfg) is not None
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
+
+
+def test_help_lists_every_group() -> None:
+    out = subprocess.run([sys.executable, str(REPO / "train.py"), "--help"], capture_output=True, text=True,
+                         cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for group in ["model", "data", "trainer", "optimizer", "lr_scheduler", "logger", "callbacks", "paths",
+                  "experiment", "debug"]:
+        assert f"\n{group}: " in out.stdout, f"--help does not list {group}"
