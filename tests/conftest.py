@@ -36,8 +36,9 @@ def shared_data_dir() -> Path:
 def run_train(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run `python train.py <args>` in a subprocess with run dirs under cwd; fail with its output on error."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true"}
-    cmd = [sys.executable, str(REPO / "train.py"), f"paths.root_dir={cwd}",
-           f"paths.data_dir={shared_data_dir()}", *args]
+    flags = [a for a in args if a.startswith("-")]  # argparse wants -m/--help before the overrides
+    cmd = [sys.executable, str(REPO / "train.py"), *flags, f"paths.root_dir={cwd}",
+           f"paths.data_dir={shared_data_dir()}", *[a for a in args if not a.startswith("-")]]
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         pytest.fail(f"train.py {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")

@@ -33,7 +33,7 @@ SCRIPT = textwrap.dedent('''
 
         def validation_step(self, batch, i):
             self.seen["val"].append([self.current_epoch, batch["key"]])
-            self.log("val_loss", self.lin(batch["image"].mean((2, 3))).mean(), sync_dist=True)
+            self.log("val_loss", self.lin(batch["image"].mean((2, 3))).mean(), sync_dist=True, batch_size=2)
 
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.1)

@@ -69,3 +69,20 @@ def test_exported_safetensors_equal_last_checkpoint(vae_run: Path) -> None:
     ckpt = torch.load(vae_run / "checkpoints" / "last.ckpt", weights_only=True)
     for name, tensor in vae.state_dict().items():
         torch.testing.assert_close(tensor, ckpt["state_dict"][f"autoencoder.{name}"], rtol=0, atol=0)
+
+
+def test_all_loggers_offline_and_multirun(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`-m` runs one job per value, each with its own run dir; W&B logs offline without a key; TB gets images."""
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    sweep = tmp_path / "sweep"
+    proc = run_train(["-m", "debug=limit", "logger=many", "model.kl_weight=1e-6,1e-5",
+                      f"hydra.sweep.dir={sweep}", "data.batch_size=4"], cwd=tmp_path)
+    assert "wandb sync" in proc.stdout + proc.stderr
+    for job in ("0", "1"):
+        run_dir = sweep / job
+        assert list((run_dir / "wandb").glob("offline-run-*")), f"no offline W&B run in {run_dir}"
+        assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+        assert series(read_metrics(run_dir), "val/psnr")
+    kl_weights = [(sweep / j / ".hydra" / "overrides.yaml").read_text() for j in ("0", "1")]
+    assert "model.kl_weight=1e-06" in kl_weights[0] and "model.kl_weight=1e-05" in kl_weights[1]

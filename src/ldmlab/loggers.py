@@ -32,3 +32,13 @@ def wandb_logger(save_dir: str, offline: bool | None = None, **kwargs: Any) -> W
             f"upload later with: wandb sync {save_dir}/wandb/offline-run-*"
         )
     return WandbLogger(save_dir=save_dir, offline=offline, **kwargs)
+
+
+def finish_wandb(loggers: list[Any], failed: bool = False) -> None:
+    """End the W&B run of this job: otherwise the next job of a multirun (same process) logs into it."""
+    if not any(isinstance(lg, WandbLogger) for lg in loggers):
+        return
+    import wandb
+
+    if wandb.run is not None:
+        wandb.finish(exit_code=1 if failed else 0)

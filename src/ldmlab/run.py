@@ -9,6 +9,8 @@ import hydra
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
+from ldmlab.loggers import finish_wandb
+
 log = logging.getLogger(__name__)
 
 
@@ -39,7 +41,12 @@ def train(cfg: DictConfig) -> float | None:
     datamodule, module, trainer = build(cfg)
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    except BaseException:
+        finish_wandb(trainer.loggers, failed=True)
+        raise
+    finish_wandb(trainer.loggers)
     metric = trainer.callback_metrics.get(cfg.get("optimized_metric"))
     if metric is None:
         log.warning("optimized_metric %r was not logged; metrics: %s", cfg.get("optimized_metric"),

@@ -11,7 +11,7 @@ number of batches is fixed up front and every (rank, worker) produces exactly it
   Each worker cycles through its shards (reshuffled each pass) and stops after its share: "repeat + slice".
   With uneven shards some samples repeat and some are skipped in an epoch; the count is what is exact.
 * train, resampled (`samples_per_epoch=N`): each worker draws shards with replacement from its own seeded
-  stream, forever, and stops after its share (webdataset's `resampled=True` + `with_epoch`, per worker).
+  stream, forever, and stops after its share (what webdataset's `resampled=True` + `with_epoch` do).
 * validation: every worker reads all val shards in order (val sets are small), keeps the samples of its rank
   (sample i goes to rank i % world_size) and the batches of its worker (batch b to worker b % workers), and
   decodes only those. ceil(samples / world_size) samples per rank, padded by wrapping around to whole
@@ -220,7 +220,7 @@ class EpochLoader(DataLoader):
     """DataLoader over pre-batched items that sets its ShardStream's epoch before each pass.
 
     Workers are persistent: besides saving start-up time, forking once per loader instead of once per epoch
-    avoids a CPython < 3.11.9 bug (gh-112275) where a worker forked while another thread exits deadlocks.
+    avoids CPython gh-112275 (3.11.7 here): a worker forked while another thread exits can deadlock.
     """
 
     def __init__(self, dataset: ShardStream, epoch_fn: Callable[[], int | None] | None = None, **kw) -> None:
