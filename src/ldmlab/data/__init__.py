@@ -1,7 +1,14 @@
 """WebDataset pipelines, transforms, demo data and DataModules."""
 
 from ldmlab.data.demo import DemoSpec, build_demo_shards, class_names, load_photo
-from ldmlab.data.transforms import ImageTransform, center_crop, random_crop, random_hflip, resize_shorter, to_tensor
+from ldmlab.data.transforms import (
+    ImageTransform,
+    center_crop,
+    random_crop,
+    random_hflip,
+    resize_shorter,
+    to_tensor,
+)
 from ldmlab.data.wds import DemoDataModule, ShardStream, WebDatasetDataModule, count_samples, expand_urls
 
 __all__ = [

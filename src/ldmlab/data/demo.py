@@ -126,6 +126,16 @@ class DemoSpec:
         return math.ceil(len(class_names(self.grayscale)) * per_image / self.shard_size)
 
 
+def as_scale(scale: Sequence[float] | None) -> tuple[float, float] | None:
+    """Validate a (low, high) crop-side fraction range; None stays None (unscaled crops)."""
+    if scale is None:
+        return None
+    lo, hi = (float(v) for v in scale)
+    if not 0 < lo <= hi <= 1:
+        raise ValueError(f"scale must be (low, high) with 0 < low <= high <= 1, got {scale}")
+    return lo, hi
+
+
 def split_bounds(width: int, val_fraction: float) -> tuple[int, int]:
     """[x0, x1) column range of the train region and of the validation strip: train is [0, s), val [s, W)."""
     strip = max(1, round(width * val_fraction))
@@ -168,7 +178,7 @@ def _png(arr: np.ndarray) -> bytes:
 
 
 def _split_samples(split: str, spec: DemoSpec, photos: list[np.ndarray]) -> list[dict]:
-    """All samples of one split as wds dicts, interleaved over classes (train additionally permuted)."""
+    """All samples of one split as wds dicts: train in a seeded random order, val round-robin over classes."""
     per_image = spec.crops_per_image if split == "train" else spec.val_crops_per_image
     split_id = 0 if split == "train" else 1
     samples = []
@@ -214,8 +224,7 @@ def build_demo_shards(
 
     `spec`, when given, replaces the other parameters.
     """
-    spec = spec or DemoSpec(crop_size, crops_per_image, val_crops_per_image, seed,
-                            tuple(float(v) for v in scale) if scale is not None else None,
+    spec = spec or DemoSpec(crop_size, crops_per_image, val_crops_per_image, seed, as_scale(scale),
                             val_fraction, grayscale, shard_size)
     final = Path(root) / "demo" / spec.dirname()
     if (final / "manifest.json").is_file():

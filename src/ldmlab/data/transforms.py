@@ -64,11 +64,11 @@ class ImageTransform:
 
     def __call__(self, img: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
         """Transform one image; `rng` drives the random crop and flip (required when either is on)."""
-        if (self.random_crop or self.random_flip) and rng is None:
+        if rng is None and (self.random_crop or self.random_flip):
             raise ValueError("ImageTransform with random_crop/random_flip needs an rng")
         img = resize_shorter(img.convert("RGB"), self.size)
-        img = random_crop(img, self.size, rng) if self.random_crop else center_crop(img, self.size)
-        if self.random_flip:
+        img = random_crop(img, self.size, rng) if rng and self.random_crop else center_crop(img, self.size)
+        if rng and self.random_flip:
             img = random_hflip(img, rng)
         return to_tensor(img)
 

@@ -30,7 +30,7 @@ import random
 import tarfile
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from functools import lru_cache
+from functools import cache
 from itertools import count, islice
 from pathlib import Path
 
@@ -41,12 +41,10 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ldmlab.data.demo import DemoSpec, build_demo_shards, class_names
+from ldmlab.data.demo import DemoSpec, as_scale, build_demo_shards, class_names
 from ldmlab.data.transforms import ImageTransform
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-# Our IterableDatasets define an exact __len__ (see module docstring), which Lightning can't know.
-warnings.filterwarnings("ignore", message=r".*`IterableDataset` has `__len__` defined.*")
 
 Urls = str | Sequence[str]
 
@@ -76,14 +74,14 @@ def expand_urls(urls: Urls) -> list[str]:
     return out
 
 
-@lru_cache(maxsize=None)
+@cache
 def _manifest_counts(directory: str) -> dict[str, int]:
     """{shard file name: samples} from `<directory>/manifest.json` ("counts"), or {} if there is none."""
     path = Path(directory) / "manifest.json"
     return json.loads(path.read_text()).get("counts", {}) if path.is_file() else {}
 
 
-@lru_cache(maxsize=None)
+@cache
 def _scan_count(path: str) -> int:
     """Number of samples (distinct keys) in a tar shard, from its headers."""
     with tarfile.open(path) as tar:
@@ -198,7 +196,8 @@ class ShardStream(IterableDataset):
     def _eval_batches(self, worker: int, num_workers: int) -> Iterator[dict]:
         """This rank's samples in shard order, wrapped around forever; this worker's batches, decoded."""
         # Sample i belongs to rank i % world_size; a rank past the last sample (tiny val sets) borrows one.
-        own = self.rank if self.num_samples >= self.world_size else self.rank % self.num_samples
+        n = self.num_samples or 1
+        own = self.rank if n >= self.world_size else self.rank % n
 
         def passes() -> Iterator[dict]:
             while True:
@@ -292,6 +291,8 @@ class WebDatasetDataModule(pl.LightningDataModule):
 
     def make_val_set(self, rank: int = 0, world_size: int = 1) -> ShardStream:
         """The validation stream of one rank: centre crops, no flips, fixed order."""
+        if self.val_urls is None:
+            raise ValueError("no val_urls given")
         urls = expand_urls(self.val_urls)
         samples = count_samples(urls)
         if samples == 0:
@@ -313,6 +314,8 @@ class WebDatasetDataModule(pl.LightningDataModule):
         """A DataLoader over pre-batched items (batch_size=None: batching happens in the workers)."""
         if dataset is None:
             raise RuntimeError("call setup() before asking for a dataloader")
+        # ShardStream's __len__ is exact per rank (module docstring), which Lightning's warning can't know.
+        warnings.filterwarnings("ignore", message=r".*`IterableDataset` has `__len__` defined.*")
         return EpochLoader(dataset, epoch_fn, num_workers=self.num_workers, pin_memory=self.pin_memory)
 
     @property
@@ -352,8 +355,7 @@ class DemoDataModule(WebDatasetDataModule):
         pin_memory: bool = False,
     ) -> None:
         self.data_dir = data_dir
-        self.spec = DemoSpec(crop_size, crops_per_image, val_crops_per_image, seed,
-                             tuple(float(v) for v in scale) if scale is not None else None,
+        self.spec = DemoSpec(crop_size, crops_per_image, val_crops_per_image, seed, as_scale(scale),
                              grayscale=grayscale, shard_size=shard_size)
         self.dataset_dir = Path(data_dir) / "demo" / self.spec.dirname()
         urls = {split: str(self.dataset_dir / f"{split}-{{000000..{self.spec.num_shards(split) - 1:06d}}}.tar")

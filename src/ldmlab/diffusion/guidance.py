@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-__all__ = ["Cond", "classifier_free_guidance", "static_threshold", "dynamic_threshold"]
+__all__ = ["Cond", "classifier_free_guidance", "dynamic_threshold", "static_threshold"]
 
 Cond = Tensor | dict[str, Tensor]
 
 
 def _cat(a: Cond, b: Cond) -> Cond:
     """Concatenate two conditionings (tensors, or dicts of tensors) along the batch dimension."""
-    if isinstance(a, dict):
+    if isinstance(a, dict) and isinstance(b, dict):
         return {k: torch.cat([a[k], b[k]]) for k in a}
-    return torch.cat([a, b])
+    if isinstance(a, Tensor) and isinstance(b, Tensor):
+        return torch.cat([a, b])
+    raise TypeError("cond and uncond must both be tensors or both dicts of tensors")
 
 
 def classifier_free_guidance(

@@ -8,38 +8,38 @@ including at interpolated noise levels). With x_t = α x0 + σ ε and α² + σ�
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import ClassVar
 
-import torch
 from torch import Tensor
 
 from ldmlab.diffusion.schedules import NoiseSchedule
 
-__all__ = ["Prediction", "EpsPrediction", "VPrediction", "X0Prediction"]
+__all__ = ["EpsPrediction", "Prediction", "VPrediction", "X0Prediction"]
 
 Scale = Tensor | float
 
 
-class Prediction:
+class Prediction(ABC):
     """Base class of a parameterisation: the training target and the maps model output → x0, ε."""
 
     name: ClassVar[str]
 
+    @abstractmethod
     def target_at(self, x0: Tensor, noise: Tensor, alpha: Scale, sigma: Scale) -> Tensor:
         """Regression target for the model output, given the data, the noise and the scalings."""
-        raise NotImplementedError
 
+    @abstractmethod
     def x0_at(self, model_out: Tensor, x_t: Tensor, alpha: Scale, sigma: Scale) -> Tensor:
         """Predicted clean sample x̂0 from the model output at noise level (α, σ)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def eps_at(self, model_out: Tensor, x_t: Tensor, alpha: Scale, sigma: Scale) -> Tensor:
         """Predicted noise ε̂ from the model output at noise level (α, σ)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def min_snr_weight(self, snr: Tensor, gamma: float) -> Tensor:
-        """Min-SNR-γ weight for this target's MSE (Hang et al. 2023, eq. 6 and sec. 3.4), finite at SNR = 0."""
-        raise NotImplementedError
+        """Min-SNR-γ weight for this target's MSE (Hang et al. 2023, "Min-SNR Weighting"), finite at SNR = 0."""
 
     def target(self, x0: Tensor, noise: Tensor, t: Tensor, schedule: NoiseSchedule) -> Tensor:
         """Regression target at integer timesteps t (shape (B,)), in the dtype of x0."""
@@ -112,7 +112,3 @@ class X0Prediction(Prediction):
 
     def min_snr_weight(self, snr: Tensor, gamma: float) -> Tensor:
         return snr.clamp(max=gamma)
-
-
-PREDICTIONS: dict[str, type[Prediction]] = {cls.name: cls for cls in (EpsPrediction, VPrediction, X0Prediction)}
-

@@ -11,7 +11,8 @@ diffusers' schedulers. Coefficients are computed in float64 (Python floats) and 
 from __future__ import annotations
 
 import math
-from typing import Callable, Literal, NamedTuple
+from collections.abc import Callable
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -27,7 +28,7 @@ from ldmlab.diffusion.timesteps import (
     ve_sigmas,
 )
 
-__all__ = ["StepInfo", "ddpm_sample", "ddim_sample", "dpmpp_2m_sample", "euler_sample"]
+__all__ = ["StepInfo", "ddim_sample", "ddpm_sample", "dpmpp_2m_sample", "euler_sample"]
 
 Denoise = Callable[[Tensor, Tensor], Tensor]
 NoiseFn = Callable[[Tensor], Tensor]
@@ -60,11 +61,19 @@ def _noise_source(generator: torch.Generator | None, noise_fn: NoiseFn | None) -
 
 
 def _model_x0_eps(
-    denoise: Denoise, prediction: Prediction, x: Tensor, t: Tensor, alpha: float, sigma: float,
+    denoise: Denoise,
+    prediction: Prediction,
+    x: Tensor,
+    t: float,
+    alpha_bar: float,
     threshold: Threshold | None,
 ) -> tuple[Tensor, Tensor]:
-    """Run the model at (x, t) and read off (x̂0, ε̂); thresholding, if any, applies to x̂0 only (as diffusers)."""
-    out = denoise(x, t.expand(x.shape[0]).to(x.device)).to(x.dtype)
+    """Run the model at (x_t, t) and read off (x̂0, ε̂); thresholding applies to x̂0 only (as diffusers).
+
+    An int t reaches the model as an int64 batch, a float t (Euler's grid) as float32, as in diffusers."""
+    t_batch = torch.full((x.shape[0],), t, dtype=torch.int64 if isinstance(t, int) else torch.float32)
+    out = denoise(x, t_batch.to(x.device)).to(x.dtype)
+    alpha, sigma = alpha_bar**0.5, (1 - alpha_bar) ** 0.5
     x0, eps = prediction.x0_at(out, x, alpha, sigma), prediction.eps_at(out, x, alpha, sigma)
     return (threshold(x0) if threshold is not None else x0), eps
 
@@ -98,11 +107,13 @@ def ddpm_sample(
     for i, (t, t_prev) in enumerate(pairs):
         a_t, a_prev = ab[t], (ab[t_prev] if t_prev >= 0 else 1.0)
         beta = 1.0 - a_t / a_prev  # β of the jump t → t_prev (= β_t on the full grid)
-        x0, _ = _model_x0_eps(denoise, prediction, x, torch.tensor([t]), a_t**0.5, (1 - a_t) ** 0.5, threshold)
+        x0, _ = _model_x0_eps(denoise, prediction, x, t, a_t, threshold)
         # posterior mean μ̃(x_t, x̂0), eq. 7
         x_new = (a_prev**0.5 * beta / (1 - a_t)) * x0 + ((1 - beta) ** 0.5 * (1 - a_prev) / (1 - a_t)) * x
         if t_prev >= 0:  # Algorithm 2: no noise on the last step
-            var = max((1 - a_prev) / (1 - a_t) * beta, 1e-20) if variance == "beta_tilde" else beta  # β̃ (eq. 7) or β
+            var = (
+                beta if variance == "beta" else max((1 - a_prev) / (1 - a_t) * beta, 1e-20)
+            )  # β or β̃ (eq. 7)
             x_new = x_new + var**0.5 * noise(x)
         x = x_new
         if callback is not None:
@@ -137,7 +148,7 @@ def ddim_sample(
     pairs = _pairs(spaced_timesteps(len(ab), num_steps, spacing, steps_offset))
     for i, (t, t_prev) in enumerate(pairs):
         a_t, a_prev = ab[t], (ab[t_prev] if t_prev >= 0 else final)
-        x0, eps = _model_x0_eps(denoise, prediction, x, torch.tensor([t]), a_t**0.5, (1 - a_t) ** 0.5, threshold)
+        x0, eps = _model_x0_eps(denoise, prediction, x, t, a_t, threshold)
         std = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5  # σ_t(η), eq. 16
         x = a_prev**0.5 * x0 + max(1 - a_prev - std**2, 0.0) ** 0.5 * eps  # eq. 12
         if std > 0:
@@ -167,8 +178,8 @@ def dpmpp_2m_sample(
     sig = ve_sigmas(schedule)[ts].tolist() + [0.0]  # VE σ = σ_t/α_t; λ = log(α/σ) = −log σ_VE
     x, x0_prev, h_prev = x_T, None, 0.0
     for i, t in enumerate(ts.tolist()):
-        alpha_s = 1 / math.sqrt(1 + sig[i] ** 2)
-        x0, _ = _model_x0_eps(denoise, prediction, x, torch.tensor([t]), alpha_s, sig[i] * alpha_s, threshold)
+        alpha_s = 1 / math.sqrt(1 + sig[i] ** 2)  # VP α from VE σ
+        x0, _ = _model_x0_eps(denoise, prediction, x, t, alpha_s**2, threshold)
         if sig[i + 1] == 0.0:
             x_new = x0  # σ_t = 0 (h = ∞): the first-order update gives x̂0 exactly
         else:
@@ -178,7 +189,8 @@ def dpmpp_2m_sample(
             else:
                 half_inv_r = h / (2 * h_prev)  # 1/(2r), r = h_prev/h
                 d = (1 + half_inv_r) * x0 - half_inv_r * x0_prev  # Alg. 2: D_i
-            x_new = (sig[i + 1] * alpha_t) / (sig[i] * alpha_s) * x - alpha_t * math.expm1(-h) * d  # Alg. 2 update
+            sigma_ratio = (sig[i + 1] * alpha_t) / (sig[i] * alpha_s)  # σ_t/σ_s of the VP process
+            x_new = sigma_ratio * x - alpha_t * math.expm1(-h) * d  # Alg. 2 update
             h_prev = h
         x, x0_prev = x_new, x0
         if callback is not None:
@@ -202,7 +214,8 @@ def euler_sample(
     callback: Callback | None = None,
 ) -> Tensor:
     """Euler on the probability-flow ODE dx/dσ = (x − x̂0)/σ in VE coordinates x/√ᾱ (Karras et al. 2022,
-    Algorithm 1 without churn), optionally on Karras σ (eq. 5). Deterministic: generator/noise_fn unused."""
+    Algorithm 1 without its second-order correction), optionally on Karras σ (eq. 5). Deterministic:
+    generator/noise_fn are accepted and unused."""
     table = ve_sigmas(schedule)
     ts = spaced_timesteps(schedule.num_timesteps, num_steps, spacing, steps_offset, fractional=True)
     sigmas = interp_sigmas(table, ts)
@@ -214,8 +227,7 @@ def euler_sample(
     x = x_T * (sig[0] if spacing != "leading" else math.sqrt(sig[0] ** 2 + 1))
     for i, t in enumerate(ts.tolist()):
         alpha = 1 / math.sqrt(1 + sig[i] ** 2)  # VE → VP: x_t = α·x, σ_VP = α·σ
-        x0, _ = _model_x0_eps(denoise, prediction, x * alpha, torch.tensor([t], dtype=torch.float32),
-                              alpha, sig[i] * alpha, threshold)
+        x0, _ = _model_x0_eps(denoise, prediction, x * alpha, t, alpha**2, threshold)  # t: float
         x = x + (x - x0) / sig[i] * (sig[i + 1] - sig[i])  # Euler step with d = (x − x̂0)/σ
         if callback is not None:
             callback(StepInfo(i, len(ts), t, x / math.sqrt(1 + sig[i + 1] ** 2), x0))

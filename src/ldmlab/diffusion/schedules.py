@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-__all__ = ["NoiseSchedule", "ddpm_linear", "scaled_linear", "cosine", "rescale_zero_terminal_snr"]
+__all__ = ["NoiseSchedule", "cosine", "ddpm_linear", "rescale_zero_terminal_snr", "scaled_linear"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -44,7 +44,7 @@ class NoiseSchedule:
         return self.alphas_cumprod.to(t.device)[t]
 
     def snr(self, t: Tensor | int) -> Tensor:
-        """Signal-to-noise ratio ᾱ_t / (1 − ᾱ_t) (Kingma et al. 2021, eq. 1), float64; 0 at a zero-SNR end."""
+        """Signal-to-noise ratio ᾱ_t / (1 − ᾱ_t) (Kingma et al. 2021, "Variational Diffusion Models"), float64."""
         alpha_bar = self.alpha_bar(t)
         return alpha_bar / (1.0 - alpha_bar)
 
@@ -64,7 +64,9 @@ def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
     and Sample Steps are Flawed", Algorithm 1), in float64."""
     sqrt_ab = torch.cumprod(1.0 - betas.to(torch.float64), dim=0).sqrt()
     first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
-    sqrt_ab = (sqrt_ab - last) * (first / (first - last))  # shift so the last is 0, scale so the first is kept
+    sqrt_ab = (sqrt_ab - last) * (
+        first / (first - last)
+    )  # shift so the last is 0, scale so the first is kept
     alpha_bar = sqrt_ab**2
     alphas = torch.cat([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])  # ᾱ_t / ᾱ_{t−1}
     return 1.0 - alphas
@@ -78,7 +80,10 @@ def _build(betas: Tensor, name: str, zero_terminal_snr: bool) -> NoiseSchedule:
 
 
 def ddpm_linear(
-    num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02, zero_terminal_snr: bool = False
+    num_timesteps: int = 1000,
+    beta_start: float = 1e-4,
+    beta_end: float = 0.02,
+    zero_terminal_snr: bool = False,
 ) -> NoiseSchedule:
     """DDPM's linear schedule: β linear from 1e-4 to 0.02 (Ho et al. 2020, sec. 4; diffusers "linear")."""
     betas = torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
@@ -86,7 +91,10 @@ def ddpm_linear(
 
 
 def scaled_linear(
-    num_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012, zero_terminal_snr: bool = False
+    num_timesteps: int = 1000,
+    beta_start: float = 0.00085,
+    beta_end: float = 0.012,
+    zero_terminal_snr: bool = False,
 ) -> NoiseSchedule:
     """LDM / Stable Diffusion schedule: √β linear from √0.00085 to √0.012 (Rombach et al. 2022; LDM "linear")."""
     betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=torch.float64) ** 2

@@ -1,8 +1,8 @@
 """Timesteps: uniform sampling for training; spacings and σ grids for inference (diffusers' conventions).
 
-Spacings of n inference steps out of T training steps (Lin et al. 2024, table 2; diffusers `timestep_spacing`):
+Spacings of n inference steps out of T training steps (Lin et al. 2024; diffusers' `timestep_spacing`):
   "linspace"  round(linspace(0, T−1, n)), descending — starts at T−1, ends at 0.
-  "leading"   (T // n)·[n−1, …, 0] + steps_offset — ends at 0 (+offset), never reaches T−1 (SD: offset 1).
+  "leading"   (T // n)·[n−1, …, 0] + steps_offset — ends at 0 (+offset), starts below T−1 (SD: offset 1).
   "trailing"  round(arange(T, 0, −T/n)) − 1 — starts at T−1; the one to use with zero terminal SNR.
 `steps_offset` shifts "leading" only, as in diffusers (its other spacings ignore it).
 """
@@ -11,13 +11,21 @@ from __future__ import annotations
 
 from typing import Literal
 
-import numpy as np
+import numpy as np  # diffusers builds its grids in NumPy; torch.linspace/arange round differently
 import torch
 from torch import Tensor
 
 from ldmlab.diffusion.schedules import NoiseSchedule
 
-__all__ = ["Spacing", "sample_timesteps", "spaced_timesteps", "ve_sigmas", "interp_sigmas", "karras_sigmas", "sigma_to_t"]
+__all__ = [
+    "Spacing",
+    "interp_sigmas",
+    "karras_sigmas",
+    "sample_timesteps",
+    "sigma_to_t",
+    "spaced_timesteps",
+    "ve_sigmas",
+]
 
 Spacing = Literal["linspace", "leading", "trailing"]
 
@@ -26,7 +34,10 @@ ZERO_SNR_ALPHA_BAR = 2.0**-24
 
 
 def sample_timesteps(
-    batch_size: int, num_timesteps: int, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+    batch_size: int,
+    num_timesteps: int,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
 ) -> Tensor:
     """Training timesteps t ~ U{0, …, T−1} (DDPM Algorithm 1), int64 of shape (B,)."""
     return torch.randint(0, num_timesteps, (batch_size,), generator=generator, device=device)
@@ -49,6 +60,7 @@ def spaced_timesteps(
     if not 0 < num_steps <= num_train:
         raise ValueError(f"num_steps must be in [1, {num_train}], got {num_steps}")
     n = num_steps + 1 if skip_zero and spacing != "trailing" else num_steps
+    ts: np.ndarray
     if spacing == "linspace":
         ts = np.linspace(0, num_train - 1, n)[::-1]
         ts = ts if fractional else ts.round()
@@ -59,11 +71,13 @@ def spaced_timesteps(
     else:
         raise ValueError(f"unknown spacing {spacing!r}: use 'linspace', 'leading' or 'trailing'")
     ts = ts[:num_steps].copy()  # drops the trailing t = 0 when skip_zero
+    if ts.max() > num_train - 1 or ts.min() < 0:
+        raise ValueError(f"{spacing} spacing with steps_offset={steps_offset} leaves [0, {num_train - 1}]")
     return torch.from_numpy(ts).to(torch.float64 if fractional else torch.int64)
 
 
 def ve_sigmas(schedule: NoiseSchedule) -> Tensor:
-    """σ_t = √((1−ᾱ_t)/ᾱ_t), the variance-exploding noise level of x_t/√ᾱ_t (Karras et al. 2022, table 1),
+    """σ_t = √((1−ᾱ_t)/ᾱ_t), the variance-exploding noise level of x_t/√ᾱ_t (Karras et al. 2022, sec. 2),
     float64; ᾱ = 0 (zero terminal SNR) is replaced by 2⁻²⁴ as diffusers does."""
     alpha_bar = schedule.alphas_cumprod.clamp(min=0.0)
     alpha_bar = torch.where(alpha_bar == 0, torch.full_like(alpha_bar, ZERO_SNR_ALPHA_BAR), alpha_bar)

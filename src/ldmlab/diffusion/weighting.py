@@ -13,11 +13,11 @@ from ldmlab.diffusion.parameterization import Prediction
 from ldmlab.diffusion.schedules import NoiseSchedule
 
 __all__ = [
-    "uniform_weight",
     "min_snr_weight",
-    "sample_noise",
-    "perturb_noise",
     "noisy_inputs",
+    "perturb_noise",
+    "sample_noise",
+    "uniform_weight",
     "weighted_mse",
 ]
 
@@ -37,13 +37,15 @@ def sample_noise(x0: Tensor, offset_noise: float = 0.0, generator: torch.Generat
     noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     if offset_noise:
         per_channel = x0.shape[:2] + (1,) * (x0.ndim - 2)  # (B, C, 1, 1): shifts the mean of each channel
-        noise = noise + offset_noise * torch.randn(per_channel, generator=generator, device=x0.device, dtype=x0.dtype)
+        noise = noise + offset_noise * torch.randn(
+            per_channel, generator=generator, device=x0.device, dtype=x0.dtype
+        )
     return noise
 
 
 def perturb_noise(noise: Tensor, gamma: float = 0.1, generator: torch.Generator | None = None) -> Tensor:
     """ε + γξ, the noise that builds x_t under input perturbation (Ning et al. 2023, "Input Perturbation
-    Reduces Exposure Bias in Diffusion Models", eq. 9); the regression target keeps ε."""
+    Reduces Exposure Bias in Diffusion Models"); the regression target keeps ε."""
     xi = torch.randn(noise.shape, generator=generator, device=noise.device, dtype=noise.dtype)
     return noise + gamma * xi
 
