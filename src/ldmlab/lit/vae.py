@@ -204,6 +204,8 @@ class VAEModule(pl.LightningModule):
                        f"= {optimizers[0].param_groups[0]['lr']:.3g}")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # the architecture travels with the weights so ldmlab.convert.load.load_vae can rebuild it
+        checkpoint["autoencoder_config"] = dict(self.autoencoder.config)
         # the frozen LPIPS network is rebuilt from its own files: keep its 58 MB out of every checkpoint
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith("lpips.")]:
