@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see ldmlab/__init__.py
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -43,3 +46,28 @@ def run_train(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.Co
     if proc.returncode != 0:
         pytest.fail(f"train.py {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, str]]:
+    """Rows of the CSV logger's metrics.csv of a run dir."""
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def series(rows: list[dict[str, str]], key: str) -> list[float]:
+    """The logged values of one metric, in order."""
+    return [float(r[key]) for r in rows if r.get(key)]
+
+
+@pytest.fixture(scope="session")
+def vae_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One seeded 150-step `train.py model=vae_tiny` run on the demo photos, GAN on from step 100.
+
+    Shared: the VAE tests inspect it, the LDM tests train on its exported weights.
+    """
+    cwd = tmp_path_factory.mktemp("vae_e2e")
+    run_dir = cwd / "run"
+    run_train(["model=vae_tiny", "trainer.max_steps=150", "trainer.val_check_interval=50",
+               "trainer.limit_val_batches=4", "trainer.log_every_n_steps=5", "model.disc_start=100",
+               f"hydra.run.dir={run_dir}", "seed=0"], cwd=cwd)
+    return run_dir

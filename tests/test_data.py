@@ -14,6 +14,7 @@ from PIL import Image
 
 from ldmlab.data import demo
 from ldmlab.data.demo import build_demo_shards, class_names, cut_crop, load_photo
+from ldmlab.data.filters import BadSamplesError
 from ldmlab.data.transforms import ImageTransform, center_crop, resize_shorter, to_pil, to_tensor
 from ldmlab.data.wds import (
     DemoDataModule,
@@ -195,7 +196,7 @@ def test_brace_urls_and_clear_errors(demo_dir, tmp_path):
     bad = tmp_path / "bad-000000.tar"
     with wds.TarWriter(str(bad), encoder=False) as sink:
         sink.write({"__key__": "orphan", "cls": b"3"})
-    with pytest.raises(KeyError, match=r"sample 'orphan' in shard '.*bad-000000.tar' has no image"):
+    with pytest.raises(BadSamplesError, match=r"sample 'orphan' in shard '.*bad-000000.tar' has no image"):
         next(iter(WebDatasetDataModule(str(bad), batch_size=1, num_workers=0).make_train_set()))
 
 

@@ -79,3 +79,46 @@ def test_ddp_ranks_get_equal_batches(tmp_path: Path, samples_per_epoch: int):
         assert epochs[0] != epochs[1]  # the trainer's epoch reseeds the shard order and shuffle
     val_keys = [{k for _, keys in rank["val"] for k in keys} for rank in seen]
     assert not val_keys[0] & val_keys[1] and len(val_keys[0] | val_keys[1]) == 14
+
+
+@pytest.mark.slow
+def test_cache_latents_on_two_ranks_matches_one(tmp_path: Path):
+    """`python -m ldmlab.cache_latents trainer=ddp` (2 gloo ranks) writes the same shards as one process."""
+    import torch
+
+    from test_cache_latents import run_cache
+    from test_cache_latents import setup as make_setup
+
+    setup = make_setup.__wrapped__(_Factory(tmp_path))  # the module fixture's body, called directly
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny convolutions on 2 loaded cores: single-threaded is far faster
+    try:
+        one = run_cache(setup, tmp_path / "one")
+    finally:
+        torch.set_num_threads(threads)
+    cmd = [sys.executable, "-m", "ldmlab.cache_latents", f"vae={setup['vae_path']}", f"out={tmp_path / 'two'}",
+           "data=wds", f"data.root={setup['shards']}", "data.image_size=16", "trainer=ddp", "trainer.accelerator=cpu",
+           "trainer.devices=2", "trainer.precision=32-true", "batch_size=3", "num_workers=1",
+           f"paths.root_dir={tmp_path}"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rank 0: encoded 3 shards" in proc.stderr and "rank 1: encoded 2 shards" in proc.stderr
+    names = sorted(p.name for p in one.glob("*.tar"))
+    assert names == sorted(p.name for p in (tmp_path / "two").glob("*.tar")) and len(names) == 5
+    for name in names:
+        assert (one / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+    assert json.loads((one / "manifest.json").read_text())["counts"] == \
+        json.loads((tmp_path / "two" / "manifest.json").read_text())["counts"]
+
+
+class _Factory:
+    """Stands in for pytest's tmp_path_factory when a module-scoped fixture body is called directly."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def mktemp(self, name: str) -> Path:
+        path = self.root / name
+        path.mkdir()
+        return path

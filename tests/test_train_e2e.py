@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -11,30 +10,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import run_train
+from conftest import read_metrics, run_train, series
 from ldmlab.nn.autoencoder import AutoencoderKL
 
 pytestmark = pytest.mark.slow
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, str]]:
-    with open(run_dir / "csv" / "metrics.csv") as f:
-        return list(csv.DictReader(f))
-
-
-def series(rows: list[dict[str, str]], key: str) -> list[float]:
-    return [float(r[key]) for r in rows if r.get(key)]
-
-
-@pytest.fixture(scope="module")
-def vae_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One seeded 150-step run of the tiny VAE with the GAN switched on at step 100."""
-    cwd = tmp_path_factory.mktemp("e2e")
-    run_dir = cwd / "run"
-    run_train(["model=vae_tiny", "trainer.max_steps=150", "trainer.val_check_interval=50",
-               "trainer.limit_val_batches=4", "trainer.log_every_n_steps=5", "model.disc_start=100",
-               f"hydra.run.dir={run_dir}", "seed=0"], cwd=cwd)
-    return run_dir
 
 
 def test_reconstruction_loss_drops(vae_run: Path) -> None:

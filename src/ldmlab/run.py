@@ -7,9 +7,13 @@ from typing import Any
 
 import hydra
 import pytorch_lightning as pl
+from lightning_fabric.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
+from ldmlab.callbacks.preemption import SlurmRequeue, resume_checkpoint
 from ldmlab.loggers import finish_wandb
+from ldmlab.utils.distributed import ddp_job
+from ldmlab.utils.wandb_run import configure_wandb
 
 log = logging.getLogger(__name__)
 
@@ -23,26 +27,33 @@ def instantiate_group(group: DictConfig | None) -> list[Any]:
 
 def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, pl.Trainer]:
     """Instantiate the datamodule, the module (with its optimizer and LR-scheduler factories) and the trainer."""
-    datamodule = hydra.utils.instantiate(cfg.data)
+    # _convert_="all": modules get plain dicts/lists, so saved hyperparameters load with weights_only=True
+    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
     module = hydra.utils.instantiate(
         cfg.model,
+        _convert_="all",
         optimizer=hydra.utils.instantiate(cfg.optimizer),
         lr_scheduler=hydra.utils.instantiate(cfg.lr_scheduler) if cfg.get("lr_scheduler") else None,
     )
-    trainer = hydra.utils.instantiate(
-        cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")), logger=instantiate_group(cfg.get("logger"))
-    )
+    if hasattr(module, "config_yaml"):  # checkpoints carry the config that rebuilds the model (sample.py)
+        module.config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+    callbacks = instantiate_group(cfg.get("callbacks"))
+    if SLURMEnvironment.detect():  # checkpoint + requeue at a step boundary on SLURM's time-limit signal
+        callbacks.append(SlurmRequeue())
+    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate_group(cfg.get("logger")))
     return datamodule, module, trainer
 
 
+@ddp_job  # DDP ranks > 0 re-run this job (not the sweep) in its run dir; no process group outlives it
 def train(cfg: DictConfig) -> float | None:
     """Seed, build, log the resolved config, fit; return `cfg.optimized_metric` for sweeps."""
     pl.seed_everything(cfg.seed, workers=True)
+    configure_wandb(cfg)  # W&B id kept in the run dir (a requeued job continues its run); sweep jobs: one group
     datamodule, module, trainer = build(cfg)
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(trainer, cfg.get("ckpt_path")))
     except BaseException:
         finish_wandb(trainer.loggers, failed=True)
         raise

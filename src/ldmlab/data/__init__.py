@@ -1,30 +1,30 @@
-"""WebDataset pipelines, transforms, demo data and DataModules."""
+"""WebDataset pipelines, transforms, shard writer, latent cache and DataModules.
 
-from ldmlab.data.demo import DemoSpec, build_demo_shards, class_names, load_photo
-from ldmlab.data.transforms import (
-    ImageTransform,
-    center_crop,
-    random_crop,
-    random_hflip,
-    resize_shorter,
-    to_tensor,
-)
-from ldmlab.data.wds import DemoDataModule, ShardStream, WebDatasetDataModule, count_samples, expand_urls
+Names are imported lazily (PEP 562), so `python -m ldmlab.data.make_shards` starts without importing
+Lightning.
+"""
 
-__all__ = [
-    "DemoDataModule",
-    "DemoSpec",
-    "ImageTransform",
-    "ShardStream",
-    "WebDatasetDataModule",
-    "build_demo_shards",
-    "center_crop",
-    "class_names",
-    "count_samples",
-    "expand_urls",
-    "load_photo",
-    "random_crop",
-    "random_hflip",
-    "resize_shorter",
-    "to_tensor",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "ldmlab.data.demo": ["DemoSpec", "build_demo_shards", "class_names", "load_photo"],
+    "ldmlab.data.transforms": ["ImageTransform", "center_crop", "random_crop", "random_hflip", "resize_shorter",
+                               "to_tensor"],
+    "ldmlab.data.shards": ["count_samples", "expand_urls"],
+    "ldmlab.data.pipeline": ["EpochLoader", "ShardStream"],
+    "ldmlab.data.filters": ["BadSamplesError"],
+    "ldmlab.data.wds": ["DemoDataModule", "ShardDataModule", "WebDatasetDataModule"],
+    "ldmlab.data.latents": ["LatentDataModule"],
+    "ldmlab.data.folder": ["FolderDataModule"],
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'ldmlab.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(_WHERE[name]), name)

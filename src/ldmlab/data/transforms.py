@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from PIL import Image
+
+_SCALE = np.float32(1 / 127.5)
 
 
 def resize_shorter(img: Image.Image, size: int) -> Image.Image:
@@ -40,10 +43,34 @@ def random_hflip(img: Image.Image, rng: random.Random, p: float = 0.5) -> Image.
     return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < p else img
 
 
+def to_batch(arrays: Sequence[np.ndarray], uint8: bool = False) -> torch.Tensor:
+    """[(3, H, W) uint8] → (B, 3, H, W) float32 in [-1, 1], or uint8 as they are (`normalize` later, on device).
+
+    The float conversion is done by numpy straight into the batch buffer: torch's uint8→float copy plus
+    torch.stack of permuted tensors cost more than the JPEG decode here.
+    """
+    if uint8:
+        return torch.from_numpy(np.stack(arrays))
+    out = np.empty((len(arrays), *arrays[0].shape), np.float32)
+    for i, arr in enumerate(arrays):
+        np.multiply(arr, _SCALE, out=out[i], dtype=np.float32)
+    np.subtract(out, np.float32(1.0), out=out)
+    return torch.from_numpy(out)
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images (any shape) → float32 in [-1, 1] (the same numbers as `to_batch`), on their device."""
+    return images.to(torch.float32).mul_(float(_SCALE)).sub_(1.0)
+
+
+def chw(img: Image.Image) -> np.ndarray:
+    """RGB PIL image → (3, H, W) uint8 (PIL splits the bands in C: cheaper than a numpy transpose)."""
+    return np.stack([np.asarray(band) for band in img.convert("RGB").split()])
+
+
 def to_tensor(img: Image.Image) -> torch.Tensor:
-    """PIL image → (3, H, W) float32 tensor in [-1, 1] (the range the VAE and diffusion models expect)."""
-    arr = np.asarray(img.convert("RGB"), dtype=np.uint8)  # (H, W, 3)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+    """PIL image → (3, H, W) float32 tensor in [-1, 1] (what the VAE and diffusion models expect)."""
+    return to_batch([chw(img)])[0]
 
 
 def to_pil(x: torch.Tensor) -> Image.Image:
@@ -63,14 +90,22 @@ class ImageTransform:
         self.random_flip = random_flip
 
     def __call__(self, img: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
-        """Transform one image; `rng` drives the random crop and flip (required when either is on)."""
+        """Transform one image to a (3, S, S) tensor in [-1, 1]; `rng` drives the random crop and flip."""
+        return to_batch([self.pixels(img, rng)])[0]
+
+    def pixels(self, img: Image.Image, rng: random.Random | None = None) -> np.ndarray:
+        """Resize, crop and flip one image to (3, S, S) uint8."""
         if rng is None and (self.random_crop or self.random_flip):
             raise ValueError("ImageTransform with random_crop/random_flip needs an rng")
-        img = resize_shorter(img.convert("RGB"), self.size)
-        img = random_crop(img, self.size, rng) if rng and self.random_crop else center_crop(img, self.size)
-        if rng and self.random_flip:
-            img = random_hflip(img, rng)
-        return to_tensor(img)
+        img = resize_shorter(img.convert("RGB") if img.mode != "RGB" else img, self.size)
+        (w, h), s = img.size, self.size
+        # Same draws, in the same order, as random_crop() and random_hflip() on PIL images.
+        left, top = (rng.randint(0, w - s), rng.randint(0, h - s)) if rng and self.random_crop else \
+            ((w - s) // 2, (h - s) // 2)
+        flip = bool(rng and self.random_flip and rng.random() < 0.5)
+        # Crop and flip as views of the bands; np.stack makes the one contiguous copy.
+        bands = [np.asarray(band)[top:top + s, left:left + s] for band in img.split()]
+        return np.stack([band[:, ::-1] for band in bands] if flip else bands)
 
     def __repr__(self) -> str:
         return f"ImageTransform(size={self.size}, random_crop={self.random_crop}, random_flip={self.random_flip})"

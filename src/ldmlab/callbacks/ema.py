@@ -1,0 +1,99 @@
+"""EMA: an exponential moving average of a submodule's weights, used for validation, sampling and export."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor, nn
+
+
+def ema_decay(step: int, max_decay: float, warmup: bool = True, inv_gamma: float = 1.0, power: float = 2 / 3) -> float:
+    """Decay after `step` updates: 1 − (1 + step/γ)^−power capped at max_decay (Karras/diffusers EMA warm-up)."""
+    if not warmup:
+        return max_decay
+    return min(max_decay, max(0.0, 1.0 - (1.0 + step / inv_gamma) ** -power))
+
+
+class EMA(pl.Callback):
+    """Keeps `shadow = d·shadow + (1−d)·θ` for `pl_module.<attr>` after every training step from start_step.
+
+    Every DDP rank holds identical parameters, so every rank keeps an identical shadow; it is saved in the
+    checkpoint (callback state "EMA") and restored on resume. Validation runs with the EMA weights swapped in.
+    """
+
+    def __init__(self, decay: float = 0.9999, warmup: bool = True, inv_gamma: float = 1.0, power: float = 2 / 3,
+                 start_step: int = 0, attr: str = "unet", validate_with_ema: bool = True) -> None:
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"ema.decay={decay} must be in [0, 1)")
+        self.decay, self.warmup, self.inv_gamma, self.power = decay, warmup, inv_gamma, power
+        self.start_step, self.attr, self.validate_with_ema = start_step, attr, validate_with_ema
+        self.shadow: dict[str, Tensor] = {}
+        self.num_updates = 0
+        self._backup: dict[str, Tensor] | None = None
+
+    @property
+    def state_key(self) -> str:
+        return "EMA"
+
+    def _params(self, pl_module: pl.LightningModule) -> dict[str, nn.Parameter]:
+        return dict(getattr(pl_module, self.attr).named_parameters())
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        params = self._params(pl_module)
+        if not self.shadow:  # fresh run (a resumed one got its shadow from load_state_dict)
+            self.shadow = {k: p.detach().float().clone() for k, p in params.items()}
+        self.shadow = {k: v.to(params[k].device) for k, v in self.shadow.items()}
+
+    @torch.no_grad()
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        params = self._params(pl_module)
+        if trainer.global_step <= self.start_step:  # before start: track the weights exactly
+            for k, p in params.items():
+                self.shadow[k].copy_(p.detach())
+            return
+        d = ema_decay(self.num_updates, self.decay, self.warmup, self.inv_gamma, self.power)
+        for k, p in params.items():
+            self.shadow[k].lerp_(p.detach().float(), 1.0 - d)  # shadow ← d·shadow + (1−d)·θ
+        self.num_updates += 1
+
+    @contextmanager
+    def swapped(self, pl_module: pl.LightningModule) -> Iterator[None]:
+        """Run a block with the EMA weights in the module, then restore the trained weights."""
+        self._swap_in(pl_module)
+        try:
+            yield
+        finally:
+            self._swap_out(pl_module)
+
+    def _swap_in(self, pl_module: pl.LightningModule) -> None:
+        params = self._params(pl_module)
+        self._backup = {k: p.detach().clone() for k, p in params.items()}
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(self.shadow[k])
+
+    def _swap_out(self, pl_module: pl.LightningModule) -> None:
+        if self._backup is None:
+            return
+        with torch.no_grad():
+            for k, p in self._params(pl_module).items():
+                p.copy_(self._backup[k])
+        self._backup = None
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.validate_with_ema and self.shadow and not trainer.sanity_checking:
+            self._swap_in(pl_module)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._swap_out(pl_module)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"shadow": {k: v.detach().cpu() for k, v in self.shadow.items()}, "num_updates": self.num_updates}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.shadow = {k: v.clone() for k, v in state_dict["shadow"].items()}
+        self.num_updates = int(state_dict["num_updates"])

@@ -1,0 +1,130 @@
+"""Raw WebDataset samples → batch items: image decoding and the `cls`/`txt`/`json` → label/text mapping.
+
+A decoder is called on each raw sample (a dict of bytes from the tar) with the worker's rng and returns an
+item, or raises `BadSample` (skipped and counted by the stream); `collate` turns a list of items into the
+batch dict. The latent decoder lives in `ldmlab.data.latents`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ldmlab.data.filters import BadSample
+from ldmlab.data.transforms import ImageTransform, to_batch
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+BATCH_FIELDS = ("label", "text")  # what data.required may list
+
+
+class Decoder(Protocol):
+    """Turns raw samples into items and items into a batch."""
+
+    def __call__(self, sample: dict, rng: random.Random) -> Any: ...
+
+    def collate(self, items: list, rng: random.Random) -> dict: ...
+
+
+def where(sample: dict) -> str:
+    """`sample 'key' in shard 'url'`, for error messages."""
+    return f"sample {sample.get('__key__')!r} in shard {sample.get('__url__')!r}"
+
+
+def _json(sample: dict) -> dict:
+    """The sample's parsed .json (parsed once), or {} when it has none."""
+    if "__json__" not in sample:
+        try:
+            sample["__json__"] = json.loads(sample["json"]) if "json" in sample else {}
+        except ValueError as e:
+            raise BadSample("undecodable", f"{where(sample)}: .json does not parse ({e})") from None
+    return sample["__json__"]
+
+
+def get_field(sample: dict, spec: str) -> Any:
+    """A field ("cls", "txt") or a key of the sample's json ("json:caption"); None when absent."""
+    if spec.startswith("json:"):
+        return _json(sample).get(spec[5:])
+    return sample.get(spec)
+
+
+class Fields:
+    """Label and caption of a sample from configurable fields; missing ones are -1 / "" unless required."""
+
+    def __init__(self, label_key: str | None = "cls", text_key: str | None = "txt",
+                 required: Sequence[str] = ()) -> None:
+        unknown = set(required) - set(BATCH_FIELDS)
+        if unknown:
+            raise ValueError(f"data.required lists {sorted(unknown)}: it may only list {list(BATCH_FIELDS)}")
+        for name in required:
+            if {"label": label_key, "text": text_key}[name] is None:
+                raise ValueError(f"data.required lists {name!r} but data.{name}_key is null: set the field")
+        self.label_key, self.text_key, self.required = label_key, text_key, set(required)
+
+    def __call__(self, sample: dict) -> tuple[int, str]:
+        """(label or -1, text or "") of a raw sample; BadSample when a required one is missing or invalid."""
+        label = self._get(sample, "label", self.label_key)
+        text = self._get(sample, "text", self.text_key)
+        try:
+            label = -1 if label is None else int(label)
+        except (TypeError, ValueError):
+            raise BadSample("undecodable", f"{where(sample)}: label field {self.label_key!r} = {label!r} "
+                                           f"is not an integer") from None
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", errors="replace")
+        return label, "" if text is None else str(text).strip()
+
+    def _get(self, sample: dict, name: str, key: str | None) -> Any:
+        """Value of the field behind batch field `name`; BadSample naming key and shard if required and absent."""
+        value = get_field(sample, key) if key else None
+        if value is None and name in self.required:
+            raise BadSample("missing", f"{where(sample)} has no {key!r} field (data.{name}_key={key!r}, "
+                                       f"required by data.required): fix the shards or drop {name!r} from it")
+        return value
+
+
+def open_image(sample: dict) -> Image.Image:
+    """The sample's image decoded to RGB; BadSample when absent or undecodable."""
+    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    if ext is None:
+        found = sorted(k for k in sample if not k.startswith("__"))
+        raise BadSample("missing", f"{where(sample)} has no image (expected one of "
+                                   f".{'/.'.join(IMAGE_EXTS)}, found {found})")
+    try:
+        image = Image.open(io.BytesIO(sample[ext]))
+        # convert() to the same mode would copy; load() decodes in place and surfaces truncation errors
+        image = image.convert("RGB") if image.mode != "RGB" else image
+        image.load()
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for broken files
+        raise BadSample("undecodable", f"{where(sample)}: .{ext} does not decode ({type(e).__name__}: {e})") from None
+    return image
+
+
+class ImageDecoder:
+    """Raw sample → (pixels (3, S, S) uint8, label, text, key); collate makes (B, 3, S, S) in [-1, 1]."""
+
+    def __init__(self, transform: ImageTransform, fields: Fields | None = None, min_size: int = 1,
+                 uint8: bool = False) -> None:
+        self.transform, self.fields, self.min_size = transform, fields or Fields(), max(1, min_size)
+        self.uint8 = uint8  # batches keep uint8 pixels; the DataModule normalises them on the device
+
+    def __call__(self, sample: dict, rng: random.Random | None) -> tuple[np.ndarray, int, str, str]:
+        """(pixels (3, S, S) uint8, label, text, key) of a raw sample; BadSample when it is unusable."""
+        image = open_image(sample)
+        if min(image.size) < self.min_size:
+            raise BadSample("shape", f"{where(sample)}: image is {image.size[0]}×{image.size[1]}, shorter side "
+                                     f"below data.min_image_size={self.min_size}")
+        label, text = self.fields(sample)
+        return self.transform.pixels(image, rng), label, text, sample["__key__"]
+
+    def collate(self, items: list, rng: random.Random | None = None) -> dict:
+        """Items → {"image": (B,3,H,W) float32 in [-1, 1] (or uint8), "label": (B,) int64, "text", "key"}."""
+        images, labels, texts, keys = zip(*items)
+        return {"image": to_batch(images, self.uint8), "label": torch.tensor(labels, dtype=torch.int64),
+                "text": list(texts), "key": list(keys)}

@@ -1,0 +1,67 @@
+"""`data=folder`: an image folder (class subfolders, .txt captions) or a .jsonl manifest, sharded once by
+make_shards under `<data_dir>/folder/` and then streamed by the same loader as `data=wds`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ldmlab.data.make_shards import MakeShardsArgs, make_shards
+from ldmlab.data.wds import WebDatasetDataModule
+
+
+def fingerprint(src: Path) -> list:
+    """What changes when files are added, removed or renamed: (path, mtime_ns) of src and its folders."""
+    if src.is_file():
+        return [str(src), src.stat().st_mtime_ns, src.stat().st_size]
+    return [(str(Path(d)), os.stat(d).st_mtime_ns) for d, _, _ in sorted(os.walk(src))]
+
+
+class FolderDataModule(WebDatasetDataModule):
+    """Image batches from a folder or .jsonl: make_shards writes shards once (rebuilt when src changes)."""
+
+    def __init__(self, src: str | None = None, data_dir: str = "data", resize: int | None = None,
+                 val_fraction: float = 0.05, shard_size: int = 1000, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.src, self.data_dir = src, data_dir
+        self.shard_args = {"resize": resize, "val_fraction": val_fraction, "max_count": shard_size}
+        self._root: str | None = None
+
+    @property
+    def root(self) -> str | None:
+        """`<data_dir>/folder/<src name>-<hash of src, its folder mtimes and the shard arguments>`."""
+        if self._root is None and self.src is not None:
+            src = Path(self.src).expanduser().resolve()
+            if not src.exists():
+                raise FileNotFoundError(f"data.src={self.src} does not exist: give an image folder or a .jsonl file")
+            key = json.dumps([str(src), fingerprint(src), self.shard_args], sort_keys=True)
+            self._root = str(Path(self.data_dir) / "folder" / f"{src.stem}-{hashlib.sha1(key.encode()).hexdigest()[:10]}")
+        return self._root
+
+    @root.setter
+    def root(self, value: str | None) -> None:  # ShardDataModule.__init__ assigns None
+        self._root = value
+
+    def prepare_data(self) -> None:
+        """Shard the folder once (one process per node; built in a temp dir and renamed, so never half-done)."""
+        if self.src is None:
+            raise ValueError("data=folder needs data.src=<image folder or .jsonl manifest>")
+        final = Path(self.root)
+        if (final / "manifest.json").is_file():
+            return
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+        try:
+            make_shards(MakeShardsArgs(src=str(self.src), out=str(tmp), overwrite=True, **self.shard_args))
+            os.chmod(tmp, 0o755)
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / "manifest.json").is_file():  # not "another process finished first"
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)

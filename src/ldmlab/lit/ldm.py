@@ -1,0 +1,252 @@
+"""LatentDiffusionModule: a U-Net trained on the latents of a frozen KL-VAE (LDM, Rombach et al. 2022).
+
+encode (or read cached latents) → scale → drop the condition (CFG) → noise at random t → weighted MSE.
+Schedule, parameterisation, loss weighting and sampler come from `ldmlab.diffusion` via the config groups
+`model/noise_schedule`, `model/prediction`, `model/sampler`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_info
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from ldmlab.diffusion import NoiseSchedule, Prediction, classifier_free_guidance, min_snr_weight, uniform_weight
+from ldmlab.diffusion.timesteps import sample_timesteps
+from ldmlab.diffusion.weighting import noisy_inputs, weighted_mse
+from ldmlab.nn.autoencoder import AutoencoderKL
+
+Sampler = Callable[..., Tensor]
+
+
+class LatentDiffusionModule(pl.LightningModule):
+    """Latent diffusion on a frozen VAE; `latent_scale=None` estimates 1/std of the first batch's latents."""
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        noise_schedule: NoiseSchedule,
+        prediction: Prediction,
+        sampler: Sampler,
+        vae: AutoencoderKL | None = None,
+        conditioner: nn.Module | None = None,
+        p_uncond: float = 0.1,
+        latent_scale: float | None = 0.18215,
+        loss_weighting: str = "uniform",
+        min_snr_gamma: float = 5.0,
+        offset_noise: float = 0.0,
+        input_perturbation: float = 0.0,
+        guidance_scales: tuple[float, ...] = (1.0, 5.0),
+        sample_seed: int = 0,
+        seed: int = 0,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        lr_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["unet", "noise_schedule", "prediction", "sampler", "vae", "conditioner",
+                                          "optimizer", "lr_scheduler"])
+        if loss_weighting not in ("uniform", "min_snr"):
+            raise ValueError(f"model.loss_weighting={loss_weighting!r}: valid are uniform, min_snr")
+        if not 0.0 <= p_uncond < 1.0:
+            raise ValueError(f"model.p_uncond={p_uncond} must be in [0, 1)")
+        unet_in = getattr(unet, "config", {}).get("in_channels")
+        if vae is not None and unet_in is not None and unet_in != vae.embed_dim:
+            raise ValueError(f"model.unet.in_channels={unet_in} but the VAE's latents have {vae.embed_dim} channels: "
+                             f"set model.unet.in_channels=model.unet.out_channels={vae.embed_dim}")
+        self.unet, self.schedule, self.prediction, self.sampler = unet, noise_schedule, prediction, sampler
+        self.vae = vae.eval().requires_grad_(False) if vae is not None else None
+        self.conditioner = conditioner
+        # the scale travels in the state dict, so an estimated value is restored with the checkpoint
+        self.register_buffer("latent_scale", torch.tensor(float(latent_scale or 0.0)))
+        self.optimizer_factory = optimizer or partial(torch.optim.AdamW, lr=1e-4)
+        self.scheduler_factory = lr_scheduler
+        self.config_yaml: str | None = None  # the run's resolved config, stored in checkpoints for sample.py
+
+    # ------------------------------------------------------------------ latents and conditioning
+
+    def train(self, mode: bool = True) -> LatentDiffusionModule:
+        super().train(mode)
+        if self.vae is not None:
+            self.vae.eval()  # frozen first stage: never in training mode
+        return self
+
+    @torch.no_grad()
+    def latents(self, batch: dict[str, Any]) -> Tensor:
+        """Scaled latents z·s: cached raw latents from the batch, else the VAE posterior sample of the images."""
+        if "latent" in batch:
+            raw = batch["latent"].float()
+        elif self.vae is not None:
+            raw = self.vae.encode(batch["image"]).sample()
+        else:
+            raise ValueError("batch has no 'latent' and the model has no VAE: set model.vae or use data=wds_latents")
+        if float(self.latent_scale) == 0.0:
+            self._estimate_latent_scale(raw)
+        return raw * self.latent_scale
+
+    def _estimate_latent_scale(self, raw: Tensor) -> None:
+        """LDM scale_by_std: s = 1/std of the first training batch's latents, over all ranks."""
+        count = torch.tensor(float(raw.numel()), device=raw.device)
+        stats = torch.stack([raw.double().sum(), raw.double().pow(2).sum(), count.double()])
+        stats = self.trainer.strategy.reduce(stats, reduce_op="sum") if self._trainer is not None else stats
+        mean = stats[0] / stats[2]
+        std = (stats[1] / stats[2] - mean**2).sqrt()
+        self.latent_scale.fill_(float(1.0 / std))
+        rank_zero_info(f"latent scale estimated from the first batch: 1/std = {float(self.latent_scale):.5f}")
+
+    def condition(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        return self.conditioner(batch) if self.conditioner is not None else {}
+
+    def _step_generator(self, stream: int) -> torch.Generator:
+        """A generator seeded by (seed, step, rank, stream): training noise is reproducible and resume-exact."""
+        g = torch.Generator(device=self.device)
+        g.manual_seed(hash((self.hparams.seed, self.global_step, self.global_rank, stream)) % (2**63))
+        return g
+
+    # ------------------------------------------------------------------ training
+
+    def diffusion_loss(self, batch: dict[str, Any], generator: torch.Generator, p_uncond: float) -> Tensor:
+        """The weighted denoising loss of one batch (DDPM eq. 14 with the chosen target and weighting)."""
+        z = self.latents(batch)
+        cond = self.condition(batch)
+        if cond and p_uncond > 0:
+            cond = self.conditioner.drop(cond, p_uncond, generator)
+        t = sample_timesteps(z.shape[0], self.schedule.num_timesteps, generator, z.device)
+        x_t, target = noisy_inputs(z, t, self.schedule, self.prediction, self.hparams.offset_noise,
+                                   self.hparams.input_perturbation, generator)
+        out = self.unet(x_t, t, **cond)
+        snr = self.schedule.snr(t)  # float64 table indexed on t's device: no host sync
+        if self.hparams.loss_weighting == "min_snr":
+            weight = min_snr_weight(snr, self.prediction, self.hparams.min_snr_gamma)
+        else:
+            weight = uniform_weight(snr, self.prediction)
+        return weighted_mse(out, target, weight)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        loss = self.diffusion_loss(batch, self._step_generator(0), self.hparams.p_uncond)
+        self.log("train/loss", loss, prog_bar=True, batch_size=self._batch_size(batch))
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        g = torch.Generator(device=self.device).manual_seed(self.hparams.sample_seed + batch_idx)
+        loss = self.diffusion_loss(batch, g, p_uncond=0.0)  # fixed noise: comparable across validations
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=self._batch_size(batch))
+
+    @staticmethod
+    def _batch_size(batch: dict[str, Any]) -> int:
+        return len(batch["latent"] if "latent" in batch else batch["image"])
+
+    # ------------------------------------------------------------------ sampling
+
+    @torch.no_grad()
+    def sample(self, cond_values: list[Any] | None, n: int, guidance_scale: float = 1.0, seed: int = 0,
+               latent_shape: tuple[int, int, int] | None = None, sampler: Sampler | None = None,
+               callback: Callable | None = None) -> Tensor:
+        """Generate n images (or latents when there is no VAE) for labels/prompts `cond_values` (None = unconditional)."""
+        shape = latent_shape or self.latent_shape
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        x_T = torch.randn((n, *shape), generator=g).to(self.device)
+        if self.conditioner is None or cond_values is None:
+            denoise = self._model_fn({})
+        else:
+            cond = self.conditioner.from_values(cond_values, self.device)
+            uncond = self.conditioner.unconditional(n, self.device)
+            key = self.conditioner.key
+            denoise = classifier_free_guidance(lambda x, t, c: self.unet(x, t, **{key: c}), cond[key],
+                                               uncond[key], guidance_scale)
+        z0 = (sampler or self.sampler)(denoise, x_T, self.schedule, self.prediction, generator=g, callback=callback)
+        if self.vae is None:
+            return z0
+        return self.vae.decode(z0 / self.latent_scale).clamp(-1, 1)
+
+    def _model_fn(self, cond: dict[str, Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
+        return lambda x, t: self.unet(x, t, **cond)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(C, h, w) of the latents seen in training or validation (set on the first batch)."""
+        if getattr(self, "_latent_shape", None) is None:
+            raise ValueError("latent shape unknown: pass latent_shape=(C, h, w) to sample()")
+        return self._latent_shape
+
+    def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._remember_shape(batch)
+
+    def on_validation_batch_start(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._remember_shape(batch)
+
+    def _remember_shape(self, batch: dict[str, Any]) -> None:
+        if "latent" in batch:
+            self._latent_shape = tuple(batch["latent"].shape[1:])
+        elif self.vae is not None:
+            f, (h, w) = self.vae.downsample_factor, batch["image"].shape[-2:]
+            self._latent_shape = (self.vae.embed_dim, h // f, w // f)
+
+    def log_images(self, batch: dict[str, Any], num_images: int = 8) -> dict[str, Tensor]:
+        """Fixed-seed samples at every guidance scale, for the ImageGrids callback (EMA weights if swapped in)."""
+        if self.vae is None:  # latents alone are not pictures
+            return {}
+        values = self._grid_values(batch, num_images)
+        scales = self.hparams.guidance_scales if values is not None else (1.0,)
+        return {f"samples_cfg{s:g}": self.sample(values, num_images, s, seed=self.hparams.sample_seed)
+                for s in scales}
+
+    def _grid_values(self, batch: dict[str, Any], n: int) -> list[Any] | None:
+        """Labels 0…K−1 cycled (class models) or the batch's prompts (text models) for a sample grid."""
+        if self.conditioner is None:
+            return None
+        if hasattr(self.conditioner, "num_classes"):
+            return [i % self.conditioner.num_classes for i in range(n)]
+        return list(batch["text"])[:n]
+
+    # ------------------------------------------------------------------ optimisers, checkpoints, export
+
+    def configure_optimizers(self) -> Any:
+        opt = self.optimizer_factory([p for p in self.unet.parameters() if p.requires_grad])
+        if self.scheduler_factory is None:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_factory(opt), "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["unet_config"] = dict(getattr(self.unet, "config", {}))
+        if self.vae is not None:
+            checkpoint["vae_config"] = dict(self.vae.config)
+        if self.config_yaml is not None:
+            checkpoint["ldmlab_config"] = self.config_yaml
+        if getattr(self, "_latent_shape", None) is not None:
+            checkpoint["latent_shape"] = list(self._latent_shape)
+        if self.conditioner is not None and hasattr(self.conditioner, "encoder"):
+            # the frozen text encoder is reloaded from its own directory: keep it out of checkpoints
+            for key in [k for k in checkpoint["state_dict"] if k.startswith("conditioner.")]:
+                del checkpoint["state_dict"][key]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.conditioner is not None:
+            checkpoint["state_dict"].update({f"conditioner.{k}": v for k, v in self.conditioner.state_dict().items()})
+
+    def ema_state(self) -> dict[str, Tensor] | None:
+        """The EMA callback's U-Net weights if one is attached to the trainer."""
+        callbacks = self.trainer.callbacks if self._trainer is not None else []
+        return next((cb.shadow for cb in callbacks if getattr(cb, "state_key", None) == "EMA"), None)
+
+    def export_weights(self, dirpath: str | Path) -> list[Path]:
+        """`unet.safetensors` (EMA weights when available) and `vae.safetensors`, ldmlab names + config metadata."""
+        dirpath = Path(dirpath)
+        dirpath.mkdir(parents=True, exist_ok=True)
+        unet_state = self.ema_state() or self.unet.state_dict()
+        meta = {"format": "ldmlab.unet", "config": json.dumps(getattr(self.unet, "config", {})),
+                "latent_scale": str(float(self.latent_scale)), "ema": str(self.ema_state() is not None)}
+        paths = [dirpath / "unet.safetensors"]
+        save_file({k: v.detach().cpu().contiguous() for k, v in unet_state.items()}, str(paths[0]), metadata=meta)
+        if self.vae is not None:
+            paths.append(dirpath / "vae.safetensors")
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.vae.state_dict().items()}, str(paths[1]),
+                      metadata={"format": "ldmlab.vae", "config": json.dumps(self.vae.config)})
+        return paths

@@ -1,0 +1,309 @@
+"""Latent-diffusion U-Net (LDM `openaimodel.UNetModel` with `SpatialTransformer`s), as a plain `nn.Module`.
+
+State-dict names follow SD-original (`time_embed.0`, `input_blocks.1.0.in_layers.0`,
+`input_blocks.1.1.proj_in`, `middle_block.1.transformer_blocks.0.attn2.to_k`, `output_blocks.2.1.conv`,
+`out.2`, ...): an SD checkpoint's `model.diffusion_model.*` entries load after stripping that prefix.
+Defaults are SD1.5's U-Net (859,520,964 parameters).
+
+Layout for L = len(channel_mult) levels and n = num_res_blocks:
+- `input_blocks.0` conv_in; then per level n x [ResBlock, SpatialTransformer if attention], and a Downsample
+  after every level but the last: 1 + L*n + (L-1) entries, each output saved as a skip.
+- `middle_block`: ResBlock, SpatialTransformer, ResBlock (always with attention, as in SD).
+- `output_blocks`: per level, deepest first, (n+1) x [ResBlock(C + skip), SpatialTransformer if attention],
+  Upsample after the last block of every level but level 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ldmlab.nn.attention import SpatialTransformer, zero_module
+from ldmlab.nn.embeddings import timestep_embedding
+from ldmlab.nn.unet_blocks import Downsample, EmbedSequential, ResBlock, Upsample, group_norm
+
+TIME_EMBED_MULT = 4  # LDM: time_embed_dim = 4 * model_channels (320 -> 1280 in SD)
+
+
+def _check_positive(**values: int | None) -> None:
+    """Raise a ValueError naming the first argument that is set but not a positive integer."""
+    for name, value in values.items():
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name}={value} must be a positive integer: choose {name} >= 1")
+
+
+def _check_levels(channel_mult: Sequence[int], attention_levels: Sequence[int]) -> None:
+    """Channel multipliers are positive integers and attention levels index them."""
+    if len(channel_mult) == 0:
+        raise ValueError(
+            "channel_mult=() is empty: give one multiplier per resolution level, e.g. (1, 2, 4, 4)"
+        )
+    for i, m in enumerate(channel_mult):
+        if not isinstance(m, int) or m < 1:
+            raise ValueError(
+                f"channel_mult[{i}]={m} must be a positive integer: use multipliers such as 1, 2, 4"
+            )
+    for level in attention_levels:
+        if not isinstance(level, int) or not 0 <= level < len(channel_mult):
+            raise ValueError(
+                f"attention_levels contains {level}, out of range for {len(channel_mult)} levels: "
+                f"use level indices in [0, {len(channel_mult) - 1}]"
+            )
+
+
+def _check_widths(
+    model_channels: int,
+    channel_mult: Sequence[int],
+    attention_levels: Sequence[int],
+    num_heads: int,
+    head_dim: int | None,
+    norm_groups: int,
+) -> None:
+    """Every level's width splits into norm groups, and every attention width into heads."""
+    for level, m in enumerate(channel_mult):
+        channels = model_channels * m
+        if channels % norm_groups:
+            raise ValueError(
+                f"model_channels*channel_mult[{level}]={channels} is not divisible by "
+                f"norm_groups={norm_groups}: "
+                "choose model_channels as a multiple of norm_groups"
+            )
+        # the middle block's transformer runs at the last level's width
+        if level not in attention_levels and level != len(channel_mult) - 1:
+            continue
+        if head_dim is not None and channels % head_dim:
+            raise ValueError(
+                f"attention width {channels} (level {level}) is not divisible by head_dim={head_dim}: "
+                "choose head_dim dividing model_channels*channel_mult"
+            )
+        if head_dim is None and channels % num_heads:
+            raise ValueError(
+                f"attention width {channels} (level {level}) is not divisible by num_heads={num_heads}: "
+                "choose num_heads dividing model_channels*channel_mult, or set head_dim"
+            )
+
+
+def validate_unet_args(config: dict[str, Any]) -> None:
+    """Raise a one-line ValueError naming the offending constructor argument and the fix."""
+    c = config
+    _check_positive(
+        in_channels=c["in_channels"],
+        out_channels=c["out_channels"],
+        model_channels=c["model_channels"],
+        num_res_blocks=c["num_res_blocks"],
+        num_heads=c["num_heads"],
+        head_dim=c["head_dim"],
+        transformer_depth=c["transformer_depth"],
+        context_dim=c["context_dim"],
+        num_classes=c["num_classes"],
+        norm_groups=c["norm_groups"],
+    )
+    _check_levels(c["channel_mult"], c["attention_levels"])
+    _check_widths(
+        c["model_channels"],
+        c["channel_mult"],
+        c["attention_levels"],
+        c["num_heads"],
+        c["head_dim"],
+        c["norm_groups"],
+    )
+    if not 0.0 <= c["dropout"] < 1.0:
+        raise ValueError(f"dropout={c['dropout']} is outside [0, 1): use a probability such as 0.0 or 0.1")
+
+
+class UNetModel(nn.Module):
+    """Text-, class- or unconditional latent U-Net (LDM / SD); defaults are SD1.5's 859.52 M-param U-Net."""
+
+    def __init__(
+        self,
+        in_channels: int = 4,
+        out_channels: int = 4,
+        model_channels: int = 320,
+        channel_mult: Sequence[int] = (1, 2, 4, 4),
+        num_res_blocks: int = 2,
+        attention_levels: Sequence[int] = (0, 1, 2),
+        num_heads: int = 8,
+        head_dim: int | None = None,
+        transformer_depth: int = 1,
+        context_dim: int | None = 768,
+        num_classes: int | None = None,
+        dropout: float = 0.0,
+        use_linear_projection: bool = False,
+        norm_groups: int = 32,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        # architecture arguments, written into exported weights so a file rebuilds its own model
+        # (gradient_checkpointing is a training-time switch, left out as in AutoencoderKL.config)
+        self.config: dict[str, Any] = {
+            "in_channels": in_channels,
+            "out_channels": out_channels,
+            "model_channels": model_channels,
+            "channel_mult": list(channel_mult),
+            "num_res_blocks": num_res_blocks,
+            "attention_levels": list(attention_levels),
+            "num_heads": num_heads,
+            "head_dim": head_dim,
+            "transformer_depth": transformer_depth,
+            "context_dim": context_dim,
+            "num_classes": num_classes,
+            "dropout": dropout,
+            "use_linear_projection": use_linear_projection,
+            "norm_groups": norm_groups,
+        }
+        validate_unet_args(self.config)
+        self.in_channels, self.model_channels = in_channels, model_channels
+        self.channel_mult, self.attention_levels = tuple(channel_mult), tuple(attention_levels)
+        self.context_dim, self.num_classes = context_dim, num_classes
+        emb = model_channels * TIME_EMBED_MULT
+        self.time_embed = nn.Sequential(nn.Linear(model_channels, emb), nn.SiLU(), nn.Linear(emb, emb))
+        if num_classes is not None:
+            # one extra row: index num_classes is the learned "null" label of classifier-free guidance
+            self.label_emb = nn.Embedding(num_classes + 1, emb)
+        skips = self._build_input_blocks(emb)
+        top = model_channels * self.channel_mult[-1]
+        self.middle_block = EmbedSequential(
+            [self._res(top, top, emb), self._transformer(top), self._res(top, top, emb)]
+        )
+        self._build_output_blocks(emb, skips)
+        self.out = nn.Sequential(
+            group_norm(model_channels, norm_groups),
+            nn.SiLU(),
+            zero_module(nn.Conv2d(model_channels, out_channels, 3, padding=1)),
+        )
+        self.set_gradient_checkpointing(gradient_checkpointing)
+
+    # ------------------------------------------------------------------ construction
+
+    def _res(self, channels: int, out_channels: int, emb: int) -> ResBlock:
+        return ResBlock(channels, emb, out_channels, self.config["dropout"], self.config["norm_groups"])
+
+    def _transformer(self, channels: int) -> SpatialTransformer:
+        """SpatialTransformer at this width: channels // head_dim heads if head_dim is set, else num_heads."""
+        c = self.config
+        heads = channels // c["head_dim"] if c["head_dim"] else c["num_heads"]
+        return SpatialTransformer(
+            channels,
+            heads,
+            channels // heads,
+            c["transformer_depth"],
+            c["context_dim"],
+            c["dropout"],
+            c["norm_groups"],
+            c["use_linear_projection"],
+        )
+
+    def _build_input_blocks(self, emb: int) -> list[int]:
+        """Fill `input_blocks`; returns the channel count of every skip they produce, in order."""
+        mc, n = self.model_channels, self.config["num_res_blocks"]
+        self.input_blocks = nn.ModuleList([EmbedSequential([nn.Conv2d(self.in_channels, mc, 3, padding=1)])])
+        skips, ch = [mc], mc
+        for level, mult in enumerate(self.channel_mult):
+            for _ in range(n):
+                layers: list[nn.Module] = [self._res(ch, mc * mult, emb)]
+                ch = mc * mult
+                if level in self.attention_levels:
+                    layers.append(self._transformer(ch))
+                self.input_blocks.append(EmbedSequential(layers))
+                skips.append(ch)
+            if level != len(self.channel_mult) - 1:
+                self.input_blocks.append(EmbedSequential([Downsample(ch)]))
+                skips.append(ch)
+        return skips
+
+    def _build_output_blocks(self, emb: int, skips: list[int]) -> None:
+        """Fill `output_blocks`, consuming the skip widths deepest first."""
+        mc, n = self.model_channels, self.config["num_res_blocks"]
+        self.output_blocks = nn.ModuleList()
+        ch = mc * self.channel_mult[-1]
+        for level in reversed(range(len(self.channel_mult))):
+            for i in range(n + 1):
+                layers: list[nn.Module] = [self._res(ch + skips.pop(), mc * self.channel_mult[level], emb)]
+                ch = mc * self.channel_mult[level]
+                if level in self.attention_levels:
+                    layers.append(self._transformer(ch))
+                if level and i == n:
+                    layers.append(Upsample(ch))
+                self.output_blocks.append(EmbedSequential(layers))
+
+    # ------------------------------------------------------------------ public surface
+
+    @property
+    def null_class(self) -> int | None:
+        """Label of the unconditional ("null") class for classifier-free guidance; None without classes."""
+        return self.num_classes
+
+    @property
+    def downsample_factor(self) -> int:
+        """Spatial reduction between input and deepest level: H and W must be multiples of it."""
+        return 2 ** (len(self.channel_mult) - 1)
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Turn activation checkpointing of every ResBlock and SpatialTransformer on/off (training only)."""
+        for module in self.modules():
+            if isinstance(module, (ResBlock, SpatialTransformer)):
+                module.gradient_checkpointing = enabled
+
+    def _check_inputs(
+        self, x: Tensor, t: Tensor, context: Tensor | None, class_labels: Tensor | None
+    ) -> None:
+        """One-line ValueErrors for inputs the network cannot take."""
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"x has shape {tuple(x.shape)}: the U-Net expects (B, {self.in_channels}, H, W)")
+        f = self.downsample_factor
+        if x.shape[-2] % f or x.shape[-1] % f:
+            raise ValueError(
+                f"x has H, W = {tuple(x.shape[-2:])}, not divisible by 2^(levels-1) = {f}: "
+                f"crop or pad latents to multiples of {f}"
+            )
+        if t.ndim != 1 or t.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"t has shape {tuple(t.shape)}: give one timestep per sample, shape ({x.shape[0]},)"
+            )
+        if self.context_dim is not None and (context is None or context.shape[-1] != self.context_dim):
+            got = "None" if context is None else tuple(context.shape)
+            raise ValueError(
+                f"context is {got}: this U-Net has context_dim={self.context_dim}, pass "
+                f"context of shape (B, S, {self.context_dim})"
+            )
+        if self.context_dim is None and context is not None:
+            raise ValueError(
+                "context was given but context_dim=None (self-attention only): "
+                "drop context or build the U-Net with context_dim set"
+            )
+        if self.num_classes is not None and class_labels is None:
+            raise ValueError(
+                f"class_labels is None but num_classes={self.num_classes}: pass labels (B,), "
+                f"using null_class={self.null_class} for unconditional samples"
+            )
+        if self.num_classes is None and class_labels is not None:
+            raise ValueError("class_labels was given but num_classes=None: build the U-Net with num_classes")
+
+    def forward(
+        self, x: Tensor, t: Tensor, context: Tensor | None = None, class_labels: Tensor | None = None
+    ) -> Tensor:
+        """x (B, C, H, W), t (B,) timesteps, context (B, S, D), class_labels (B,) -> (B, C_out, H, W)."""
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        self._check_inputs(x, t, context, class_labels)
+        emb = self.time_embed(timestep_embedding(t, self.model_channels).to(x.dtype))  # (B, 4*mc)
+        if class_labels is not None:
+            emb = emb + self.label_emb(class_labels)
+        skips, h = [], x
+        for block in self.input_blocks:
+            h = block(h, emb, context)
+            skips.append(h)
+        h = self.middle_block(h, emb, context)
+        for block in self.output_blocks:
+            h = torch.cat([h, skips.pop()], dim=1)  # (B, C + C_skip, H, W), LDM order [h, skip]
+            # an Upsample ending this block targets the next skip's size (any H, W divisible by 2^(L-1))
+            h = block(h, emb, context, size=_size(skips[-1]) if skips else None)
+        return self.out(h)
+
+
+def _size(t: Tensor) -> tuple[int, int]:
+    """Spatial size (H, W) of a (B, C, H, W) tensor."""
+    return int(t.shape[-2]), int(t.shape[-1])

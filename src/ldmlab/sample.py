@@ -1,0 +1,90 @@
+"""Rebuild a LatentDiffusionModule from a checkpoint written by train.py and sample an image grid."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ldmlab.lit.ldm import LatentDiffusionModule
+from ldmlab.utils.images import make_grid, save_png
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
+
+
+def load_ldm(ckpt_path: str | Path, use_ema: bool = True) -> LatentDiffusionModule:
+    """The module of a train.py checkpoint, VAE rebuilt from its stored architecture, EMA weights if asked."""
+    ckpt_path = Path(ckpt_path)
+    if not ckpt_path.exists():
+        raise FileNotFoundError(f"checkpoint '{ckpt_path}' not found: give ckpt=<run dir>/checkpoints/last.ckpt")
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    if "ldmlab_config" not in ckpt:
+        raise ValueError(f"{ckpt_path} carries no ldmlab config: not a LatentDiffusionModule checkpoint from train.py")
+    model_cfg = OmegaConf.create(ckpt["ldmlab_config"]).model
+    if "vae_config" in ckpt:  # weights come from the checkpoint: the original VAE file need not exist
+        model_cfg.vae = {"_target_": "ldmlab.nn.autoencoder.AutoencoderKL", **ckpt["vae_config"]}
+    module: LatentDiffusionModule = hydra.utils.instantiate(model_cfg)
+    module.config_yaml = ckpt["ldmlab_config"]
+    if "latent_shape" in ckpt:
+        module._latent_shape = tuple(ckpt["latent_shape"])
+    module.on_load_checkpoint(ckpt)
+    module.load_state_dict(ckpt["state_dict"])
+    ema = ckpt.get("callbacks", {}).get("EMA")
+    if use_ema and ema is not None:
+        module.unet.load_state_dict(ema["shadow"])
+    return module.eval()
+
+
+def _sampler(module: LatentDiffusionModule, name: str | None, steps: int | None) -> Any:
+    """The sampler conf/model/sampler/<name>.yaml (None = the model's own), with num_steps overridden if given."""
+    if name is None:
+        base = module.sampler
+    else:
+        path = CONF / "model" / "sampler" / f"{name}.yaml"
+        if not path.exists():
+            valid = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml")))
+            raise ValueError(f"sampler={name!r} unknown; valid: {valid}")
+        base = hydra.utils.instantiate(OmegaConf.load(path))
+    return partial(base, num_steps=steps) if steps is not None else base
+
+
+def _cond_values(module: LatentDiffusionModule, cfg: DictConfig) -> list[Any] | None:
+    conditioner = module.conditioner
+    if conditioner is None:
+        return None
+    if hasattr(conditioner, "num_classes"):
+        if cfg.label is not None and not 0 <= int(cfg.label) < conditioner.num_classes:
+            raise ValueError(f"label={cfg.label} outside [0, {conditioner.num_classes}): pick a trained class")
+        return [int(cfg.label) if cfg.label is not None else i % conditioner.num_classes for i in range(cfg.n)]
+    if cfg.prompt is None:
+        raise ValueError("this model is text-conditional: give prompt=\"...\"")
+    return [str(cfg.prompt)] * cfg.n
+
+
+def sample(cfg: DictConfig) -> Path:
+    """Generate cfg.n images in batches and write the grid (and single PNGs if asked); returns the grid path."""
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    module = load_ldm(cfg.ckpt, cfg.ema).to(device)
+    if module.vae is None:
+        raise ValueError("this checkpoint has no VAE to decode latents into images")
+    sampler, values = _sampler(module, cfg.sampler, cfg.steps), _cond_values(module, cfg)
+    images = []
+    for start in range(0, cfg.n, cfg.batch_size):
+        n = min(cfg.batch_size, cfg.n - start)
+        chunk = values[start:start + n] if values is not None else None
+        images.append(module.sample(chunk, n, cfg.guidance, seed=cfg.seed + start,
+                                    sampler=sampler).cpu())
+    images = torch.cat(images)
+    out = Path(cfg.out) if cfg.out else (Path(cfg.ckpt).resolve().parents[1] / "samples" /
+                                         f"{cfg.sampler or 'default'}_g{cfg.guidance:g}_s{cfg.seed}.png")
+    save_png(make_grid(images, nrow=cfg.nrow), out)
+    if cfg.individual:
+        for i, img in enumerate(images):
+            save_png(make_grid(img[None], nrow=1, padding=0), out.with_name(f"{out.stem}_{i:04d}.png"))
+    print(f"wrote {len(images)} samples to {out}")
+    return out
+

@@ -1,0 +1,173 @@
+"""The shard stream: exact epochs see every sample once across ranks × workers, sources mix by weight,
+pipe: urls work, and bad samples (corrupt image, truncated tar, missing field) are skipped, counted, logged
+and stop the run when there are too many."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from ldmlab.data.filters import BadSamplesError
+from ldmlab.data.pipeline import EpochLoader
+from ldmlab.data.shards import expand_urls, segments, shard_name, sibling_url, wrapped
+from ldmlab.data.wds import WebDatasetDataModule
+
+
+def png(value: int, size: int = 8) -> bytes:
+    """A size×size PNG whose pixels all equal `value` (so the decoded batch says which sample it was)."""
+    buf = io.BytesIO()
+    Image.fromarray(np.full((size, size, 3), value, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_shards(directory: Path, sizes: list[int], prefix: str = "s", label: int | None = None,
+                 manifest: bool = False, **extra: bytes) -> str:
+    """Shards of `sizes` samples (keys p{shard}_{i}, .png, .cls, .txt); returns the brace url pattern."""
+    directory.mkdir(parents=True, exist_ok=True)
+    counts = {}
+    for i, n in enumerate(sizes):
+        name = f"{prefix}-{i:06d}.tar"
+        with wds.TarWriter(str(directory / name), encoder=False) as sink:
+            for j in range(n):
+                sink.write({"__key__": f"{prefix}{i}_{j}", "png": png(j % 250), "txt": f"caption {i} {j}".encode(),
+                            "cls": str(i if label is None else label).encode(), **extra})
+        counts[name] = n
+    if manifest:
+        (directory / "manifest.json").write_text(json.dumps({"counts": counts}))
+    return str(directory / f"{prefix}-{{000000..{len(sizes) - 1:06d}}}.tar")
+
+
+def epoch_keys(dm: WebDatasetDataModule, world: int, workers: int) -> list[list[str]]:
+    """Keys each rank sees in one training epoch (ranks simulated in-process, workers real)."""
+    return [[k for b in EpochLoader(dm.make_train_set(r, world), num_workers=workers) for k in b["key"]]
+            for r in range(world)]
+
+
+def test_segments_and_wrapping():
+    assert segments(["a", "b", "c"], [4, 4, 4], 2, 9) == [("a", 2, 4), ("b", 0, 4), ("c", 0, 1)]
+    assert wrapped(10, 13, 0, 7) == [(10, 13), (10, 13), (10, 11)]
+    assert shard_name("pipe:aws s3 cp s3://bkt/ds/train-000001.tar -") == "train-000001.tar"
+    assert sibling_url("pipe:aws s3 cp s3://bkt/ds/train-000001.tar -", "manifest.json") == \
+        "pipe:aws s3 cp s3://bkt/ds/manifest.json -"
+    assert shard_name("https://host/ds/x-000002.tar?sig=1") == "x-000002.tar"
+
+
+@pytest.mark.parametrize("world,workers", [(2, 2), (3, 2)])
+def test_exact_epoch_sees_every_sample_once_across_ranks_and_workers(tmp_path, world, workers):
+    urls = write_shards(tmp_path, [12] * 6)  # 72 samples: 9 batches of 4 per rank for 2 ranks, 6 for 3
+    dm = WebDatasetDataModule(urls, batch_size=4, image_size=8, shuffle_buffer=8)
+    epoch = epoch_keys(dm, world, workers)
+    assert len({len(k) for k in epoch}) == 1  # the same number of batches on every rank
+    assert Counter(k for keys in epoch for k in keys) == Counter(f"s{i}_{j}" for i in range(6) for j in range(12))
+
+
+def test_exact_epoch_over_uneven_shards_never_repeats(tmp_path):
+    urls = write_shards(tmp_path, [13, 2, 7, 1, 9])  # 32 samples; batch 3 × 2 ranks: 5 batches each, 2 left out
+    dm = WebDatasetDataModule(urls, batch_size=3, image_size=8, shuffle_buffer=4)
+    epoch = epoch_keys(dm, 2, 2)
+    assert [len(k) for k in epoch] == [15, 15]
+    assert len(set(epoch[0] + epoch[1])) == 30  # no sample twice; a different 2 are left out each epoch
+
+
+def test_weighted_sources_mix_in_proportion(tmp_path):
+    a = write_shards(tmp_path / "a", [50] * 4, prefix="a", label=0)
+    b = write_shards(tmp_path / "b", [50] * 2, prefix="b", label=1)
+    dm = WebDatasetDataModule([a, b], weights=[0.8, 0.2], samples_per_epoch=800, batch_size=20, image_size=8,
+                              shuffle_buffer=50, num_workers=0)
+    labels = np.concatenate([b["label"].numpy() for b in EpochLoader(dm.make_train_set())])
+    assert len(labels) == 800 and abs((labels == 0).mean() - 0.8) < 0.05
+    with pytest.raises(ValueError, match="data.weights mix sources by sampling: set data.samples_per_epoch"):
+        WebDatasetDataModule([a, b], weights=[0.8, 0.2], image_size=8).make_train_set()
+    with pytest.raises(ValueError, match="data.weights has 3 entries but data.train_urls has 2 sources"):
+        WebDatasetDataModule([a, b], weights=[1, 1, 1], samples_per_epoch=10).make_train_set()
+
+
+def test_pipe_urls_with_manifest_counts(tmp_path):
+    write_shards(tmp_path, [6, 6], manifest=True)
+    urls = f"pipe:cat {tmp_path}/s-{{000000..000001}}.tar"
+    assert expand_urls(urls) == [f"pipe:cat {tmp_path}/s-00000{i}.tar" for i in (0, 1)]
+    dm = WebDatasetDataModule(urls, urls, batch_size=3, image_size=8, num_workers=0)
+    dm.setup("fit")
+    train = list(dm.train_dataloader())
+    assert len(train) == 4 and sorted(k for b in train for k in b["key"]) == sorted(f"s{i}_{j}" for i in (0, 1)
+                                                                                     for j in range(6))
+    assert train[0]["text"][0].startswith("caption ") and len(list(dm.val_dataloader())) == 4
+    with pytest.raises(ValueError, match=r"exact epochs need sample counts but shard 'pipe:cat .*nowhere.tar'"):
+        WebDatasetDataModule(f"pipe:cat {tmp_path}/nowhere.tar").make_train_set()
+
+
+def test_fields_map_from_json_and_required(tmp_path):
+    meta = json.dumps({"label": 7, "caption": "from json"}).encode()
+    urls = write_shards(tmp_path, [4], json=meta)
+    dm = WebDatasetDataModule(urls, batch_size=4, image_size=8, label_key="json:label", text_key="json:caption",
+                              required=["label", "text"], num_workers=0)
+    b = next(iter(EpochLoader(dm.make_train_set())))
+    assert b["label"].tolist() == [7] * 4 and b["text"] == ["from json"] * 4
+    with pytest.raises(ValueError, match=r"data.required lists \['image'\]"):
+        WebDatasetDataModule(urls, required=["image"])
+
+
+# ---------------------------------------------------------------- bad samples
+
+
+def corrupt_shards(tmp_path: Path) -> tuple[str, int]:
+    """3 shards of 10 (per the manifest): a corrupt .png in shard 0; shard 2 truncated after ~6 samples."""
+    urls = write_shards(tmp_path, [10, 10, 10], manifest=True)
+    with wds.TarWriter(str(tmp_path / "s-000000.tar"), encoder=False) as sink:
+        for j in range(10):
+            sink.write({"__key__": f"s0_{j}", "png": b"\x89PNG broken" if j == 3 else png(j), "cls": b"0"})
+    data = (tmp_path / "s-000002.tar").read_bytes()
+    (tmp_path / "s-000002.tar").write_bytes(data[:len(data) * 6 // 10])
+    return urls, 30
+
+
+def test_corrupt_image_and_truncated_tar_are_skipped_and_counted(tmp_path, caplog):
+    urls, _ = corrupt_shards(tmp_path)
+    dm = WebDatasetDataModule(urls, batch_size=4, image_size=8, max_bad_fraction=0.5, num_workers=0)
+    stream = dm.make_train_set()
+    with caplog.at_level(logging.WARNING, logger="ldmlab.data"):
+        batches = list(EpochLoader(stream))
+    assert len(batches) == stream.batches_per_rank == 30 // 4  # refilled from the slot's own samples
+    assert all(len(b["key"]) == 4 for b in batches)
+    keys = {k for b in batches for k in b["key"]}
+    assert "s0_3" not in keys and "s0_4" in keys
+    counts = stream.counter.summary()
+    assert counts["undecodable"] >= 1 and counts["shard"] >= 4  # the truncated shard's lost samples
+    text = caplog.text
+    assert "sample 's0_3' in shard" in text and ".png does not decode" in text
+    assert "s-000002.tar' ended early" in text
+
+
+def test_missing_field_names_key_and_shard(tmp_path, caplog):
+    urls = write_shards(tmp_path, [5])
+    with wds.TarWriter(str(tmp_path / "s-000000.tar"), encoder=False) as sink:  # sample 2 lost its .cls
+        for j in range(5):
+            sink.write({"__key__": f"s0_{j}", "png": png(j), **({} if j == 2 else {"cls": b"1"})})
+    dm = WebDatasetDataModule(urls, batch_size=2, image_size=8, required=["label"], max_bad_fraction=0.5,
+                              num_workers=0)
+    with caplog.at_level(logging.WARNING, logger="ldmlab.data"):
+        keys = [k for b in EpochLoader(dm.make_train_set()) for k in b["key"]]
+    assert "s0_2" not in keys and len(keys) == 4
+    assert re.search(r"sample 's0_2' in shard '.*s-000000.tar' has no 'cls' field", caplog.text)
+    # every sample without it: the run stops, naming the field and the shard
+    dm = WebDatasetDataModule(urls, batch_size=2, image_size=8, label_key="json:label", required=["label"],
+                              num_workers=2, bad_check_after=20)
+    with pytest.raises(BadSamplesError, match=r"(?s)samples bad.*in shard '.*s-000000.tar' has no 'json:label' field"):
+        next(iter(EpochLoader(dm.make_train_set(), num_workers=2)))
+
+
+def test_too_many_bad_samples_stop_the_run(tmp_path):
+    urls, _ = corrupt_shards(tmp_path)
+    dm = WebDatasetDataModule(urls, batch_size=2, image_size=8, max_bad_fraction=0.05, bad_check_after=10,
+                              num_workers=0)
+    with pytest.raises(BadSamplesError, match=r"samples bad .* more than data.max_bad_fraction=0.05; first: "):
+        list(EpochLoader(dm.make_train_set()))

@@ -1,0 +1,122 @@
+"""Sweeps on the CPU: a `-m` grid runs one job (and one W&B run, grouped) per point; Optuna maximises train()'s metric."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import CONF, run_train
+
+pytestmark = pytest.mark.slow
+
+# A few steps of the tiny VAE with validation and checkpoints, as cheap as the loop allows.
+TINY = ["model=vae_tiny", "debug=limit", "data.batch_size=4", "data.num_workers=0", "trainer.num_sanity_val_steps=0",
+        "trainer.limit_val_batches=1"]
+# `hparams_search` needs a `- hparams_search: null` default in train.yaml to be selected without `+`.
+HPARAMS = "hparams_search" if "hparams_search" in (CONF / "train.yaml").read_text() else "+hparams_search"
+
+
+def _records(path: Path):  # noqa: ANN202
+    """Protobuf records of a `.wandb` file (W&B's LevelDB-style log: 7-byte header, 32 KiB blocks)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, pos, buf = path.read_bytes(), 7, b""
+    assert data[:4] == b":W&B", path
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768
+        if left < 7:  # block trailer padding
+            pos += left
+            continue
+        _, n, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0 and n == 0:
+            pos += left
+            continue
+        buf, pos = buf + data[pos + 7:pos + 7 + n], pos + 7 + n
+        if kind in (1, 4):  # FULL or LAST fragment
+            record = pb.Record()
+            record.ParseFromString(buf)
+            buf = b""
+            yield record
+
+
+def wandb_runs(run_dir: Path) -> list[dict]:
+    """Every offline W&B run under `run_dir/wandb`, oldest first: id, group, name, tags and history rows."""
+    runs = []
+    for path in sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb")):
+        run: dict = {"history": []}
+        for record in _records(path):
+            kind = record.WhichOneof("record_type")
+            if kind == "run":
+                r = record.run
+                run.update(id=r.run_id, group=r.run_group, name=r.display_name, tags=list(r.tags))
+            elif kind == "history":
+                run["history"].append({i.key or "/".join(i.nested_key): i.value_json for i in record.history.item})
+        runs.append(run)
+    return runs
+
+
+def logged_steps(run: dict, key: str) -> list[int]:
+    """`trainer/global_step` of every history row of `run` that has `key`."""
+    return [int(row["trainer/global_step"]) for row in run["history"] if key in row]
+
+
+def last_metric(run_dir: Path, key: str) -> float:
+    """The last logged value of `key` in the run's CSV metrics."""
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        return [float(r[key]) for r in csv.DictReader(f) if r.get(key)][-1]
+
+
+def global_step(ckpt: Path) -> int:
+    return int(torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"])
+
+
+def test_grid_runs_four_jobs_each_its_own_wandb_run_in_one_group(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """`-m` with two values of two params: four jobs, four run dirs, four W&B runs in the sweep's group."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    sweep = tmp_path / "grid"
+    run_train(["-m", *TINY, "model.kl_weight=1e-6,1e-5", "optimizer.lr=2e-4,5e-4", "logger=[csv,wandb]",
+               f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    jobs = [sweep / str(n) for n in range(4)]
+    points = set()
+    for job in jobs:
+        overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())
+        points.add(tuple(o for o in overrides if o.startswith(("model.kl_weight=", "optimizer.lr="))))
+        assert global_step(job / "checkpoints" / "last.ckpt") == 6
+        assert last_metric(job, "val/psnr") > 0
+    assert points == set(itertools.product(["model.kl_weight=1e-06", "model.kl_weight=1e-05"],
+                                           ["optimizer.lr=0.0002", "optimizer.lr=0.0005"]))
+    runs = [wandb_runs(job) for job in jobs]
+    assert [len(r) for r in runs] == [1, 1, 1, 1]
+    ids = [r[0]["id"] for r in runs]
+    assert len(set(ids)) == 4 and ids == [(job / "wandb_id.txt").read_text().strip() for job in jobs]
+    assert {r[0]["group"] for r in runs} == {"debug-grid"}  # <task_name>-<sweep dir name>
+    assert [r[0]["name"] for r in runs] == ["debug-0", "debug-1", "debug-2", "debug-3"]
+    assert all(r[0]["tags"] == ["dev"] for r in runs)  # tags from the config
+    assert all(logged_steps(r[0], "val/psnr") == [2, 5] for r in runs)
+
+
+def test_optuna_search_maximises_what_train_returns(tmp_path: Path) -> None:
+    """hparams_search=vae_optuna: every trial's objective is its val/psnr; the best is the largest."""
+    sweep = tmp_path / "search"
+    run_train([HPARAMS + "=vae_optuna", *TINY, "hydra.sweeper.n_trials=3", "hydra.sweeper.sampler.n_startup_trials=2",
+               f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    trials = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
+    assert len(trials) == 3
+    psnr = [last_metric(t, "val/psnr") for t in trials]
+    assert result["best_value"] == pytest.approx(max(psnr), rel=1e-6)
+    best = trials[psnr.index(max(psnr))]
+    chosen = dict(o.split("=", 1) for o in yaml.safe_load((best / ".hydra" / "overrides.yaml").read_text()))
+    assert set(result["best_params"]) == {"optimizer.lr", "model.kl_weight", "model.perceptual_weight"}
+    for key, value in result["best_params"].items():
+        assert float(chosen[key]) == pytest.approx(float(value))
+    assert 5e-5 <= float(result["best_params"]["optimizer.lr"]) <= 1e-3
