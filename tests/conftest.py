@@ -71,3 +71,49 @@ def vae_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
                "trainer.limit_val_batches=4", "trainer.log_every_n_steps=5", "model.disc_start=100",
                f"hydra.run.dir={run_dir}", "seed=0"], cwd=cwd)
     return run_dir
+
+
+def make_tiny_clip(path: Path, hidden_size: int = 32) -> Path:
+    """A random CLIPTextModel + a 23-token BPE tokenizer saved with save_pretrained (no hub access)."""
+    import json
+
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    path.mkdir(parents=True, exist_ok=True)
+    vocab = ["l", "o", "w", "e", "r", "s", "t", "i", "d", "n", "lo", "l</w>", "w</w>", "r</w>", "t</w>",
+             "low</w>", "er</w>", "lowest</w>", "newer</w>", "wider", "<unk>", "<|startoftext|>", "<|endoftext|>"]
+    (path / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
+    (path / "merges.txt").write_text("#version: 0.2\nl o\nlo w</w>\ne r</w>\n")
+    tokenizer = CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"), unk_token="<unk>",
+                              pad_token="<|endoftext|>")
+    tokenizer.save_pretrained(str(path))
+    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=hidden_size, intermediate_size=37,
+                            num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=77,
+                            bos_token_id=21, eos_token_id=22, pad_token_id=22)
+    CLIPTextModel(config).save_pretrained(str(path))
+    return path
+
+
+def make_tiny_vae_export(path: Path, embed_dim: int = 4) -> Path:
+    """A random small AutoencoderKL (f4) exported as ldmlab's vae.safetensors."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from ldmlab.nn.autoencoder import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(base_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1, norm_groups=8,
+                        z_channels=embed_dim, embed_dim=embed_dim)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(vae.state_dict(), str(path), metadata={"format": "ldmlab.vae", "config": json.dumps(vae.config)})
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Stand-ins for the weights a real run reads from disk: a random VAE export and random CLIP encoders."""
+    root = tmp_path_factory.mktemp("assets")
+    return {"vae": make_tiny_vae_export(root / "vae.safetensors"), "clip32": make_tiny_clip(root / "clip32"),
+            "clip768": make_tiny_clip(root / "clip768", hidden_size=768)}

@@ -23,7 +23,7 @@ def options(group: str) -> list[str]:
 
 
 # options that need a GPU or remote data get CPU/demo stand-ins when instantiated here
-CPU_STANDINS = {"trainer": ["trainer.accelerator=cpu"], "model": ["model.lpips.backbone=random"],
+CPU_STANDINS = {"trainer": ["trainer.accelerator=cpu"],
                 "data": ["data.train_urls='/nonexistent/shard-{000000..000001}.tar'"]}
 
 
@@ -35,11 +35,32 @@ def test_every_option_composes(group: str, option: str, tmp_path: Path) -> None:
     assert cfg.model._target_ and cfg.trainer._target_ and cfg.data._target_
 
 
+def model_standins(option: str, assets: dict[str, Path]) -> list[str]:
+    """Overrides pointing a model config's weight files at random stand-ins made by the test session."""
+    if option.startswith("vae"):
+        return ["model.lpips.backbone=random"]
+    overrides = [f"model.vae.path={assets['vae']}"]
+    if option == "unet_sd15":
+        overrides.append(f"model.conditioner.path={assets['clip768']}")
+    return overrides
+
+
 @pytest.mark.parametrize("option", options("model"))
-def test_models_instantiate(option: str, tmp_path: Path) -> None:
-    cfg = compose_train([f"model={option}", *CPU_STANDINS["model"]], tmp_path)
-    module = hydra.utils.instantiate(cfg.model, optimizer=hydra.utils.instantiate(cfg.optimizer))
+def test_models_instantiate(option: str, tmp_path: Path, tiny_assets: dict[str, Path]) -> None:
+    cfg = compose_train([f"model={option}", *model_standins(option, tiny_assets)], tmp_path)
+    module = hydra.utils.instantiate(cfg.model, _convert_="all", optimizer=hydra.utils.instantiate(cfg.optimizer))
     assert isinstance(module, pl.LightningModule)
+    if option == "unet_sd15":
+        assert sum(p.numel() for p in module.unet.parameters()) == 859_520_964
+
+
+def test_unet_channel_mult_from_command_line(tmp_path: Path, tiny_assets: dict[str, Path]) -> None:
+    cfg = compose_train(["model=unet_small", "model.unet.channel_mult=[1,2,2]", "model/noise_schedule=cosine",
+                         "model/prediction=v", "model/sampler=dpmpp_2m", *model_standins("unet_small", tiny_assets)],
+                        tmp_path)
+    module = hydra.utils.instantiate(cfg.model, _convert_="all")
+    assert module.unet.config["channel_mult"] == [1, 2, 2] and module.prediction.name == "v"
+    assert module.schedule.name.startswith("cosine")
 
 
 @pytest.mark.parametrize("option", options("data"))

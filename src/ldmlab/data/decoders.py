@@ -107,7 +107,7 @@ def open_image(sample: dict) -> Image.Image:
 
 
 class ImageDecoder:
-    """Raw sample → (pixels (3, S, S) uint8, label, text, key); collate makes (B, 3, S, S) in [-1, 1]."""
+    """Raw sample → (pixels (S, S, 3) uint8, label, text, key); collate makes (B, 3, S, S) in [-1, 1]."""
 
     def __init__(self, transform: ImageTransform, fields: Fields | None = None, min_size: int = 1,
                  uint8: bool = False) -> None:
@@ -115,7 +115,7 @@ class ImageDecoder:
         self.uint8 = uint8  # batches keep uint8 pixels; the DataModule normalises them on the device
 
     def __call__(self, sample: dict, rng: random.Random | None) -> tuple[np.ndarray, int, str, str]:
-        """(pixels (3, S, S) uint8, label, text, key) of a raw sample; BadSample when it is unusable."""
+        """(pixels (S, S, 3) uint8, label, text, key) of a raw sample; BadSample when it is unusable."""
         image = open_image(sample)
         if min(image.size) < self.min_size:
             raise BadSample("shape", f"{where(sample)}: image is {image.size[0]}×{image.size[1]}, shorter side "

@@ -44,33 +44,31 @@ def random_hflip(img: Image.Image, rng: random.Random, p: float = 0.5) -> Image.
 
 
 def to_batch(arrays: Sequence[np.ndarray], uint8: bool = False) -> torch.Tensor:
-    """[(3, H, W) uint8] → (B, 3, H, W) float32 in [-1, 1], or uint8 as they are (`normalize` later, on device).
+    """[(H, W, 3) uint8 arrays or views] → (B, 3, H, W) float32 in [-1, 1]; with uint8=True the pixels as
+    they are, (B, H, W, 3) uint8, for `normalize` to finish on the device.
 
     The float conversion is done by numpy straight into the batch buffer: torch's uint8→float copy plus
     torch.stack of permuted tensors cost more than the JPEG decode here.
     """
     if uint8:
         return torch.from_numpy(np.stack(arrays))
-    out = np.empty((len(arrays), *arrays[0].shape), np.float32)
+    h, w = arrays[0].shape[:2]
+    out = np.empty((len(arrays), 3, h, w), np.float32)
     for i, arr in enumerate(arrays):
-        np.multiply(arr, _SCALE, out=out[i], dtype=np.float32)
+        np.multiply(arr.transpose(2, 0, 1), _SCALE, out=out[i], dtype=np.float32)
     np.subtract(out, np.float32(1.0), out=out)
     return torch.from_numpy(out)
 
 
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 images (any shape) → float32 in [-1, 1] (the same numbers as `to_batch`), on their device."""
-    return images.to(torch.float32).mul_(float(_SCALE)).sub_(1.0)
-
-
-def chw(img: Image.Image) -> np.ndarray:
-    """RGB PIL image → (3, H, W) uint8 (PIL splits the bands in C: cheaper than a numpy transpose)."""
-    return np.stack([np.asarray(band) for band in img.convert("RGB").split()])
+def normalize(pixels: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, 3) uint8 → (B, 3, H, W) float32 in [-1, 1], the same numbers as `to_batch`, on its device."""
+    return pixels.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format).mul_(
+        float(_SCALE)).sub_(1.0)
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
     """PIL image → (3, H, W) float32 tensor in [-1, 1] (what the VAE and diffusion models expect)."""
-    return to_batch([chw(img)])[0]
+    return to_batch([np.asarray(img.convert("RGB"))])[0]
 
 
 def to_pil(x: torch.Tensor) -> Image.Image:
@@ -94,18 +92,16 @@ class ImageTransform:
         return to_batch([self.pixels(img, rng)])[0]
 
     def pixels(self, img: Image.Image, rng: random.Random | None = None) -> np.ndarray:
-        """Resize, crop and flip one image to (3, S, S) uint8."""
+        """Resize, crop and flip one image to (S, S, 3) uint8 (crop and flip are views: collate copies once)."""
         if rng is None and (self.random_crop or self.random_flip):
             raise ValueError("ImageTransform with random_crop/random_flip needs an rng")
-        img = resize_shorter(img.convert("RGB") if img.mode != "RGB" else img, self.size)
-        (w, h), s = img.size, self.size
+        arr = np.asarray(resize_shorter(img.convert("RGB") if img.mode != "RGB" else img, self.size))
+        h, w, s = arr.shape[0], arr.shape[1], self.size
         # Same draws, in the same order, as random_crop() and random_hflip() on PIL images.
         left, top = (rng.randint(0, w - s), rng.randint(0, h - s)) if rng and self.random_crop else \
             ((w - s) // 2, (h - s) // 2)
-        flip = bool(rng and self.random_flip and rng.random() < 0.5)
-        # Crop and flip as views of the bands; np.stack makes the one contiguous copy.
-        bands = [np.asarray(band)[top:top + s, left:left + s] for band in img.split()]
-        return np.stack([band[:, ::-1] for band in bands] if flip else bands)
+        arr = arr[top:top + s, left:left + s]
+        return arr[:, ::-1] if rng and self.random_flip and rng.random() < 0.5 else arr
 
     def __repr__(self) -> str:
         return f"ImageTransform(size={self.size}, random_crop={self.random_crop}, random_flip={self.random_flip})"

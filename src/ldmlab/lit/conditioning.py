@@ -90,5 +90,5 @@ class TextConditioner(nn.Module):
         return {self.key: self.encode([""], device).expand(batch_size, -1, -1)}
 
     def drop(self, cond: dict[str, Tensor], p_uncond: float, generator: torch.Generator | None) -> dict[str, Tensor]:
-        null = self.unconditional(1, cond[self.key].device)[0]
+        null = self.unconditional(1, cond[self.key].device)[self.key][0]  # (77, D) empty-prompt embedding
         return {self.key: drop_condition(cond[self.key], null, p_uncond, generator)}

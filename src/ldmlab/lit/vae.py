@@ -8,7 +8,6 @@ discriminator step with Lightning 2 manual optimisation; the networks and loss f
 from __future__ import annotations
 
 import json
-import warnings
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -65,8 +64,6 @@ class VAEModule(pl.LightningModule):
         self.discriminator = discriminator
         # LPIPS is built only when used, so a missing VGG16 file only matters when perceptual_weight > 0
         self.lpips = lpips() if (lpips is not None and perceptual_weight > 0) else None
-        if self.lpips is not None:  # LPIPS stays in eval mode on purpose (frozen BatchNorm-free feature net)
-            warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
         # LDM's learned log-variance of the Laplace likelihood; LDM never optimises it (learn_logvar=False)
         self.logvar = nn.Parameter(torch.full((), float(logvar_init)), requires_grad=learn_logvar)
         self.optimizer_factory = optimizer or partial(torch.optim.Adam, lr=4.5e-6, betas=(0.5, 0.9))

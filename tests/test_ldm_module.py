@@ -1,0 +1,102 @@
+"""LatentDiffusionModule in-process: text conditioning through a saved/reloaded random CLIP, precomputed
+embeddings, latents from the batch, configuration errors."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ldmlab.convert.load import load_vae
+from ldmlab.diffusion import EpsPrediction, VPrediction, ddim_sample, scaled_linear
+from ldmlab.lit.conditioning import ClassConditioner, TextConditioner
+from ldmlab.lit.ldm import LatentDiffusionModule
+from ldmlab.nn.unet import UNetModel
+
+PROMPTS = ["lower", "newer wider", "lowest", ""]
+
+
+class Batches(Dataset):
+    """Images with prompts and labels, or raw latents (the wds_latents contract)."""
+
+    def __init__(self, kind: str, n: int = 8) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.kind, self.images = kind, torch.rand(n, 3, 16, 16, generator=g) * 2 - 1
+        self.latents = torch.randn(n, 4, 4, 4, generator=g)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict:
+        item = {"label": i % 3, "text": PROMPTS[i % len(PROMPTS)]}
+        item.update({"latent": self.latents[i]} if self.kind == "latent" else {"image": self.images[i]})
+        return item
+
+
+def small_unet(**kw) -> UNetModel:
+    torch.manual_seed(0)
+    return UNetModel(**{**dict(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
+                               num_heads=4, context_dim=None), **kw})
+
+
+def module(conditioner, unet, vae=None, **kw) -> LatentDiffusionModule:
+    return LatentDiffusionModule(unet=unet, noise_schedule=scaled_linear(), prediction=EpsPrediction(),
+                                 sampler=partial(ddim_sample, num_steps=4), vae=vae, conditioner=conditioner,
+                                 latent_scale=None, guidance_scales=(1.0, 2.0), **kw)
+
+
+def fit(m: LatentDiffusionModule, data: Dataset, tmp_path: Path, steps: int = 3) -> pl.Trainer:
+    trainer = pl.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_progress_bar=False,
+                         enable_checkpointing=False, default_root_dir=tmp_path, limit_val_batches=0,
+                         enable_model_summary=False)
+    trainer.fit(m, DataLoader(data, batch_size=4))
+    return trainer
+
+
+def test_text_conditioning_trains_and_samples(tiny_assets: dict[str, Path], tmp_path: Path) -> None:
+    text = TextConditioner(tiny_assets["clip32"])
+    assert text.from_values(["lower"], torch.device("cpu"))["context"].shape == (1, 77, 32)
+    m = module(text, small_unet(context_dim=32), vae=load_vae(tiny_assets["vae"]))
+    before = [p.clone() for p in m.unet.parameters()]
+    clip_before = [p.clone() for p in text.encoder.parameters()]
+    fit(m, Batches("image"), tmp_path)
+    assert any(not torch.equal(a, b) for a, b in zip(before, m.unet.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(clip_before, text.encoder.parameters()))  # frozen
+    images = m.sample(["lower", "newer"], 2, guidance_scale=2.0, seed=1)
+    assert images.shape == (2, 3, 16, 16) and images.abs().max() <= 1
+
+
+def test_precomputed_context_is_used_as_is(tiny_assets: dict[str, Path]) -> None:
+    text = TextConditioner(tiny_assets["clip32"])
+    ctx = torch.randn(2, 77, 32)
+    assert text({"context": ctx, "text": ["x", "y"]})["context"] is ctx
+
+
+def test_missing_text_encoder_names_the_path(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="clip-missing"):
+        TextConditioner(tmp_path / "clip-missing")
+
+
+def test_trains_from_cached_latents_without_a_vae(tmp_path: Path) -> None:
+    m = module(ClassConditioner(3), small_unet(num_classes=3))
+    fit(m, Batches("latent"), tmp_path)
+    latents = Batches("latent").latents[:4]
+    assert float(m.latent_scale) == pytest.approx(1 / latents.std(unbiased=False).item(), rel=1e-4)
+    assert m.log_images({}, 2) == {}  # no VAE: nothing to draw
+
+
+def test_unet_and_vae_channels_must_agree(tiny_assets: dict[str, Path]) -> None:
+    with pytest.raises(ValueError, match="in_channels=3"):
+        module(None, small_unet(in_channels=3, out_channels=3), vae=load_vae(tiny_assets["vae"]))
+
+
+def test_v_prediction_and_min_snr_run(tmp_path: Path) -> None:
+    m = LatentDiffusionModule(unet=small_unet(num_classes=3), noise_schedule=scaled_linear(zero_terminal_snr=True),
+                              prediction=VPrediction(), sampler=partial(ddim_sample, num_steps=4, spacing="trailing"),
+                              conditioner=ClassConditioner(3), loss_weighting="min_snr")
+    trainer = fit(m, Batches("latent"), tmp_path, steps=2)
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
