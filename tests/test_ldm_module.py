@@ -100,3 +100,18 @@ def test_v_prediction_and_min_snr_run(tmp_path: Path) -> None:
                               conditioner=ClassConditioner(3), loss_weighting="min_snr")
     trainer = fit(m, Batches("latent"), tmp_path, steps=2)
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
+
+
+def test_unet_init_loads_exported_weights(tmp_path: Path) -> None:
+    from ldmlab.convert.checkpoint import save_ldmlab
+
+    source = small_unet(num_classes=3)
+    torch.nn.init.normal_(source.out[2].weight)  # not the zero init of a fresh U-Net
+    path = save_ldmlab(source.state_dict(), source.config, tmp_path / "unet.safetensors", "unet")
+    m = module(ClassConditioner(3), small_unet(num_classes=3), unet_init=str(path))
+    for a, b in zip(m.unet.state_dict().values(), source.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="model_channels"):
+        module(ClassConditioner(3), small_unet(num_classes=3, model_channels=64), unet_init=str(path))
+    with pytest.raises(FileNotFoundError, match="nothere"):
+        module(ClassConditioner(3), small_unet(num_classes=3), unet_init=str(tmp_path / "nothere.safetensors"))

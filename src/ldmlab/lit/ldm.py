@@ -37,6 +37,7 @@ class LatentDiffusionModule(pl.LightningModule):
         prediction: Prediction,
         sampler: Sampler,
         vae: AutoencoderKL | None = None,
+        unet_init: str | None = None,
         conditioner: nn.Module | None = None,
         p_uncond: float = 0.1,
         latent_scale: float | None = 0.18215,
@@ -61,6 +62,8 @@ class LatentDiffusionModule(pl.LightningModule):
         if vae is not None and unet_in is not None and unet_in != vae.embed_dim:
             raise ValueError(f"model.unet.in_channels={unet_in} but the VAE's latents have {vae.embed_dim} channels: "
                              f"set model.unet.in_channels=model.unet.out_channels={vae.embed_dim}")
+        if unet_init is not None:
+            self._load_unet(unet, unet_init)
         self.unet, self.schedule, self.prediction, self.sampler = unet, noise_schedule, prediction, sampler
         self.vae = vae.eval().requires_grad_(False) if vae is not None else None
         self.conditioner = conditioner
@@ -69,6 +72,22 @@ class LatentDiffusionModule(pl.LightningModule):
         self.optimizer_factory = optimizer or partial(torch.optim.AdamW, lr=1e-4)
         self.scheduler_factory = lr_scheduler
         self.config_yaml: str | None = None  # the run's resolved config, stored in checkpoints for sample.py
+
+    @staticmethod
+    def _load_unet(unet: nn.Module, path: str) -> None:
+        """Fine-tune from an ldmlab `unet.safetensors` (convert SD/diffusers weights with `python -m ldmlab.convert`)."""
+        from ldmlab.convert.checkpoint import load_ldmlab
+
+        if not Path(path).exists():
+            raise FileNotFoundError(f"model.unet_init='{path}' not found: give an ldmlab unet.safetensors, e.g. "
+                                    "from `python -m ldmlab.convert --from sd --to ldmlab --unet <ckpt> --out <dir>`")
+        state, config = load_ldmlab(path, "unet")
+        if config != getattr(unet, "config", config):
+            diff = sorted(k for k in config if config.get(k) != unet.config.get(k))
+            raise ValueError(f"model.unet_init={path} was saved with a different architecture ({', '.join(diff)}): "
+                             "make model.unet match it")
+        unet.load_state_dict(state)
+        rank_zero_info(f"U-Net initialised from {path}")
 
     # ------------------------------------------------------------------ latents and conditioning
 
