@@ -73,3 +73,21 @@ def test_sample_py_writes_requested_images(ldm_run: Path, tmp_path: Path) -> Non
 
 def test_exports(ldm_run: Path) -> None:
     assert sorted(p.name for p in (ldm_run / "export").iterdir()) == ["unet.safetensors", "vae.safetensors"]
+
+
+def test_ldm_trains_under_two_rank_ddp_with_ema(vae_run: Path, tmp_path: Path) -> None:
+    """CPU DDP (gloo, 2 real processes): both ranks step together; EMA and the estimated scale are saved once."""
+    run_dir = tmp_path / "run"
+    proc = run_train(["model=unet_small", f"model.vae.path={vae_run}/export/vae.safetensors", "trainer=ddp",
+                      "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
+                      "trainer.strategy=ddp", "trainer.max_steps=8", "trainer.val_check_interval=4",
+                      "trainer.limit_val_batches=2", "model.sampler.num_steps=4", "data.batch_size=8",
+                      f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in proc.stdout + proc.stderr
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 8 and ckpt["callbacks"]["EMA"]["num_updates"] == 8
+    shadow = ckpt["callbacks"]["EMA"]["shadow"]
+    trained = {k[len("unet."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("unet.")}
+    assert shadow.keys() == trained.keys()
+    assert any(not torch.equal(shadow[k], trained[k]) for k in shadow)  # an average, not a copy
+    assert float(ckpt["state_dict"]["latent_scale"]) > 0
