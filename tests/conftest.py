@@ -117,3 +117,14 @@ def tiny_assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("assets")
     return {"vae": make_tiny_vae_export(root / "vae.safetensors"), "clip32": make_tiny_clip(root / "clip32"),
             "clip768": make_tiny_clip(root / "clip768", hidden_size=768)}
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: intra-op threads only add contention on a loaded 2-core machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

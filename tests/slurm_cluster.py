@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
@@ -49,7 +50,6 @@ SelectTypeParameters=CR_Core
 SchedulerType=sched/builtin
 SchedulerParameters=sched_interval=1
 ReturnToService=2
-KillWait=5
 InactiveLimit=0
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/filetxt
@@ -176,10 +176,13 @@ class SlurmCluster:
         (self.state / f"{name}.test-pid").write_text(str(proc.pid))
 
     def stop(self) -> None:
-        """Cancel every job, stop the daemons by their PIDs, release the lock."""
+        """Cancel every job and wait for it to end (its slurmstepd outlives slurmd), stop the daemons by their
+        PIDs, release the lock."""
         if (self.state / "slurmctld.test-pid").exists():
-            subprocess.run(["scancel", "--full", "--user=root"], env=self.env, capture_output=True, timeout=30,
-                           check=False)
+            subprocess.run(["scancel", "--user=root"], env=self.env, capture_output=True, timeout=30, check=False)
+            deadline = time.monotonic() + 45  # KillWait (30 s) after SIGTERM, SLURM sends SIGKILL
+            while time.monotonic() < deadline and self.run("squeue", "--noheader", check=False, timeout=10).strip():
+                time.sleep(0.5)
         self._stop_daemons()
         if self._lock is not None:
             os.close(self._lock)  # releases the flock
@@ -244,7 +247,7 @@ class SlurmCluster:
         self._wait_for(idle, timeout, "idle nodes: " + self.logs_tail())
 
     @staticmethod
-    def _wait_for(ok, timeout: float, what: str) -> None:  # noqa: ANN001
+    def _wait_for(ok: Callable[[], bool], timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
         while not ok():
             if time.monotonic() > deadline:

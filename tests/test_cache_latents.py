@@ -23,31 +23,27 @@ from ldmlab.data.transforms import ImageTransform
 from ldmlab.nn.autoencoder import AutoencoderKL
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory) -> dict:
+def make_setup(tmp: Path) -> dict:
     """Image shards (3 classes × 6 captioned 16×20 PNGs; 4 train + 1 val shard) and a random-init VAE export."""
-    tmp = tmp_path_factory.mktemp("cache")
     rng = np.random.default_rng(0)
     for c in ("ant", "bee", "cow"):
         (tmp / "src" / c).mkdir(parents=True)
         for i in range(6):
-            Image.fromarray(rng.integers(0, 256, (16, 20, 3), dtype=np.uint8)).save(tmp / "src" / c / f"{i}.png")
+            pixels = rng.integers(0, 256, (16, 20, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp / "src" / c / f"{i}.png")
             (tmp / "src" / c / f"{i}.txt").write_text(f"{c} number {i}")
     make_shards_main([f"src={tmp / 'src'}", f"out={tmp / 'shards'}", "max_count=4", "val_fraction=0.25"])
     torch.manual_seed(0)
     vae = AutoencoderKL(base_channels=32, channel_mult=(1, 2), num_res_blocks=1, norm_groups=8).eval()
     state = {k: v.contiguous() for k, v in vae.state_dict().items()}
-    save_file(state, str(tmp / "vae.safetensors"), metadata={"format": "ldmlab.vae", "config": json.dumps(vae.config)})
+    metadata = {"format": "ldmlab.vae", "config": json.dumps(vae.config)}
+    save_file(state, str(tmp / "vae.safetensors"), metadata=metadata)
     return {"tmp": tmp, "shards": tmp / "shards", "vae": vae, "vae_path": tmp / "vae.safetensors"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny convolutions on 2 loaded cores are ~40x faster single-threaded (no OpenMP spin-waiting)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict:
+    return make_setup(tmp_path_factory.mktemp("cache"))
 
 
 def run_cache(setup: dict, out: Path, *extra: str) -> Path:
@@ -78,7 +74,8 @@ def test_cached_latents_are_the_vae_posterior_with_labels_and_captions(setup, tm
     assert manifest["latent_shape"] == [4, 8, 8] and manifest["classes"] == ["ant", "bee", "cow"]
     assert manifest["splits"] == {"train": {"samples": 14, "shards": 4}, "val": {"samples": 4, "shards": 1}}
     ref = reference(setup)
-    stored = {s["__key__"]: s for p in sorted(out.glob("*.tar")) for s in wds.tarfile_samples([{"url": str(p)}])}
+    stored = {s["__key__"]: s for p in sorted(out.glob("*.tar"))
+              for s in wds.tarfile_samples([{"url": str(p)}])}
     assert stored.keys() == ref.keys()
     for key, (mean, std, label, text) in ref.items():
         assert load_npy(stored[key]["mean.npy"]).dtype == np.float16
@@ -88,7 +85,7 @@ def test_cached_latents_are_the_vae_posterior_with_labels_and_captions(setup, tm
                                    rtol=1e-3, atol=1e-4)
 
     # data=wds_latents: raw means with sample_posterior=false, mean + std·ε (seeded) otherwise
-    kw = dict(root=str(out), batch_size=1, num_workers=0, shuffle_buffer=0)
+    kw = {"root": str(out), "batch_size": 1, "num_workers": 0, "shuffle_buffer": 0}
     batches = all_batches(LatentDataModule(sample_posterior=False, **kw))
     assert len(batches) == 18 and set(batches[0]) == {"latent", "label", "text", "key"}
     for b in batches:
@@ -119,5 +116,6 @@ def test_resume_skips_finished_shards_and_refuses_a_different_setup(setup, tmp_p
     assert not (out / f".{shards[1].name}.tmp").exists()
     sample = next(iter(wds.tarfile_samples([{"url": str(shards[0])}])))
     assert "latent.npy" in sample and "mean.npy" not in sample
-    with pytest.raises(ValueError, match=r"holds a cache made with different \['image_size'.*choose another out"):
+    refused = r"holds a cache made with different \['image_size'.*choose another out"
+    with pytest.raises(ValueError, match=refused):
         run_cache(setup, out, "sample=true", "splits=[train]", "data.image_size=8")

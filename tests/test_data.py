@@ -15,7 +15,15 @@ from PIL import Image
 from ldmlab.data import demo
 from ldmlab.data.demo import build_demo_shards, class_names, cut_crop, load_photo
 from ldmlab.data.filters import BadSamplesError
-from ldmlab.data.transforms import ImageTransform, center_crop, resize_shorter, to_pil, to_tensor
+from ldmlab.data.transforms import (
+    ImageTransform,
+    center_crop,
+    random_crop,
+    random_hflip,
+    resize_shorter,
+    to_pil,
+    to_tensor,
+)
 from ldmlab.data.wds import (
     DemoDataModule,
     EpochLoader,
@@ -154,6 +162,10 @@ def test_transforms():
     assert torch.equal(out(img, random.Random(3)), out(img, random.Random(3)))
     with pytest.raises(ValueError, match="rng"):
         out(img)
+    for seed in range(20):  # the fast path (region export, flip before crop) = PIL's crop then flip
+        rng = random.Random(seed)
+        expected = random_hflip(random_crop(resize_shorter(img, 16), 16, rng), rng)
+        assert np.array_equal(out.pixels(img, random.Random(seed)), np.asarray(expected))
 
 
 # ---------------------------------------------------------------- DataModules

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import webdataset as wds
 from PIL import Image
 
@@ -38,7 +39,8 @@ def write_shards(directory: Path, sizes: list[int], prefix: str = "s", label: in
         name = f"{prefix}-{i:06d}.tar"
         with wds.TarWriter(str(directory / name), encoder=False) as sink:
             for j in range(n):
-                sink.write({"__key__": f"{prefix}{i}_{j}", "png": png(j % 250), "txt": f"caption {i} {j}".encode(),
+                sink.write({"__key__": f"{prefix}{i}_{j}", "png": png(j % 250),
+                            "txt": f"caption {i} {j}".encode(),
                             "cls": str(i if label is None else label).encode(), **extra})
         counts[name] = n
     if manifest:
@@ -67,7 +69,8 @@ def test_exact_epoch_sees_every_sample_once_across_ranks_and_workers(tmp_path, w
     dm = WebDatasetDataModule(urls, batch_size=4, image_size=8, shuffle_buffer=8)
     epoch = epoch_keys(dm, world, workers)
     assert len({len(k) for k in epoch}) == 1  # the same number of batches on every rank
-    assert Counter(k for keys in epoch for k in keys) == Counter(f"s{i}_{j}" for i in range(6) for j in range(12))
+    every_sample = Counter(f"s{i}_{j}" for i in range(6) for j in range(12))
+    assert Counter(k for keys in epoch for k in keys) == every_sample
 
 
 def test_exact_epoch_over_uneven_shards_never_repeats(tmp_path):
@@ -116,6 +119,24 @@ def test_fields_map_from_json_and_required(tmp_path):
         WebDatasetDataModule(urls, required=["image"])
 
 
+def test_under_a_trainer_pixels_travel_as_uint8_and_normalise_on_the_device(tmp_path):
+    rng = np.random.default_rng(0)
+    with wds.TarWriter(str(tmp_path / "r-000000.tar"), encoder=False) as sink:
+        for j in range(8):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (9, 12, 3), dtype=np.uint8)).save(buf, format="PNG")
+            sink.write({"__key__": f"r{j}", "png": buf.getvalue(), "cls": b"1"})
+    dm = WebDatasetDataModule(str(tmp_path / "r-000000.tar"), batch_size=4, image_size=6, random_crop=True,
+                              num_workers=0)
+    floats = list(EpochLoader(dm.make_train_set()))  # no Trainer: float32 (B, 3, H, W) in [-1, 1]
+    dm.uint8_transfer = True  # what setup() sets under a Trainer
+    raw = list(EpochLoader(dm.make_train_set()))
+    assert raw[0]["image"].dtype == torch.uint8 and raw[0]["image"].shape == (4, 6, 6, 3)
+    for f, r in zip(floats, raw, strict=True):
+        image = dm.on_after_batch_transfer(r, 0)["image"]
+        assert image.shape == (4, 3, 6, 6) and image.is_contiguous() and torch.equal(image, f["image"])
+
+
 # ---------------------------------------------------------------- bad samples
 
 
@@ -161,7 +182,8 @@ def test_missing_field_names_key_and_shard(tmp_path, caplog):
     # every sample without it: the run stops, naming the field and the shard
     dm = WebDatasetDataModule(urls, batch_size=2, image_size=8, label_key="json:label", required=["label"],
                               num_workers=2, bad_check_after=20)
-    with pytest.raises(BadSamplesError, match=r"(?s)samples bad.*in shard '.*s-000000.tar' has no 'json:label' field"):
+    stop = r"(?s)samples bad.*in shard '.*s-000000.tar' has no 'json:label' field"
+    with pytest.raises(BadSamplesError, match=stop):
         next(iter(EpochLoader(dm.make_train_set(), num_workers=2)))
 
 

@@ -7,13 +7,13 @@ from pathlib import Path
 import hydra
 import pytest
 import torch
-from pytorch_lightning.strategies import FSDPStrategy
-
 from conftest import compose_train, run_train
+from pytorch_lightning.strategies import FSDPStrategy
+from test_sweeps import TINY, global_step, last_metric
+
 from ldmlab.nn.attention import SpatialTransformer
 from ldmlab.nn.unet_blocks import ResBlock
 from ldmlab.utils.distributed import config_flags
-from test_sweeps import TINY, global_step, last_metric
 
 DDP_CPU = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true", *TINY,
            "model.perceptual_weight=0"]

@@ -36,13 +36,7 @@ STD, STEPS, BATCH = 0.25, 800, 512
 TARGET_COV = torch.eye(2) * (1.0 + STD**2)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small matmuls: intra-op threads only add contention on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 def mixture(n: int, g: torch.Generator) -> torch.Tensor:

@@ -42,13 +42,7 @@ SAMPLERS = [ddpm_sample, ddim_sample, dpmpp_2m_sample, euler_sample]
 CONSTRUCTORS = [ddpm_linear, scaled_linear, cosine]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 def f_cos(t: float, s: float = 0.008) -> float:

@@ -37,7 +37,8 @@ from ldmlab.diffusion import (
 from ldmlab.diffusion.schedules import NoiseSchedule
 from ldmlab.diffusion.timesteps import spaced_timesteps
 
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
+              pytest.mark.usefixtures("one_thread")]  # tiny tensors: see conftest.one_thread
 
 T, N = 1000, 20
 SCHEDULES = {  # ours, diffusers' kwargs
@@ -58,13 +59,6 @@ OFFSET = 1  # SD's steps_offset; diffusers applies it to "leading" only
 W = torch.randn(4, 4, generator=torch.Generator().manual_seed(0)) * 0.5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""make_shards: folder / JSONL → shards + manifest → the wds loader → a training step, images and labels intact."""
+"""make_shards: folder / JSONL → shards + manifest → wds loader → a training step; images, labels intact."""
 
 from __future__ import annotations
 
@@ -24,15 +24,6 @@ from ldmlab.nn.discriminator import NLayerDiscriminator
 CLASSES = ["ant", "bee", "cow"]
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny convolutions on 2 loaded cores are ~40x faster single-threaded (no OpenMP spin-waiting)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def image_folder(root: Path, per_class: int = 8, size: tuple[int, int] = (16, 16)) -> dict[str, np.ndarray]:
     """Class folders of random PNGs with same-name captions; returns {relative path: pixels}."""
     rng = np.random.default_rng(0)
@@ -47,7 +38,7 @@ def image_folder(root: Path, per_class: int = 8, size: tuple[int, int] = (16, 16
     return pixels
 
 
-def test_folder_round_trips_through_the_loader_and_a_training_step(tmp_path, one_thread):
+def test_folder_round_trips_through_the_loader_and_a_training_step(tmp_path):
     pixels = image_folder(tmp_path / "src")
     (tmp_path / "src" / "bee" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     out = make_shards_main([f"src={tmp_path / 'src'}", f"out={tmp_path / 'shards'}", "max_count=5",
@@ -73,8 +64,9 @@ def test_folder_round_trips_through_the_loader_and_a_training_step(tmp_path, one
     torch.manual_seed(0)
     module = VAEModule(AutoencoderKL(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, norm_groups=4),
                        NLayerDiscriminator(base_channels=8, n_layers=2), perceptual_weight=0.0)
-    trainer = pl.Trainer(accelerator="cpu", max_steps=1, limit_val_batches=1, val_check_interval=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=1, limit_val_batches=1, val_check_interval=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0)
     trainer.fit(module, datamodule=dm)
     assert trainer.global_step == 1 and "val/psnr" in trainer.callback_metrics
 
@@ -83,17 +75,18 @@ def test_jsonl_resize_and_byte_limited_shards(tmp_path):
     rng = np.random.default_rng(1)
     lines = []
     for i in range(10):
-        Image.fromarray(rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)).save(tmp_path / f"{i}.jpg", quality=90)
+        pixels = rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / f"{i}.jpg", quality=90)
         row = {"image": f"{i}.jpg", "caption": f"caption {i}", "source": "test"}
         row.update({"class": ["x", "y"][i % 2]} if i < 8 else {"label": 5})
         lines.append(json.dumps(row))
     (tmp_path / "list.jsonl").write_text("\n".join(lines) + "\n")
-    out = make_shards_main([f"src={tmp_path / 'list.jsonl'}", f"out={tmp_path / 'out'}", "resize=20", "format=webp",
-                            "max_count=null", "max_bytes=6K", "workers=2", "shuffle=false"])
+    out = make_shards_main([f"src={tmp_path / 'list.jsonl'}", f"out={tmp_path / 'out'}", "resize=20",
+                            "format=webp", "max_count=null", "max_bytes=6K", "workers=2", "shuffle=false"])
     manifest = json.loads((out / "manifest.json").read_text())
     assert sum(manifest["counts"].values()) == 10 and len(manifest["counts"]) > 1
     samples = [s for p in sorted(out.glob("train-*.tar")) for s in wds.tarfile_samples([{"url": str(p)}])]
-    assert [s["txt"].decode() for s in samples] == [f"caption {i}" for i in range(10)]  # shuffle=false: in order
+    assert [s["txt"].decode() for s in samples] == [f"caption {i}" for i in range(10)]  # shuffle=false
     assert [int(s["cls"]) for s in samples] == [0, 1] * 4 + [5, 5]
     for s in samples:
         assert Image.open(io.BytesIO(s["webp"])).size == (30, 20)  # shorter side 40 → 20, aspect kept

@@ -14,9 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, shared_data_dir
-from slurm_cluster import SlurmCluster, unavailable_reason
+from slurm_cluster import FINAL_STATES, SlurmCluster, unavailable_reason
 from test_sweeps import TINY, global_step, last_metric, logged_steps, wandb_runs
 
 pytestmark = pytest.mark.slurm
@@ -62,60 +61,71 @@ def submit(cluster: SlurmCluster, tmp_path: Path, sbatch_args: list[str], overri
 def history(run_dir: Path) -> list[dict]:
     """SlurmRequeue's start/requeue/end records of a run."""
     path = run_dir / "slurm_history.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    lines = path.read_text().split("\n")[:-1] if path.exists() else []  # [:-1]: a line being written
+    return [json.loads(line) for line in lines]
 
 
 def job_log(tmp_path: Path, job: str) -> str:
     return (tmp_path / f"slurm-{job}.out").read_text(errors="replace")
 
 
-def test_sbatch_trains_two_ranks_on_two_nodes(cluster: SlurmCluster, tmp_path: Path) -> None:
+def wait_for_start(cluster: SlurmCluster, job: str, run_dir: Path, tmp_path: Path) -> None:
+    """Until training has started (SlurmRequeue's signal handlers are installed by then)."""
+    deadline = time.monotonic() + 300
+    while not history(run_dir):
+        state = cluster.job(job)["JobState"]  # PENDING, RUNNING, COMPLETING, REQUEUED ... not a final one
+        assert time.monotonic() < deadline and state not in FINAL_STATES, job_log(tmp_path, job)[-4000:]
+        time.sleep(0.2)
+
+
+def check_resumed_once(run_dir: Path, stop_event: str) -> int:
+    """The run stopped once (`stop_event`) with a checkpoint and resumed from it to step 6; the stop step."""
+    events = history(run_dir)
+    assert [(h["event"], h["restart"]) for h in events] == [("start", 0), (stop_event, 0), ("start", 1), ("end", 1)]
+    stop, start, end = events[1:]
+    step = stop["global_step"]
+    assert 1 <= step < 6 and stop["batches"] == step and stop["checkpoint"] == "hpc_ckpt_1.ckpt"
+    assert start["global_step"] == step and end["global_step"] == 6 and end["batches"] == 6 - step  # no step twice
+    assert global_step(run_dir / "hpc_ckpt_1.ckpt") == step
+    assert global_step(run_dir / "checkpoints" / "last.ckpt") == 6
+    assert [p.name for p in run_dir.parent.iterdir()] == [run_dir.name]  # the same run dir after the restart
+    return step
+
+
+def test_sbatch_trains_two_ranks_on_two_nodes_through_a_requeue(cluster: SlurmCluster, tmp_path: Path) -> None:
+    """2 nodes x 1 rank; `scontrol requeue` mid-run (SIGTERM to every task, as a preemption): the ranks save an
+    hpc checkpoint at the next step, SLURM restarts the job, it resumes there and trains to completion."""
     job, run_dir = submit(cluster, tmp_path, ["--partition=multi", "--nodes=2", "--ntasks-per-node=1"], [])
+    wait_for_start(cluster, job, run_dir, tmp_path)
+    cluster.run("scontrol", "requeue", job)
     info = cluster.wait(job, timeout=420)
     log = job_log(tmp_path, job)
-    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log[-4000:]
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), log[-4000:]
     assert info["NodeList"] == "n[1-2]" and "2 node(s) x 1 task(s)" in log
-    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in log and "distributed_backend=gloo" in log
-    # one run dir, named after the job; rank 0 alone wrote .hydra/, rank 1 logged to its own file
-    assert [p.name for p in run_dir.parent.iterdir()] == [run_dir.name]
+    assert log.count("GLOBAL_RANK: 1, MEMBER: 2/2") == 2 and "distributed_backend=gloo" in log  # both starts
+    # rank 0 alone wrote .hydra/; rank 1 logged to its own file
     assert (run_dir / ".hydra" / "config.yaml").exists() and (run_dir / "train_rank1.log").exists()
-    assert global_step(run_dir / "checkpoints" / "last.ckpt") == 6
+    check_resumed_once(run_dir, "preempted")
+    assert f"Restoring states from the checkpoint path at {run_dir}/hpc_ckpt_1.ckpt" in log
     assert last_metric(run_dir, "val/psnr") > 0
-    assert [(h["event"], h["global_step"], h["batches"]) for h in history(run_dir)] == [("start", 0, 0),
-                                                                                        ("end", 6, 6)]
 
 
-def test_preempted_job_checkpoints_requeues_and_resumes_without_losing_a_step(cluster: SlurmCluster,
-                                                                             tmp_path: Path) -> None:
-    """SIGUSR1 (what --signal=SIGUSR1@90 sends) mid-run: hpc checkpoint, `scontrol requeue`, resume to step 6."""
+def test_time_limit_signal_checkpoints_requeues_and_resumes_the_same_wandb_run(cluster: SlurmCluster,
+                                                                              tmp_path: Path) -> None:
+    """SIGUSR1, what `--signal=SIGUSR1@90` sends before the time limit: the job saves an hpc checkpoint,
+    requeues itself, and resumes in the same run dir and W&B run; every step is logged exactly once."""
     job, run_dir = submit(cluster, tmp_path, ["--partition=single", "--nodes=1", "--ntasks-per-node=2"],
                           ["logger=[csv,wandb]"])
-    deadline = time.monotonic() + 300
-    while not history(run_dir):  # training has started (and the handler is installed)
-        assert time.monotonic() < deadline and cluster.job(job)["JobState"] in ("PENDING", "RUNNING"), \
-            job_log(tmp_path, job)[-4000:]
-        time.sleep(0.2)
+    wait_for_start(cluster, job, run_dir, tmp_path)
     cluster.run("scancel", "--signal=USR1", job)  # to every task of the job's steps, as the time limit would
     info = cluster.wait(job, timeout=420)
     log = job_log(tmp_path, job)
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), log[-4000:]
-
-    events = history(run_dir)
-    assert [(h["event"], h["restart"]) for h in events] == [("start", 0), ("requeue", 0), ("start", 1), ("end", 1)]
-    start0, requeue, start1, end = events
-    step = requeue["global_step"]
-    assert 1 <= step < 6 and requeue["batches"] == step and requeue["checkpoint"] == "hpc_ckpt_1.ckpt"
-    assert start1["global_step"] == step and end["global_step"] == 6 and end["batches"] == 6 - step
-    assert global_step(run_dir / "hpc_ckpt_1.ckpt") == step
-    assert global_step(run_dir / "checkpoints" / "last.ckpt") == 6
+    step = check_resumed_once(run_dir, "requeue")
     assert f"Restoring states from the checkpoint path at {run_dir}/hpc_ckpt_1.ckpt" in log
-    assert [p.name for p in run_dir.parent.iterdir()] == [run_dir.name]  # same run dir after the restart
-
-    # one W&B run continued by id: each training step logged exactly once over the two starts
     runs = wandb_runs(run_dir)
     assert len(runs) == 2 and runs[0]["id"] == runs[1]["id"] == (run_dir / "wandb_id.txt").read_text().strip()
-    first, second = (logged_steps(r, "train/rec_loss") for r in runs)
-    assert first == list(range(step)) and second == list(range(step, 6))
+    assert [logged_steps(r, "train/rec_loss") for r in runs] == [list(range(step)), list(range(step, 6))]
 
 
 def test_multirun_through_the_slurm_launcher_runs_two_jobs(cluster: SlurmCluster, tmp_path: Path) -> None:

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import CONF, run_train
 
 pytestmark = pytest.mark.slow
@@ -22,7 +21,7 @@ TINY = ["model=vae_tiny", "debug=limit", "data.batch_size=4", "data.num_workers=
 HPARAMS = "hparams_search" if "hparams_search" in (CONF / "train.yaml").read_text() else "+hparams_search"
 
 
-def _records(path: Path):  # noqa: ANN202
+def _records(path: Path):
     """Protobuf records of a `.wandb` file (W&B's LevelDB-style log: 7-byte header, 32 KiB blocks)."""
     from wandb.proto import wandb_internal_pb2 as pb
 
