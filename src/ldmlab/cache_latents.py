@@ -4,7 +4,8 @@
         [data=wds 'data.train_urls="/data/laion/{000000..000999}.tar"' data.image_size=256]
         [trainer=gpu trainer.devices=8] [sample=false] [batch_size=32]
 
-`data=...`, `trainer=...` and `paths.*` compose exactly as for train.py (default: the demo data on the CPU).
+`data=...`, `trainer=...` and `paths.*` compose exactly as for train.py (default: the demo data on the CPU);
+the encoder runs in fp32 unless `trainer.precision=...` is given.
 Each input shard becomes one output shard `{split}-%06d.tar` of `{key}.mean.npy` + `{key}.std.npy` (the
 posterior's mean and std, float16) or, with sample=true, `{key}.latent.npy` (one seeded posterior sample),
 plus the source's `.cls` / `.txt` / `.json`. Images get the DataModule's validation transform (resize shorter
@@ -20,7 +21,7 @@ import logging
 import os
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import hydra
@@ -35,9 +36,10 @@ from tqdm import tqdm
 from ldmlab.data.cli import parse_args, split_args
 from ldmlab.data.decoders import ImageDecoder
 from ldmlab.data.filters import BadSample, SampleCounter
-from ldmlab.data.latents import npy_bytes
-from ldmlab.data.transforms import normalize, to_batch
+from ldmlab.data.latents import load_npy, npy_bytes
 from ldmlab.data.shards import MANIFEST, read_segment, scan_count, shard_count
+from ldmlab.data.tarstream import shard_samples
+from ldmlab.data.transforms import normalize, to_batch
 from ldmlab.data.wds import WebDatasetDataModule
 
 log = logging.getLogger("ldmlab.cache_latents")
@@ -78,7 +80,8 @@ class Job:
 class ShardBatches(IterableDataset):
     """Batches of whole input shards, in order, then an end-of-shard marker per shard (workers split shards)."""
 
-    def __init__(self, jobs: Sequence[Job], decoder: ImageDecoder, batch_size: int, counter: SampleCounter) -> None:
+    def __init__(self, jobs: Sequence[Job], decoder: ImageDecoder, batch_size: int,
+                 counter: SampleCounter) -> None:
         self.jobs, self.decoder, self.batch_size, self.counter = list(jobs), decoder, batch_size, counter
 
     def __iter__(self) -> Iterator[dict]:
@@ -106,7 +109,8 @@ class ShardBatches(IterableDataset):
 
     def _batch(self, job: Job, items: list, start: int) -> dict:
         images, labels, texts, keys, metas = zip(*items)
-        return {"image": to_batch(images, uint8=True), "label": list(labels), "text": list(texts), "key": list(keys),
+        return {"image": to_batch(images, uint8=True), "label": list(labels), "text": list(texts),
+                "key": list(keys),
                 "json": list(metas), "shard": job.name, "index": job.index, "start": start, "end": False}
 
     def _shard_error(self, url: str, error: Exception, missing: int | None) -> None:
@@ -166,6 +170,8 @@ def compose_config(overrides: Sequence[str], out: str) -> DictConfig:
         cfg = compose("train", overrides=list(overrides))
     with open_dict(cfg):
         cfg.paths.output_dir = str(out)  # not running under @hydra.main: no hydra:runtime.output_dir
+        if not any(o.startswith("trainer.precision=") for o in overrides):
+            cfg.trainer.precision = "32-true"  # encoded once, trained on for long: full precision by default
     return cfg
 
 
@@ -189,16 +195,12 @@ def plan_jobs(dm: WebDatasetDataModule, splits: Sequence[str]) -> list[Job]:
 
 
 def check_plan(out: Path, plan: dict) -> None:
-    """Write plan.json, or check that the one already in `out` (an earlier, interrupted run) matches."""
-    path = out / PLAN
-    if path.is_file():
-        old = json.loads(path.read_text())
-        if old != plan:
-            diff = sorted(k for k in plan if old.get(k) != plan[k])
-            raise ValueError(f"out={out} holds a cache made with different {diff}: choose another out, or delete "
-                             f"it to start over")
-    else:
-        path.write_text(json.dumps(plan, indent=1) + "\n")
+    """Check that plan.json in `out` (written by this run or an interrupted earlier one) is this run's plan."""
+    old = json.loads((out / PLAN).read_text())
+    if old != plan:
+        diff = sorted(k for k in plan if old.get(k) != plan[k])
+        raise ValueError(f"out={out} holds a cache made with different {diff}: choose another out, or "
+                         f"delete it to start over")
 
 
 def write_manifest(out: Path, jobs: Sequence[Job], plan: dict, dm: WebDatasetDataModule) -> dict:
@@ -209,9 +211,7 @@ def write_manifest(out: Path, jobs: Sequence[Job], plan: dict, dm: WebDatasetDat
     first = next((out / n for n, c in counts.items() if c), None)
     shape = None
     if first is not None:
-        sample = next(iter(wds.tarfile_samples([{"url": str(first)}])))
-        from ldmlab.data.latents import load_npy
-
+        sample = next(shard_samples(str(first)))
         shape = list(load_npy(sample.get("mean.npy", sample.get("latent.npy"))).shape)
     manifest = {"format": 1, "kind": "latents", **plan, "latent_shape": shape, "classes": dm.class_names,
                 "splits": splits, "counts": counts}
@@ -221,7 +221,8 @@ def write_manifest(out: Path, jobs: Sequence[Job], plan: dict, dm: WebDatasetDat
     return manifest
 
 
-def encode_jobs(fabric: Fabric, jobs: Sequence[Job], dm: WebDatasetDataModule, args: CacheArgs) -> SampleCounter:
+def encode_jobs(fabric: Fabric, jobs: Sequence[Job], dm: WebDatasetDataModule,
+                args: CacheArgs) -> SampleCounter:
     """Encode this rank's shards with a progress bar (rank 0's); returns the bad-sample counter."""
     from ldmlab.convert.load import load_vae
 
@@ -231,7 +232,8 @@ def encode_jobs(fabric: Fabric, jobs: Sequence[Job], dm: WebDatasetDataModule, a
                         batch_size=None, num_workers=args.num_workers)
     writer = LatentShardWriter(Path(args.out), args.sample, args.seed)
     total = sum(shard_count(j.url) or 0 for j in jobs) or None
-    with tqdm(total=total, unit="img", desc="encoding", disable=fabric.global_rank != 0, file=sys.stderr) as bar:
+    bar = tqdm(total=total, unit="img", desc="encoding", disable=fabric.global_rank != 0, file=sys.stderr)
+    with bar:
         for batch in loader:
             if batch["end"]:
                 writer.finish(batch["shard"])
@@ -259,13 +261,14 @@ def cache_latents(args: CacheArgs, cfg: DictConfig) -> Path:
     plan = {"vae": str(Path(args.vae).resolve()), "image_size": dm.image_size,
             "mode": "sample" if args.sample else "mean_std", "seed": args.seed,
             "sources": {j.name: j.url for j in jobs}}
-    if fabric.global_rank == 0:
-        check_plan(out, plan)
+    if fabric.global_rank == 0 and not (out / PLAN).is_file():
+        (out / PLAN).write_text(json.dumps(plan, indent=1) + "\n")
     fabric.barrier()
+    check_plan(out, plan)  # on every rank, so a mismatch stops all of them instead of hanging the others
     pending = [j for j in jobs if not (out / j.name).is_file()]
     if fabric.global_rank == 0:
-        log.info("%d of %d shards already cached; encoding %d on %d rank(s)", len(jobs) - len(pending), len(jobs),
-                 len(pending), fabric.world_size)
+        log.info("%d of %d shards already cached; encoding %d on %d rank(s)", len(jobs) - len(pending),
+                 len(jobs), len(pending), fabric.world_size)
     mine = pending[fabric.global_rank::fabric.world_size]
     counter = encode_jobs(fabric, mine, dm, args)
     log.info("rank %d: encoded %d shards, %s", fabric.global_rank, len(mine), counter.describe())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -55,7 +56,8 @@ def train(cfg: DictConfig) -> float | None:
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(trainer, cfg.get("ckpt_path")))
     except BaseException:
-        finish_wandb(trainer.loggers, failed=True)
+        with contextlib.suppress(Exception):  # e.g. wandb-core already killed by SLURM: keep the real exception
+            finish_wandb(trainer.loggers, failed=True)
         raise
     finish_wandb(trainer.loggers)
     metric = trainer.callback_metrics.get(cfg.get("optimized_metric"))

@@ -1,12 +1,13 @@
-"""Data-loader throughput: our image pipeline against a bare PIL decode of the same JPEGs, and the latent loader.
+"""Data-loader throughput: our image pipeline against a bare PIL decode of the same JPEGs; the latent loader.
 
     python -m ldmlab.bench.data [n=2000] [size=256] [repeats=5] [write=true]
 
 Images: random crops of the photographs bundled with scikit-image/-learn, resized so the shorter side is
 `size`, saved as JPEG files (quality 90) and sharded by make_shards. Per worker (one process, no DataLoader
-workers) it times, interleaved and repeated, the median of:
-* bare: `Image.open(path).convert("RGB")` + `load()` over the JPEG files,
-* ours: shards → tar parsing → decode → resize shorter side → random crop → flip → [-1, 1] tensor → batch,
+workers), timed batch by batch in turn for `repeats` × n samples each:
+* bare: `Image.open(f).convert("RGB")` over the JPEG files (torchvision's `pil_loader`),
+* ours: shards → tar parsing → shuffle → decode → resize shorter side → random crop → flip → batch (uint8, as
+  a Trainer gets it; and with the float32 [-1, 1] conversion in the worker, as without a Trainer),
 * latents: cache_latents-format shards (kl-f8 mean + std, fp16 4×(size/8)²) → mean + std·ε batches,
 and the same pipelines through a DataLoader with `workers` processes. write=true puts the table under
 `## Data loader` in docs/BENCHMARKS.md.
@@ -15,14 +16,14 @@ and the same pipelines through a DataLoader with `workers` processes. write=true
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,7 +50,7 @@ class BenchArgs:
 
     n: int = field(default=2000, metadata={"help": "images (and latents) per pass"})
     size: int = field(default=256, metadata={"help": "shorter side of the JPEGs = crop size"})
-    repeats: int = field(default=5, metadata={"help": "interleaved passes per pipeline (median reported)"})
+    repeats: int = field(default=5, metadata={"help": "epochs' worth of samples timed per pipeline"})
     batch_size: int = field(default=64, metadata={"help": "batch size of our pipelines"})
     workers: int = field(default=2, metadata={"help": "DataLoader workers for the multi-process rows"})
     write: bool = field(default=False, metadata={"help": "write the results into docs/BENCHMARKS.md"})
@@ -66,7 +67,8 @@ def make_jpegs(directory: Path, n: int, size: int) -> list[Path]:
         side = int(rng.uniform(0.5, 1.0) * min(h, w))
         y, x = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
         aspect = rng.uniform(1.0, 1.5)
-        crop = Image.fromarray(photo[y:y + side, x:x + side]).resize((round(size * aspect), size), Image.BICUBIC)
+        crop = Image.fromarray(photo[y:y + side, x:x + side])
+        crop = crop.resize((round(size * aspect), size), Image.Resampling.BICUBIC)
         (directory / f"c{i % len(photos)}").mkdir(parents=True, exist_ok=True)
         paths.append(directory / f"c{i % len(photos)}" / f"{i:06d}.jpg")
         crop.save(paths[-1], quality=90)
@@ -90,58 +92,57 @@ def make_latent_shards(directory: Path, n: int, shape: tuple[int, int, int], per
     (directory / "manifest.json").write_text(json.dumps({"counts": counts, "latent_shape": list(shape)}))
 
 
-def bare_decode(paths: list[Path]) -> Callable[[], int]:
-    """One pass of the bare PIL loop: decode every file to RGB pixels."""
-    def run() -> int:
-        for p in paths:
-            image = Image.open(p)
-            image = image.convert("RGB") if image.mode != "RGB" else image
-            image.load()
-        return len(paths)
-    return run
+def bare_decode(paths: list[Path], chunk: int) -> Iterator[int]:
+    """The bare PIL loop (torchvision's `pil_loader`), `chunk` files at a time, cycling over the files."""
+    for start in itertools.count(0, chunk):
+        for i in range(start, start + chunk):
+            with open(paths[i % len(paths)], "rb") as f:
+                Image.open(f).convert("RGB")
+        yield chunk
 
 
-def stream_pass(dm, workers: int, uint8: bool = False) -> Callable[[], int]:
-    """One training epoch of a DataModule's stream; returns the samples it yielded.
+def batches(dm, workers: int, uint8: bool = False) -> Iterator[int]:
+    """Batch sizes of a DataModule's training stream, epoch after epoch.
 
     uint8=True: the batches a Trainer gets (pixels normalised later, on the device).
     """
     dm.uint8_transfer = uint8
-    stream = dm.make_train_set()
-    loader = EpochLoader(stream, num_workers=workers)
-
-    def run() -> int:
-        return sum(len(b["key"]) for b in loader)
-    return run
+    loader = EpochLoader(dm.make_train_set(), num_workers=workers)
+    while True:
+        for batch in loader:
+            yield len(batch["key"])
 
 
-def rate(run: Callable[[], int]) -> float:
-    """Samples per second of one pass."""
-    start = time.perf_counter()
-    n = run()
-    return n / (time.perf_counter() - start)
+def measure(pipelines: dict[str, Iterator[int]], samples: int) -> dict[str, float]:
+    """samples/s of each pipeline, timed chunk by chunk in turn (one batch each) until each did `samples`.
 
-
-def measure(pipelines: dict[str, Callable[[], int]], repeats: int) -> dict[str, float]:
-    """Median samples/s of each pipeline over `repeats` interleaved passes (after one warm-up pass each)."""
-    for run in pipelines.values():
-        run()
-    rates: dict[str, list[float]] = {name: [] for name in pipelines}
-    for _ in range(repeats):
-        for name, run in pipelines.items():
-            rates[name].append(rate(run))
-    return {name: statistics.median(r) for name, r in rates.items()}
+    Interleaving at the scale of a batch pairs the measurements in time, so load from other processes on a
+    shared machine slows every pipeline alike instead of whichever ran during a busy second.
+    """
+    for chunks in pipelines.values():  # warm-up: workers started, shuffle buffers full, files cached
+        for _ in range(3):
+            next(chunks)
+    done = dict.fromkeys(pipelines, 0)
+    spent = dict.fromkeys(pipelines, 0.0)
+    while min(done.values()) < samples:
+        for name, chunks in pipelines.items():
+            start = time.perf_counter()
+            done[name] += next(chunks)
+            spent[name] += time.perf_counter() - start
+    return {name: done[name] / spent[name] for name in pipelines}
 
 
 def environment() -> str:
     """Device, versions and date, one line."""
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else "?"
-    turbo = "libjpeg-turbo " + str(features.version("libjpeg_turbo")) if features.check_feature("libjpeg_turbo") else "libjpeg"
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{datetime.date.today()}, {cpu}, {os.cpu_count()} cores (load avg {load:.1f} at start), "
-            f"Python {platform.python_version()}, torch {torch.__version__}, Pillow {PIL.__version__} ({turbo}), "
-            f"webdataset {wds.__version__ if hasattr(wds, '__version__') else '?'}")
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+               platform.processor() or "?")
+    jpeg = (f"libjpeg-turbo {features.version('libjpeg_turbo')}" if features.check_feature("libjpeg_turbo")
+            else "libjpeg")
+    return (f"{datetime.date.today()}, {cpu}, {os.cpu_count()} cores shared with other jobs (load average "
+            f"{os.getloadavg()[0]:.1f} at start), Python {platform.python_version()}, torch {torch.__version__}, "
+            f"Pillow {PIL.__version__} ({jpeg}), numpy {np.__version__}, webdataset {wds.__version__}")
 
 
 def run_benchmark(args: BenchArgs, tmp: Path) -> tuple[dict[str, dict[str, float]], str]:
@@ -150,38 +151,43 @@ def run_benchmark(args: BenchArgs, tmp: Path) -> tuple[dict[str, dict[str, float
     paths = make_jpegs(tmp / "jpeg", args.n, args.size)
     make_shards(MakeShardsArgs(src=str(tmp / "jpeg"), out=str(tmp / "shards"), max_count=500))
     make_latent_shards(tmp / "latents", args.n, (4, args.size // 8, args.size // 8))
-    images = dict(root=str(tmp / "shards"), image_size=args.size, random_crop=True, random_flip=True,
-                  batch_size=args.batch_size, shuffle_buffer=1000)
-    latents = dict(root=str(tmp / "latents"), batch_size=args.batch_size, shuffle_buffer=1000)
+    images = {"root": str(tmp / "shards"), "image_size": args.size, "random_crop": True, "random_flip": True,
+              "batch_size": args.batch_size, "shuffle_buffer": 1000}
+    latents = {"root": str(tmp / "latents"), "batch_size": args.batch_size, "shuffle_buffer": 1000}
     torch.set_num_threads(1)  # one core per worker, as DataLoader workers run
-    per_worker = measure({"bare decode": bare_decode(paths),
-                          "ours": stream_pass(WebDatasetDataModule(**images), 0, uint8=True),
-                          "ours, float32 in worker": stream_pass(WebDatasetDataModule(**images), 0),
-                          "latents": stream_pass(LatentDataModule(**latents), 0)}, args.repeats)
-    loaders = measure({"ours": stream_pass(WebDatasetDataModule(**images), args.workers, uint8=True),
-                       "latents": stream_pass(LatentDataModule(**latents), args.workers)}, max(1, args.repeats // 2))
+    total = args.n * args.repeats
+    per_worker = measure({"bare decode": bare_decode(paths, args.batch_size),
+                          "ours": batches(WebDatasetDataModule(**images), 0, uint8=True),
+                          "ours, float32 in worker": batches(WebDatasetDataModule(**images), 0),
+                          "latents": batches(LatentDataModule(**latents), 0)}, total)
+    loaders = measure({"ours": batches(WebDatasetDataModule(**images), args.workers, uint8=True),
+                       "latents": batches(LatentDataModule(**latents), args.workers)}, total // 2)
     return {"per worker": per_worker, "loader": loaders}, env
 
 
 def table(results: dict[str, dict[str, float]], args: BenchArgs, env: str) -> str:
     """The markdown section for docs/BENCHMARKS.md."""
     bare = results["per worker"]["bare decode"]
-    lines = [HEADING, "", f"`python -m ldmlab.bench.data n={args.n} size={args.size} repeats={args.repeats} "
-             f"batch_size={args.batch_size} workers={args.workers}` — {env}.", "",
-             "| pipeline | processes | samples/s | per worker | per worker vs bare decode |", "|---|---:|---:|---:|---:|"]
+    command = (f"`python -m ldmlab.bench.data n={args.n} size={args.size} repeats={args.repeats} "
+               f"batch_size={args.batch_size} workers={args.workers}`")
+    lines = [HEADING, "", f"{command} — {env}.", "",
+             "| pipeline | processes | samples/s | per worker | per worker vs bare decode |",
+             "|---|---:|---:|---:|---:|"]
     for kind, procs in (("per worker", 1), ("loader", args.workers)):
         for name, value in results[kind].items():
             vs = f"{value / procs / bare:.0%}" if not name.startswith(("bare", "latents")) else ""
             lines.append(f"| {name} | {procs} | {value:,.0f} | {value / procs:,.0f} | {vs} |")
-    lines += ["", f"*bare decode*: `Image.open(path).convert('RGB')` + `load()` over the {args.n} JPEG files "
-              f"(shorter side {args.size}). *ours*: make_shards tar shards → tar parsing → shuffle buffer → decode "
-              f"→ resize shorter side → random crop {args.size}² → random flip → batches of {args.batch_size}, "
-              "as a Trainer gets them: uint8, normalised to [-1, 1] on the device (on_after_batch_transfer). "
-              "*ours, float32 in worker*: the same with the float conversion in the worker (loaders used "
-              f"without a Trainer). *latents*: cache_latents-format shards (fp16 mean + std, 4×{args.size // 8}²) "
-              "→ mean + std·ε float32 batches. Medians of interleaved passes, one core per process; the "
-              f"{args.workers}-worker rows share the cores with the main process and whatever else runs.", ""]
-    return "\n".join(lines)
+    notes = (
+        f"*bare decode*: `Image.open(f).convert('RGB')` (torchvision's `pil_loader`) over the {args.n} JPEG "
+        f"files (shorter side {args.size}, aspect 1-1.5). *ours*: make_shards tar shards → tar parsing → "
+        f"shuffle buffer → decode → resize shorter side → random crop {args.size}² → random flip → batches of "
+        f"{args.batch_size} as a Trainer gets them: uint8, normalised to [-1, 1] on the device "
+        "(on_after_batch_transfer). *ours, float32 in worker*: the same with the [-1, 1] float conversion in "
+        "the worker (loaders used without a Trainer). *latents*: cache_latents-format shards (fp16 mean + std, "
+        f"4×{args.size // 8}²) → mean + std·ε float32 batches. Pipelines are timed batch by batch in turn, "
+        "which pairs their timings on a shared machine; one core per process. The multi-worker rows share "
+        "the cores with the main process and other jobs, so they are noisy here.")
+    return "\n".join([*lines, "", notes, ""])
 
 
 def write_section(section: str, path: Path = DOC) -> None:

@@ -1,13 +1,16 @@
-"""SlurmRequeue: on SLURM's warning signal, checkpoint at a step boundary on every rank, requeue, exit.
+"""SlurmRequeue: on SLURM's signals, checkpoint at a step boundary agreed by all ranks, then requeue or stop.
 
 `#SBATCH --signal=SIGUSR1@90 --requeue` (slurm/train.sbatch, hydra/launcher=slurm) sends SIGUSR1 to every task
-90 s before the time limit. Lightning's own handler saves the checkpoint inside the signal handler, wherever
-each rank happens to be (a collective barrier in the middle of a step: ranks can deadlock, and the state is
-mid-step), then keeps training until SLURM's SIGKILL, so the steps after the checkpoint run twice. This callback
-installs its handler first (Lightning then leaves the signal alone) and only sets a flag; at the next train
-batch end the ranks agree on it and save Lightning's `hpc_ckpt_<n>.ckpt` in the run dir; at the start of the
-following batch (the step's metrics are logged by then) rank 0 requeues the job and every rank stops.
-On restart Lightning itself resumes from the newest `hpc_ckpt_*` (`trainer.fit(ckpt_path=None)` on SLURM).
+90 s before the time limit; a preemption, `scontrol requeue` or `scancel` sends SIGTERM (SIGKILL follows after
+KillWait, 30 s by default). Lightning's own handlers act inside the signal handler, wherever each rank happens
+to be: its SIGUSR1 handler saves a checkpoint there (a barrier in the middle of a step can deadlock DDP, and
+the state is mid-step) and then trains on until SLURM's SIGKILL, so the steps after the checkpoint run twice.
+
+Here the handlers only set a flag. At the next train batch end the ranks agree on it (a one-element all-reduce
+per step) and save Lightning's `hpc_ckpt_<n>.ckpt` in the run dir, where Lightning's own step checkpoints are
+saved, so it resumes them exactly. At the start of the following batch, once that step's metrics are logged,
+every rank stops; after SIGUSR1 rank 0 first runs `scontrol requeue` (after SIGTERM, SLURM already requeues or
+cancels the job). On restart Lightning resumes from the newest `hpc_ckpt_*` (`trainer.fit(ckpt_path=None)`).
 """
 
 from __future__ import annotations
@@ -24,15 +27,19 @@ from types import FrameType
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
+from lightning_fabric.loggers.logger import _DummyExperiment
 from lightning_fabric.plugins.environments import SLURMEnvironment
+from pytorch_lightning.loggers import WandbLogger
 
 log = logging.getLogger(__name__)
 HPC_CKPT = re.compile(r"hpc_ckpt_(\d+)\.ckpt$")  # Lightning's names for SLURM checkpoints (checkpoint_connector)
+REQUEUE, STOP = 1, 2  # what a signal asks for; the ranks act on the largest request any of them got
 
 
 class Requeued(SystemExit):
-    """Raised on every rank once the checkpoint is saved and the job requeued (SystemExit, like Lightning's
-    SIGTERMException: it leaves fit, Hydra and submitit without being reported as a failure)."""
+    """Raised on every rank once the checkpoint is saved (and the job requeued): a SystemExit, like Lightning's
+    SIGTERMException, so it leaves fit, Hydra and submitit without a failure report."""
 
 
 def hpc_checkpoints(dirpath: str | Path) -> list[Path]:
@@ -42,8 +49,8 @@ def hpc_checkpoints(dirpath: str | Path) -> list[Path]:
 
 
 def resume_checkpoint(trainer: pl.Trainer, ckpt_path: str | None) -> str | None:
-    """Where a restarted SLURM job resumes: its newest `hpc_ckpt_*`, else (a requeue without one, e.g. a
-    preemption by SIGTERM only) the run's `last.ckpt`; `ckpt_path` unchanged off SLURM or on a first start.
+    """Where a restarted SLURM job resumes: its newest `hpc_ckpt_*`, else (a restart without one: SIGKILLed
+    before a step ended) the run's `last.ckpt`; `ckpt_path` unchanged off SLURM and on a first start.
 
     Lightning itself looks for the HPC checkpoint only when ckpt_path is None: a fine-tuning job started with
     ckpt_path=<weights> would otherwise go back to those weights after every requeue.
@@ -52,11 +59,10 @@ def resume_checkpoint(trainer: pl.Trainer, ckpt_path: str | None) -> str | None:
         return ckpt_path
     if hpc_checkpoints(trainer.default_root_dir):
         return "hpc"
-    if int(os.environ.get("SLURM_RESTART_COUNT", 0)) > 0:
-        lasts = [Path(cb.dirpath) / "last.ckpt" for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
+    if int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0:
+        lasts = [Path(d) / "last.ckpt" for cb in trainer.checkpoint_callbacks if (d := getattr(cb, "dirpath", None))]
         if lasts := sorted((p for p in lasts if p.is_file()), key=lambda p: p.stat().st_mtime):
-            log.warning("restart %s without an HPC checkpoint: resuming from %s", os.environ["SLURM_RESTART_COUNT"],
-                        lasts[-1])
+            log.warning("restart without an HPC checkpoint: resuming from %s", lasts[-1])
             return str(lasts[-1])
     return ckpt_path
 
@@ -69,72 +75,90 @@ def slurm_job_id() -> str:
 
 
 class SlurmRequeue(pl.Callback):
-    """Checkpoint + requeue on SLURM's requeue signal, at a train step boundary agreed by all ranks.
+    """Checkpoint at a step boundary on SLURM's requeue signal (then requeue) or on SIGTERM (then stop).
 
-    A no-op off SLURM, and when the cluster environment has `auto_requeue=False`
-    (`trainer.plugins=[{_target_: lightning_fabric.plugins.environments.SLURMEnvironment, auto_requeue: false}]`).
-    Appends one JSON line per start, requeue and end to `<run dir>/<history>` (rank 0).
+    A no-op off SLURM, and when the cluster environment has `auto_requeue=False`. Appends one JSON line per
+    start, requeue, preemption and end to `<run dir>/<history>` (rank 0).
     """
 
     def __init__(self, history: str = "slurm_history.jsonl") -> None:
         self.history = history
-        self._signum: int | None = None
-        self._previous: Any = None
-        self._requested = False
+        self._handlers: dict[int, Any] = {}  # signal -> its handler before fit, restored at teardown
+        self._requested = self._pending = 0
         self._saved: Path | None = None
         self._start_step = self._batches = 0
 
+    @property
+    def _active(self) -> bool:
+        return bool(self._handlers)
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         env = trainer._accelerator_connector.cluster_environment  # the one Lightning's signal connector reads
-        if stage != "fit" or not isinstance(env, SLURMEnvironment) or not env.auto_requeue:
-            return
-        self._signum = int(env.requeue_signal or signal.SIGUSR1)
-        # Installed before fit's signal registration, so Lightning sees a handler and does not add its own.
-        self._previous = signal.signal(self._signum, self._on_signal)
-
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        self._requested = True  # only a flag: a signal handler may run in the middle of a collective
-
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._signum is not None:
-            signal.signal(self._signum, self._previous)
-            self._signum = None
+        if stage == "fit" and isinstance(env, SLURMEnvironment) and env.auto_requeue:
+            signum = int(env.requeue_signal or signal.SIGUSR1)
+            self._handlers = {s: signal.getsignal(s) for s in (signum, signal.SIGTERM)}
+            # Installed before fit registers its handlers: Lightning sees one and leaves this signal alone.
+            signal.signal(signum, self._handler(REQUEUE))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start_step = trainer.global_step  # after the checkpoint (if any) was restored
-        if self._signum is not None:
+        if self._active:
+            # Lightning always registers SIGTERM when fit starts (its handler broadcasts from inside the
+            # handler); ours replaces it for the training loop.
+            signal.signal(signal.SIGTERM, self._handler(STOP, trainer))
             self._record(trainer, "start")
 
+    def _handler(self, request: int, trainer: pl.Trainer | None = None) -> Any:
+        def handler(signum: int, frame: FrameType | None) -> None:
+            self._requested = max(self._requested, request)  # only a flag: this may run inside a collective
+            if trainer is not None:
+                # SLURM signals every process of the job, wandb-core too: any later W&B call would raise and
+                # end the run before its checkpoint. Lightning's dummy experiment turns them into no-ops.
+                for lg in trainer.loggers:
+                    if isinstance(lg, WandbLogger):
+                        lg._experiment = _DummyExperiment()  # type: ignore[assignment]
+
+        return handler
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for signum, previous in self._handlers.items():
+            signal.signal(signum, previous)
+        self._handlers.clear()
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._signum is not None:
+        if self._active:
             self._record(trainer, "end")
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
         self._batches += 1
-        # A one-element all-reduce per step: every rank takes the same decision at the same step.
-        if self._signum is None or not trainer.strategy.reduce_boolean_decision(self._requested, all=False):
+        if not self._active:
             return
-        # Saved here, where Lightning's own step checkpoints are saved (it resumes them exactly) ...
-        self._saved = Path(trainer.default_root_dir) / f"hpc_ckpt_{self._next_version(trainer)}.ckpt"
-        trainer.save_checkpoint(self._saved)  # every rank; rank 0 writes, then a barrier
-        self._requested = False
+        flag = torch.tensor(self._requested, device=trainer.strategy.root_device)
+        self._pending = int(trainer.strategy.reduce(flag, reduce_op="max"))  # the same decision on every rank
+        if self._pending:
+            self._saved = Path(trainer.default_root_dir) / f"hpc_ckpt_{self._next_version(trainer)}.ckpt"
+            trainer.save_checkpoint(self._saved)  # every rank; rank 0 writes, then a barrier
+            self._requested = 0
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        # ... but the job stops only now, once Lightning has logged the metrics of that step.
-        if self._saved is None:
+        if not self._pending:
             return
+        if self._pending == STOP:
+            self._record(trainer, "preempted", checkpoint=self._saved.name if self._saved else None)
         if trainer.is_global_zero:
             self._flush_loggers(trainer)
-        # SLURM's SIGTERM (sent by the requeue) must not reach Lightning's SIGTERM handler, which broadcasts
-        # from inside the handler; everything worth keeping is on disk.
-        previous_term = signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        requeued = trainer.strategy.broadcast(self._requeue(trainer) if trainer.is_global_zero else False, src=0)
-        if requeued:
+        # From here on SIGTERM (SLURM's answer to the requeue) has nothing left to save: ignore it.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if self._pending == STOP:
             raise Requeued(0)
-        signal.signal(signal.SIGTERM, previous_term)
-        self._saved = None  # not requeued: go on training (the checkpoint stays for a manual resume)
+        if trainer.strategy.broadcast(self._requeue(trainer) if trainer.is_global_zero else False, src=0):
+            raise Requeued(0)
+        # Not requeued: train on (the checkpoint stays for a manual resume), without the closed W&B run.
+        trainer.loggers = [lg for lg in trainer.loggers if not isinstance(lg, WandbLogger)]
+        signal.signal(signal.SIGTERM, self._handler(STOP, trainer))
+        self._pending = 0
 
     def _next_version(self, trainer: pl.Trainer) -> int:
         """1 + the newest version on rank 0, so every rank names the file rank 0 writes."""
@@ -146,30 +170,33 @@ class SlurmRequeue(pl.Callback):
         """Write out buffered metrics; tell W&B the run is being preempted and close it (resumed by id later)."""
         for logger in trainer.loggers:
             logger.save()
-        if any(type(lg).__name__ == "WandbLogger" for lg in trainer.loggers):
+        if any(isinstance(lg, WandbLogger) for lg in trainer.loggers):
             import wandb
 
             if wandb.run is not None:
-                wandb.run.mark_preempting()
-                wandb.finish()
+                try:
+                    wandb.run.mark_preempting()
+                    wandb.finish()
+                    wandb.teardown()  # stop wandb-core before SLURM's SIGTERM does
+                except Exception as e:  # noqa: BLE001 (never keep a stopping job from stopping)
+                    log.warning("could not close the W&B run before stopping: %r", e)
 
     def _requeue(self, trainer: pl.Trainer) -> bool:
         """`scontrol requeue` this job (rank 0); whether SLURM accepted it."""
         job = slurm_job_id()
         self._record(trainer, "requeue", checkpoint=self._saved.name if self._saved else None)
         proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, check=False)
-        ok = proc.returncode == 0
-        if not ok:
+        if proc.returncode != 0:
             self._record(trainer, "requeue_failed", detail=proc.stderr.strip())
             log.warning("scontrol requeue %s failed (%s): training goes on until the time limit", job, proc.stderr)
-        return ok
+        return proc.returncode == 0
 
     def _record(self, trainer: pl.Trainer, event: str, **extra: Any) -> None:
         """Append one history line (rank 0): event, job id, restart count, global step, batches of this start."""
         if not trainer.is_global_zero:
             return
         entry = {"event": event, "time": round(time.time(), 3), "job_id": os.environ.get("SLURM_JOB_ID"),
-                 "restart": int(os.environ.get("SLURM_RESTART_COUNT", 0)), "global_step": trainer.global_step,
+                 "restart": int(os.environ.get("SLURM_RESTART_COUNT", "0")), "global_step": trainer.global_step,
                  "start_step": self._start_step, "batches": self._batches, **extra}
         path = Path(trainer.default_root_dir) / self.history
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,7 @@ _EXPORTS = {
     "ldmlab.data.folder": ["FolderDataModule"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
-__all__ = sorted(_WHERE)
+__all__ = [name for names in _EXPORTS.values() for name in names]
 
 
 def __getattr__(name: str) -> Any:

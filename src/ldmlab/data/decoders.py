@@ -81,7 +81,7 @@ class Fields:
         return label, "" if text is None else str(text).strip()
 
     def _get(self, sample: dict, name: str, key: str | None) -> Any:
-        """Value of the field behind batch field `name`; BadSample naming key and shard if required and absent."""
+        """The value behind batch field `name`; BadSample naming key and shard when required and absent."""
         value = get_field(sample, key) if key else None
         if value is None and name in self.required:
             raise BadSample("missing", f"{where(sample)} has no {key!r} field (data.{name}_key={key!r}, "
@@ -102,7 +102,8 @@ def open_image(sample: dict) -> Image.Image:
         image = image.convert("RGB") if image.mode != "RGB" else image
         image.load()
     except Exception as e:  # noqa: BLE001 - PIL raises many types for broken files
-        raise BadSample("undecodable", f"{where(sample)}: .{ext} does not decode ({type(e).__name__}: {e})") from None
+        raise BadSample("undecodable",
+                        f"{where(sample)}: .{ext} does not decode ({type(e).__name__}: {e})") from None
     return image
 
 

@@ -28,12 +28,17 @@ class BadSamplesError(RuntimeError):
     """More bad samples than data.max_bad_fraction allows: the data or the data config is broken."""
 
 
+def check_fraction(value: float) -> None:
+    """A one-line error unless 0 <= data.max_bad_fraction <= 1."""
+    if not 0 <= value <= 1:
+        raise ValueError(f"data.max_bad_fraction={value} must be in [0, 1], e.g. 0.01")
+
+
 class SampleCounter:
     """Good and bad sample counts of one rank, in shared memory so every worker adds to the same totals."""
 
     def __init__(self, max_bad_fraction: float = 0.01, min_samples: int = 200) -> None:
-        if not 0 <= max_bad_fraction <= 1:
-            raise ValueError(f"max_bad_fraction={max_bad_fraction} must be in [0, 1]")
+        check_fraction(max_bad_fraction)
         self.max_bad_fraction, self.min_samples = max_bad_fraction, min_samples
         self._counts = multiprocessing.Array("q", 1 + len(KINDS))  # [good, bad per kind]; has a lock
         self._local = [0, 0]  # this process's [good, bad]: a worker that never sees a good sample stops
@@ -72,7 +77,8 @@ class SampleCounter:
         seen = s["good"] + s["bad"]
         if seen >= self.min_samples and s["bad"] > self.max_bad_fraction * seen:
             raise BadSamplesError(f"{self.describe()} on this rank, more than data.max_bad_fraction="
-                                  f"{self.max_bad_fraction}; first: {self._first} (or raise data.max_bad_fraction)")
+                                  f"{self.max_bad_fraction}; first: {self._first} "
+                                  f"(or raise data.max_bad_fraction)")
         if self._local[0] == 0 and self._local[1] >= self.min_samples:
             raise BadSamplesError(f"no usable sample among the first {self._local[1]} a DataLoader worker "
                                   f"read; first: {self._first}")

@@ -38,9 +38,11 @@ class FolderDataModule(WebDatasetDataModule):
         if self._root is None and self.src is not None:
             src = Path(self.src).expanduser().resolve()
             if not src.exists():
-                raise FileNotFoundError(f"data.src={self.src} does not exist: give an image folder or a .jsonl file")
+                raise FileNotFoundError(f"data.src={self.src} does not exist: give an image folder or a "
+                                        f".jsonl file")
             key = json.dumps([str(src), fingerprint(src), self.shard_args], sort_keys=True)
-            self._root = str(Path(self.data_dir) / "folder" / f"{src.stem}-{hashlib.sha1(key.encode()).hexdigest()[:10]}")
+            digest = hashlib.sha1(key.encode()).hexdigest()[:10]
+            self._root = str(Path(self.data_dir) / "folder" / f"{src.stem}-{digest}")
         return self._root
 
     @root.setter

@@ -1,4 +1,4 @@
-"""Latent shards: the format `ldmlab.cache_latents` writes and the DataModule that reads them (`data=wds_latents`).
+"""Latent shards: the format `ldmlab.cache_latents` writes, and `data=wds_latents`, the DataModule reading them.
 
 A sample is `{key}.mean.npy` + `{key}.std.npy` (the VAE posterior's mean and std, (C, h, w) float16) or
 `{key}.latent.npy` (one posterior sample, float16), plus the source's `.cls` / `.txt` / `.json`. Batches carry
@@ -18,6 +18,7 @@ import torch
 from ldmlab.data.decoders import Fields, where
 from ldmlab.data.filters import BadSample
 from ldmlab.data.shards import MANIFEST, Urls, read_manifest, sibling_url
+from ldmlab.data.transforms import batch_buffer
 from ldmlab.data.wds import ShardDataModule
 
 LATENT_FIELDS = ("mean.npy", "std.npy", "latent.npy")
@@ -72,11 +73,13 @@ class LatentDecoder:
     def collate(self, items: list, rng: random.Random) -> dict:
         """Items → {"latent": (B,C,h,w) float32 raw, "label": (B,) int64, "text": [str], "key": [str]}."""
         means, stds, labels, texts, keys = zip(*items)
-        latent = torch.from_numpy(np.stack(means)).float()
+        latent = batch_buffer((len(means), *means[0].shape), torch.float32)
+        np.stack(means, out=latent.numpy(), casting="same_kind")  # float16 → float32
         if self.sample_posterior and any(s is not None for s in stds):
-            std = torch.from_numpy(np.stack([np.zeros_like(m) if s is None else s for m, s in zip(means, stds)]))
+            std = torch.from_numpy(np.stack([np.zeros_like(m) if s is None else s
+                                             for m, s in zip(means, stds)]))
             eps = torch.randn(latent.shape, generator=torch.Generator().manual_seed(rng.getrandbits(63)))
-            latent = latent + std.float() * eps
+            latent.addcmul_(std.float(), eps)  # mean + std·ε, in place in the (shared) batch buffer
         return {"latent": latent, "label": torch.tensor(labels, dtype=torch.int64), "text": list(texts),
                 "key": list(keys)}
 
@@ -104,9 +107,9 @@ class LatentDataModule(ShardDataModule):
         pin_memory: bool = False,
     ) -> None:
         super().__init__(train_urls, val_urls, root=root, weights=weights, batch_size=batch_size,
-                         num_workers=num_workers, shuffle_buffer=shuffle_buffer, samples_per_epoch=samples_per_epoch,
-                         seed=seed, max_bad_fraction=max_bad_fraction, bad_check_after=bad_check_after,
-                         pin_memory=pin_memory)
+                         num_workers=num_workers, shuffle_buffer=shuffle_buffer,
+                         samples_per_epoch=samples_per_epoch, seed=seed, max_bad_fraction=max_bad_fraction,
+                         bad_check_after=bad_check_after, pin_memory=pin_memory)
         self.sample_posterior = sample_posterior
         self.fields = Fields(label_key, text_key, list(required))
 

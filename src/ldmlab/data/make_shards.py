@@ -38,6 +38,7 @@ FORMAT_VERSION = 1
 IMAGE_SUFFIXES = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
 PIL_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 SAVE_AS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
+SHARD_GLOB = "*-[0-9][0-9][0-9][0-9][0-9][0-9].tar"
 
 
 def _help(text: str) -> dict:
@@ -182,7 +183,8 @@ class ShardSink:
 
     def write(self, sample: dict) -> None:
         """Append one sample, rolling over to a new shard when this one is full."""
-        size = sum(512 + -(-len(v) // 512) * 512 for k, v in sample.items() if not k.startswith("__"))  # tar blocks
+        # tar: a 512-byte header per file, data padded to 512-byte blocks
+        size = sum(512 + -(-len(v) // 512) * 512 for k, v in sample.items() if not k.startswith("__"))
         if self._writer is None or self._full(size):
             self._open(f"{self.split}-{len(self.counts):06d}.tar")
         self._writer.write(sample)
@@ -192,12 +194,15 @@ class ShardSink:
     def _full(self, size: int) -> bool:
         """Whether `size` more bytes would break a limit (a shard always takes at least one sample)."""
         n = self.counts[self._name]
-        return bool((self.max_count and n >= self.max_count) or (self.max_bytes and n and self._bytes + size > self.max_bytes))
+        too_many = self.max_count and n >= self.max_count
+        too_big = self.max_bytes and n and self._bytes + size > self.max_bytes
+        return bool(too_many or too_big)
 
     def _open(self, name: str) -> None:
         self.close()
-        # Fixed int mtime/owner: bytes depend on the samples only; a float mtime would add a PAX header per file.
-        self._writer = wds.TarWriter(str(self.out / name), encoder=False, mtime=0, user="ldmlab", group="ldmlab")
+        # Fixed int mtime/owner: bytes depend on the samples only (a float mtime adds a PAX header per file).
+        self._writer = wds.TarWriter(str(self.out / name), encoder=False, mtime=0, user="ldmlab",
+                                     group="ldmlab")
         self._name, self.counts[name], self._bytes = name, 0, 1024  # 1024: the tar's end-of-archive blocks
 
     def close(self) -> None:
@@ -240,10 +245,10 @@ def write_split(out: Path, split: str, items: list[Item], args: MakeShardsArgs, 
 
 def _prepare_out(out: Path, overwrite: bool) -> None:
     """Create `out`; refuse (or, with overwrite, clear) a directory that already holds shards."""
-    if (out / "manifest.json").exists() or any(out.glob("*-[0-9][0-9][0-9][0-9][0-9][0-9].tar")):
+    if (out / "manifest.json").exists() or any(out.glob(SHARD_GLOB)):
         if not overwrite:
             raise FileExistsError(f"out={out} already holds shards: pass overwrite=true or choose another out")
-        for path in [*out.glob("*-[0-9][0-9][0-9][0-9][0-9][0-9].tar"), out / "manifest.json", out / "classes.json"]:
+        for path in [*out.glob(SHARD_GLOB), out / "manifest.json", out / "classes.json"]:
             path.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -287,7 +292,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     except (OSError, ValueError) as e:  # one line naming the argument or file and the fix, not a traceback
         sys.exit(f"error: {e}")
     manifest = json.loads((out / "manifest.json").read_text())
-    summary = ", ".join(f"{s}: {v['samples']} samples in {v['shards']} shards" for s, v in manifest["splits"].items())
+    summary = ", ".join(f"{s}: {v['samples']} samples in {v['shards']} shards"
+                        for s, v in manifest["splits"].items())
     print(f"wrote {out}: {summary}; skipped {manifest['skipped']}", file=sys.stderr)
     return out
 

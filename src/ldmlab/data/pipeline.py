@@ -60,7 +60,7 @@ class ShardStream(IterableDataset):
         self.mode, self.shuffle_buffer, self.seed = mode, shuffle_buffer, seed
         self.rank, self.world_size = rank, world_size
         self.counter = counter or SampleCounter()
-        # Shared memory, so persistent workers see the epoch EpochLoader sets; it reseeds order and augmentation.
+        # Shared memory, so persistent workers see the epoch EpochLoader sets (it reseeds order, augmentation).
         self._epoch = multiprocessing.RawValue("q", 0)
 
     @property
@@ -140,7 +140,8 @@ class ShardStream(IterableDataset):
         for i, urls in enumerate(self.sources):
             order = list(urls)
             random.Random(f"{self.seed}/{self.epoch}/{i}").shuffle(order)
-            streams.append(self._endless(slot_shards(order, self.rank, self.world_size, worker, num_workers), rng))
+            pool = slot_shards(order, self.rank, self.world_size, worker, num_workers)
+            streams.append(self._endless(pool, rng))
         return streams[0] if len(streams) == 1 else self._mix(streams, rng)
 
     def _mix(self, streams: list[Iterator[dict]], rng: random.Random) -> Iterator[dict]:
@@ -165,7 +166,7 @@ class ShardStream(IterableDataset):
 
     def _batches(self, samples: Iterator[dict], rng: random.Random) -> Iterator[dict]:
         """Decode samples (skipping and counting bad ones) and collate them into batches."""
-        items = []
+        items, good = [], 0  # good: decoded since the counter last heard (shared counts cost a lock each)
         for sample in samples:
             try:
                 items.append(self.decoder(sample, rng))
@@ -173,13 +174,16 @@ class ShardStream(IterableDataset):
                 bad = error
             else:
                 bad = None
-            if bad is not None:  # counted outside the except: a hard stop's traceback is then one error, not two
+            if bad is not None:  # counted outside the except: a hard stop's traceback shows one error, not two
+                self.counter.good(good)
                 self.counter.bad(bad)
+                good = 0
                 continue
-            self.counter.good()
+            good += 1
             if len(items) == self.batch_size:
+                self.counter.good(good)
                 yield self.decoder.collate(items, rng)
-                items = []
+                items, good = [], 0
 
     def _shard_error(self, url: str, error: Exception, missing: int | None) -> None:
         """A shard that failed part-way (truncated tar, failed pipe command): count what it lost."""

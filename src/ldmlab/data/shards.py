@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 import braceexpand
 import webdataset as wds
 
-from ldmlab.data.tarstream import shard_samples
+from ldmlab.data.tarstream import sample_key, shard_samples, tar_members
 
 Urls = str | Sequence[str]
 Segment = tuple[str, int, int]  # (url, first sample, end sample) of one shard, end exclusive
@@ -70,11 +70,16 @@ def sibling_url(url: str, name: str) -> str:
     return head + name + tail if sep else url
 
 
-@cache
 def read_manifest(url: str) -> dict:
     """manifest.json at a path or url as a dict, or {} when it cannot be read."""
-    if is_local(url) and not os.path.isfile(url):
-        return {}
+    if not is_local(url):
+        return _read_json(url, None)
+    return _read_json(url, os.stat(url).st_mtime_ns) if os.path.isfile(url) else {}
+
+
+@cache
+def _read_json(url: str, version: int | None) -> dict:
+    """JSON at `url`, cached per (url, local file's mtime): a rewritten manifest is read again."""
     try:
         with wds.gopen(url, "rb") as stream:
             return json.loads(stream.read())
@@ -82,17 +87,26 @@ def read_manifest(url: str) -> dict:
         return {}
 
 
-@cache
 def scan_count(path: str) -> int:
-    """Number of samples (distinct keys) in a local tar shard, from its headers (up to a truncation)."""
+    """Number of samples (distinct keys) in a local shard, from its headers (up to a truncation)."""
+    stat = os.stat(path)
+    return _scan_count(path, stat.st_mtime_ns, stat.st_size)
+
+
+@cache
+def _scan_count(path: str, mtime: int, size: int) -> int:
+    """scan_count, cached per file version."""
     keys: set[str] = set()
     try:
-        with tarfile.open(path) as tar:
-            for m in tar:
-                if m.isreg():
-                    keys.add(os.path.dirname(m.name) + "/" + m.name.split("/")[-1].split(".")[0])
-    except (tarfile.TarError, EOFError, OSError):  # truncated: the loader counts what it then fails to read
+        if path.endswith(".tar"):
+            with open(path, "rb") as f:
+                keys.update(sample_key(name) or "" for name, _ in tar_members(f, with_data=False))
+        else:  # compressed shards: tarfile decompresses
+            with tarfile.open(path) as tar:
+                keys.update(sample_key(m.name) or "" for m in tar if m.isreg())
+    except (EOFError, ValueError, tarfile.TarError):  # truncated or corrupt: the loader counts what it lacks
         pass
+    keys.discard("")
     return len(keys)
 
 
@@ -181,4 +195,5 @@ def read_segment(url: str, start: int, stop: int | None,
         on_error(url, error, None if stop is None else max(stop - max(i, start), 1))
         return
     if stop is not None and i < stop:  # a stale manifest promised more
-        on_error(url, EOFError(f"shard ended after {i} samples, its manifest count says {stop}+"), stop - max(i, start))
+        error = EOFError(f"shard ended after {i} samples; its {MANIFEST} count promised at least {stop}")
+        on_error(url, error, stop - max(i, start))

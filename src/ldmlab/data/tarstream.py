@@ -53,8 +53,9 @@ def _pax_path(data: bytes) -> str | None:
     return None
 
 
-def tar_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
-    """(path, data) of each regular file in an uncompressed tar stream."""
+def tar_members(stream: BinaryIO, with_data: bool = True) -> Iterator[tuple[str, bytes | None]]:
+    """(path, data) of each regular file in an uncompressed tar stream; data None (skipped, seeking when the
+    stream can) with with_data=False."""
     long_name = None
     while True:
         header = stream.read(BLOCK)
@@ -65,8 +66,12 @@ def tar_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
         if sum(header[:148]) + 256 + sum(header[156:]) != int(header[148:156].rstrip(b"\0 ") or b"0", 8):
             raise ValueError("tar header checksum mismatch: the shard is corrupt")
         size, kind = _size(header[124:136]), header[156:157]
-        data = _read(stream, size)
-        _read(stream, -size % BLOCK)
+        if with_data or kind in (b"L", b"x"):
+            data = _read(stream, size)
+            _read(stream, -size % BLOCK)
+        else:
+            data = None
+            _skip(stream, size + -size % BLOCK)
         if kind == b"L":  # GNU long name of the next member
             long_name = data.rstrip(b"\0").decode("utf-8", "replace")
         elif kind == b"x":  # PAX header of the next member
@@ -77,14 +82,28 @@ def tar_members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
             long_name = None
 
 
-def _grouped(members: Iterator[tuple[str, bytes]], url: str) -> Iterator[dict]:
+def _skip(stream: BinaryIO, n: int) -> None:
+    """Move `n` bytes on: seek in files, read through pipes."""
+    if stream.seekable():
+        stream.seek(n, 1)
+    else:
+        _read(stream, n)
+
+
+def sample_key(path: str) -> str | None:
+    """The sample key of a member path (up to the first dot of its file name), None for non-sample files."""
+    match = _SPLIT.match(path)
+    return None if match is None or path.rsplit("/", 1)[-1].startswith("__") else match.group(1)
+
+
+def _grouped(members: Iterator[tuple[str, bytes | None]], url: str) -> Iterator[dict]:
     """Consecutive files with the same key → {"__key__", "__url__", <suffix>: bytes} (webdataset's samples)."""
     sample: dict | None = None
     for path, data in members:
-        match = _SPLIT.match(path)
-        if match is None or path.rsplit("/", 1)[-1].startswith("__"):  # no extension, or __meta__ files
+        key = sample_key(path)
+        if key is None:  # no extension, or __meta__ files
             continue
-        key, suffix = match.group(1), match.group(2).lower()
+        suffix = path[len(key) + 1:].lower()
         if sample is None or key != sample["__key__"]:
             if sample is not None:
                 yield sample
@@ -101,7 +120,7 @@ def shard_samples(url: str) -> Iterator[dict]:
     if not url.split("?", 1)[0].rstrip(" -").endswith(".tar"):
         yield from wds.tarfile_samples([{"url": url}])
         return
-    stream = wds.gopen(url, "rb")
+    stream = wds.gopen(url, "rb", bufsize=1 << 20)  # fewer read calls: shards are read start to end
     try:
         yield from _grouped(tar_members(stream), url)
     finally:

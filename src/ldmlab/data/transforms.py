@@ -1,15 +1,19 @@
-"""Image transforms on PIL images (no torchvision: its only wheel here is a CUDA build that breaks imports)."""
+"""Image transforms on PIL images and batching to tensors (no torchvision: its only wheel here is a CUDA build
+that breaks imports). Per-image work stays in PIL/numpy copies at memcpy speed; see `rgb_bytes`, `to_batch`."""
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import get_worker_info
 
 _SCALE = np.float32(1 / 127.5)
+_NUMPY_DTYPES = {torch.uint8: np.uint8, torch.float32: np.float32}
 
 
 def resize_shorter(img: Image.Image, size: int) -> Image.Image:
@@ -43,21 +47,51 @@ def random_hflip(img: Image.Image, rng: random.Random, p: float = 0.5) -> Image.
     return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < p else img
 
 
+def rgb_bytes(img: Image.Image, box: tuple[int, int, int, int]) -> bytes:
+    """The RGB bytes of `box` of an RGB image: crop and export in one pass.
+
+    Same bytes as img.crop(box).tobytes() at ~1/6 of the time here: tobytes() encodes in 64 KiB chunks and
+    joins them, a crop copies first; together they cost a third of decoding a 256 px JPEG.
+    """
+    try:
+        encoder = Image._getencoder("RGB", "raw", "RGB")  # what tobytes() uses, on a region, in one chunk
+        encoder.setimage(img.im, box)
+        _, status, data = encoder.encode((box[2] - box[0]) * (box[3] - box[1]) * 3)
+        if status == 1:
+            return data
+    except AttributeError:  # a Pillow without these internals
+        pass
+    return img.crop(box).tobytes()
+
+
+def batch_buffer(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor; in a DataLoader worker it lives in shared memory, so handing the batch to the
+    main process costs no copy (what torch's default_collate does)."""
+    if get_worker_info() is None:  # numpy's allocator: torch.empty measured ~20 % slower for these batches
+        return torch.from_numpy(np.empty(tuple(shape), _NUMPY_DTYPES[dtype]))
+    elem = torch.empty(0, dtype=dtype)
+    storage = elem._typed_storage()._new_shared(math.prod(shape), device=elem.device)
+    return elem.new(storage).resize_(tuple(shape))
+
+
 def to_batch(arrays: Sequence[np.ndarray], uint8: bool = False) -> torch.Tensor:
-    """[(H, W, 3) uint8 arrays or views] → (B, 3, H, W) float32 in [-1, 1]; with uint8=True the pixels as
-    they are, (B, H, W, 3) uint8, for `normalize` to finish on the device.
+    """[(H, W, 3) uint8 arrays] → (B, 3, H, W) float32 in [-1, 1]; with uint8=True the pixels as they are,
+    (B, H, W, 3) uint8, for `normalize` to finish on the device.
 
     The float conversion is done by numpy straight into the batch buffer: torch's uint8→float copy plus
     torch.stack of permuted tensors cost more than the JPEG decode here.
     """
-    if uint8:
-        return torch.from_numpy(np.stack(arrays))
     h, w = arrays[0].shape[:2]
-    out = np.empty((len(arrays), 3, h, w), np.float32)
+    if uint8:
+        out = batch_buffer((len(arrays), h, w, 3), torch.uint8)
+        np.stack(arrays, out=out.numpy())
+        return out
+    out = batch_buffer((len(arrays), 3, h, w), torch.float32)
+    buf = out.numpy()
     for i, arr in enumerate(arrays):
-        np.multiply(arr.transpose(2, 0, 1), _SCALE, out=out[i], dtype=np.float32)
-    np.subtract(out, np.float32(1.0), out=out)
-    return torch.from_numpy(out)
+        np.multiply(arr.transpose(2, 0, 1), _SCALE, out=buf[i], dtype=np.float32)
+    np.subtract(buf, np.float32(1.0), out=buf)
+    return out
 
 
 def normalize(pixels: torch.Tensor) -> torch.Tensor:
@@ -96,12 +130,15 @@ class ImageTransform:
         if rng is None and (self.random_crop or self.random_flip):
             raise ValueError("ImageTransform with random_crop/random_flip needs an rng")
         img = resize_shorter(img.convert("RGB") if img.mode != "RGB" else img, self.size)
-        # PIL crops and flips with memcpy-speed copies; numpy views of them would make the batch copy strided
-        # (~5x slower, as slow as the decode).
-        img = random_crop(img, self.size, rng) if rng and self.random_crop else center_crop(img, self.size)
-        if rng and self.random_flip:
-            img = random_hflip(img, rng)
-        return np.asarray(img)
+        (w, h), s = img.size, self.size
+        # Same draws, in the same order, as random_crop() then random_hflip().
+        left, top = (rng.randint(0, w - s), rng.randint(0, h - s)) if rng and self.random_crop else \
+            ((w - s) // 2, (h - s) // 2)
+        if rng and self.random_flip and rng.random() < 0.5:
+            # PIL mirrors at memcpy speed; a mirrored numpy view would make the batch copy ~10x slower.
+            img, left = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT), w - left - s
+        return np.frombuffer(rgb_bytes(img, (left, top, left + s, top + s)), np.uint8).reshape(s, s, 3)
 
     def __repr__(self) -> str:
-        return f"ImageTransform(size={self.size}, random_crop={self.random_crop}, random_flip={self.random_flip})"
+        return (f"ImageTransform(size={self.size}, random_crop={self.random_crop}, "
+                f"random_flip={self.random_flip})")

@@ -18,9 +18,8 @@ import torch
 
 from ldmlab.data.decoders import Decoder, Fields, ImageDecoder
 from ldmlab.data.demo import DemoSpec, as_scale, build_demo_shards, class_names
-from ldmlab.data.filters import SampleCounter
+from ldmlab.data.filters import SampleCounter, check_fraction
 from ldmlab.data.pipeline import EpochLoader, ShardStream
-from ldmlab.data.transforms import ImageTransform, normalize
 from ldmlab.data.shards import (
     MANIFEST,
     Urls,
@@ -32,6 +31,7 @@ from ldmlab.data.shards import (
     shard_counts,
     slot_shards,
 )
+from ldmlab.data.transforms import ImageTransform, normalize
 
 __all__ = ["DemoDataModule", "EpochLoader", "ShardDataModule", "ShardStream", "WebDatasetDataModule",
            "count_samples", "expand_urls", "slot_shards"]
@@ -62,7 +62,7 @@ class ShardDataModule(pl.LightningDataModule):
         self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
         self.shuffle_buffer, self.samples_per_epoch, self.seed = shuffle_buffer, samples_per_epoch, seed
         self.max_bad_fraction, self.bad_check_after = max_bad_fraction, bad_check_after
-        SampleCounter(max_bad_fraction)  # fail at construction on a bad fraction
+        check_fraction(max_bad_fraction)  # fail at construction, not in a worker
         self.train_set: ShardStream | None = None
         self.val_set: ShardStream | None = None
 
@@ -83,8 +83,8 @@ class ShardDataModule(pl.LightningDataModule):
             return [expand_urls(self.train_urls)]
         sources = [self.train_urls] if isinstance(self.train_urls, str) else list(self.train_urls)
         if len(sources) != len(self.weights):
-            raise ValueError(f"data.weights has {len(self.weights)} entries but data.train_urls has {len(sources)} "
-                             f"sources: give one url pattern per weight")
+            raise ValueError(f"data.weights has {len(self.weights)} entries but data.train_urls has "
+                             f"{len(sources)} sources: give one url pattern per weight")
         return [expand_urls(s) for s in sources]
 
     def val_url_list(self) -> list[str] | None:
@@ -184,7 +184,7 @@ class ShardDataModule(pl.LightningDataModule):
 
 
 class WebDatasetDataModule(ShardDataModule):
-    """Image batches {"image", "label", "text", "key"} from WebDataset shards, equally many on every DDP rank."""
+    """Image batches {"image", "label", "text", "key"} from WebDataset shards, as many on every DDP rank."""
 
     def __init__(
         self,
@@ -209,9 +209,9 @@ class WebDatasetDataModule(ShardDataModule):
         bad_check_after: int = 200,
     ) -> None:
         super().__init__(train_urls, val_urls, root=root, weights=weights, batch_size=batch_size,
-                         num_workers=num_workers, shuffle_buffer=shuffle_buffer, samples_per_epoch=samples_per_epoch,
-                         seed=seed, max_bad_fraction=max_bad_fraction, bad_check_after=bad_check_after,
-                         pin_memory=pin_memory)
+                         num_workers=num_workers, shuffle_buffer=shuffle_buffer,
+                         samples_per_epoch=samples_per_epoch, seed=seed, max_bad_fraction=max_bad_fraction,
+                         bad_check_after=bad_check_after, pin_memory=pin_memory)
         self.image_size, self.random_crop, self.random_flip = image_size, random_crop, random_flip
         self.fields = Fields(label_key, text_key, list(required))
         self.min_image_size = min_image_size

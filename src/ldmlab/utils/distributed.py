@@ -46,9 +46,10 @@ def _quote(value: str) -> str:
 
 def child_command(local_rank: int) -> tuple[list[str], str]:
     """Command and cwd for Lightning's rank `local_rank`: this job's overrides, RUN mode, rank 0's output dir."""
-    import __main__
     from hydra.core.hydra_config import HydraConfig
     from hydra.utils import get_original_cwd, to_absolute_path
+
+    import __main__
 
     hc = HydraConfig.get()
     if __main__.__spec__ is None:
