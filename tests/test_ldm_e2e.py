@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, read_metrics, run_train, series
+from conftest import REPO, read_metrics, run_train, series, shared_data_dir
 from ldmlab.sample import load_ldm
 
 pytestmark = pytest.mark.slow
@@ -91,3 +91,21 @@ def test_ldm_trains_under_two_rank_ddp_with_ema(vae_run: Path, tmp_path: Path) -
     assert shadow.keys() == trained.keys()
     assert any(not torch.equal(shadow[k], trained[k]) for k in shadow)  # an average, not a copy
     assert float(ckpt["state_dict"]["latent_scale"]) > 0
+
+
+def test_cached_latents_train_the_ldm_without_the_encoder(vae_run: Path, tmp_path: Path) -> None:
+    """cache_latents (demo photos → latent shards) → data=wds_latents → train.py model=unet_small."""
+    vae = f"{vae_run}/export/vae.safetensors"
+    cache = tmp_path / "latents"
+    env_cmd = [sys.executable, "-m", "ldmlab.cache_latents", f"vae={vae}", f"out={cache}",
+               f"paths.root_dir={tmp_path}", f"paths.data_dir={shared_data_dir()}", "batch_size=64"]
+    proc = subprocess.run(env_cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in cache.glob("*.tar"))[:2] == ["train-000000.tar", "train-000001.tar"]
+    run_dir = tmp_path / "run"
+    run_train(["model=unet_small", f"model.vae.path={vae}", "data=wds_latents", f"data.root={cache}",
+               "data.batch_size=16", "data.num_workers=1", "trainer.max_steps=6", "trainer.val_check_interval=6",
+               "trainer.limit_val_batches=1", "model.sampler.num_steps=4", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 6 and ckpt["latent_shape"] == [4, 8, 8]
+    assert len(list((run_dir / "images").glob("samples_cfg*.png"))) == 2  # decoded by the VAE loaded for sampling
