@@ -99,7 +99,9 @@ def test_grid_runs_four_jobs_each_its_own_wandb_run_in_one_group(tmp_path: Path,
     assert len(set(ids)) == 4 and ids == [(job / "wandb_id.txt").read_text().strip() for job in jobs]
     assert {r[0]["group"] for r in runs} == {"debug-grid"}  # <task_name>-<sweep dir name>
     assert [r[0]["name"] for r in runs] == ["debug-0", "debug-1", "debug-2", "debug-3"]
-    assert all(r[0]["tags"] == ["dev"] for r in runs)  # tags from the config
+    for job, r in zip(jobs, runs):  # tags from the config, then the job's overrides
+        overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())
+        assert r[0]["tags"][0] == "dev" and {o for o in overrides if len(o) <= 64} <= set(r[0]["tags"])
     assert all(logged_steps(r[0], "val/psnr") == [2, 5] for r in runs)
 
 
@@ -119,3 +121,25 @@ def test_optuna_search_maximises_what_train_returns(tmp_path: Path) -> None:
     for key, value in result["best_params"].items():
         assert float(chosen[key]) == pytest.approx(float(value))
     assert 5e-5 <= float(result["best_params"]["optimizer.lr"]) <= 1e-3
+
+
+def test_ldm_grid_over_schedules_and_channel_mults(tmp_path: Path, tiny_assets: dict[str, Path]) -> None:
+    """The issue's LDM sweep: 2 noise schedules × 2 U-Net channel_mult lists = four jobs, each trained to step 6."""
+    sweep = tmp_path / "ldm"
+    run_train(["-m", "model=unet_small", f"model.vae.path={tiny_assets['vae']}",
+               "model/noise_schedule=scaled_linear,cosine", "model.unet.channel_mult=[1,2,2],[1,2,4]", "debug=limit",
+               "data.batch_size=4", "data.num_workers=0", "model.sampler.num_steps=2",
+               f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
+    assert [j.name for j in jobs] == ["0", "1", "2", "3"]
+    points = set()
+    for job in jobs:
+        cfg = yaml.safe_load((job / ".hydra" / "config.yaml").read_text())
+        overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())
+        schedule = next(o.split("=", 1)[1] for o in overrides if o.startswith("model/noise_schedule="))
+        mult = next(o.split("=", 1)[1] for o in overrides if o.startswith("model.unet.channel_mult="))
+        assert cfg["model"]["unet"]["channel_mult"] == yaml.safe_load(mult)
+        assert cfg["model"]["noise_schedule"]["_target_"] == f"ldmlab.diffusion.schedules.{schedule}"
+        points.add((schedule, mult))
+        assert global_step(job / "checkpoints" / "last.ckpt") == 6
+    assert points == set(itertools.product(["scaled_linear", "cosine"], ["[1,2,2]", "[1,2,4]"]))

@@ -3,6 +3,8 @@
 The id lives in the job's run dir (`<save_dir>/wandb_id.txt`), so a requeued SLURM job, or any rerun with the
 same `hydra.run.dir`, continues that run (`resume="allow"`); every job of a multirun has its own run dir, hence
 its own run, and gets `group=<task_name>-<sweep dir name>` plus its job number in the run name.
+The job's Hydra overrides become W&B tags (after the config's `tags`), and `job_type` is "sweep" for a multirun
+job, "train" otherwise, unless set in the logger config.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ WANDB_TARGETS = {
     "lightning.pytorch.loggers.WandbLogger",
 }
 ID_FILE = "wandb_id.txt"
+MAX_TAG = 64  # W&B rejects longer tags (wandb.init raises)
 
 
 def persistent_run_id(save_dir: str | Path) -> str:
@@ -53,8 +56,28 @@ def sweep_group(task_name: str) -> tuple[str, int] | None:
     return f"{task_name}-{Path(hc.sweep.dir).name}", int(hc.job.num)
 
 
+def job_overrides() -> list[str]:
+    """The command-line overrides of this Hydra job (`.hydra/overrides.yaml`), or [] outside Hydra."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+    except ImportError:
+        return []
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def as_tag(text: str) -> str:
+    """`text` shortened to W&B's 64-character tag limit, keeping both ends (key and e.g. a file name)."""
+    return text if len(text) <= MAX_TAG else f"{text[:30]}…{text[-(MAX_TAG - 31):]}"
+
+
+def run_tags(config_tags: list[str] | None, overrides: list[str]) -> list[str]:
+    """The config's tags followed by the overrides, valid for W&B and without duplicates."""
+    tags = [as_tag(str(t)) for t in [*(config_tags or []), *overrides] if str(t)]
+    return list(dict.fromkeys(tags))
+
+
 def configure_wandb(cfg: DictConfig) -> None:
-    """Fill in id/resume and, in a sweep, group/name of every W&B logger in `cfg.logger` (explicit values win)."""
+    """Fill in id/resume/tags/job_type and, in a sweep, group/name of every W&B logger (explicit values win)."""
     loggers = cfg.get("logger") or {}
     nodes = [n for n in loggers.values() if n and n.get("_target_") in WANDB_TARGETS]
     if not nodes:
@@ -66,6 +89,9 @@ def configure_wandb(cfg: DictConfig) -> None:
                 node.id = persistent_run_id(node.save_dir)
             if node.get("resume") is None:
                 node.resume = "allow"
+            node.tags = run_tags(node.get("tags"), job_overrides())
+            if node.get("job_type") is None:
+                node.job_type = "sweep" if sweep else "train"
             if sweep and node.get("group") is None:
                 node.group = sweep[0]
                 node.name = f"{node.get('name') or cfg.get('task_name')}-{sweep[1]}"

@@ -1,0 +1,90 @@
+"""`python -m ldmlab.compare`: a sweep's differing overrides, final metric and curves; W&B offline runs of a sweep."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, run_train
+from PIL import Image
+
+from ldmlab.compare import CompareError, compare, main, wandb_records
+
+
+def offline_run(job: Path) -> dict:
+    """The run record (id, group, job_type, tags) and the logged config of a job's only offline W&B run."""
+    (path,) = job.glob("wandb/offline-run-*/run-*.wandb")
+    run: dict = {"config": {}}
+    for record in wandb_records(path):
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            r = record.run
+            run.update(id=r.run_id, group=r.run_group, job_type=r.job_type, tags=list(r.tags))
+        elif kind == "config":
+            run["config"].update({i.key: json.loads(i.value_json) for i in record.config.update if i.key})
+    return run
+
+
+@pytest.mark.slow
+def test_many_loggers_sweep_wandb_runs_and_compare(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two jobs with logger=many: two offline W&B runs (own config, override tags, one group); compare lists both."""
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: offline fallback
+    sweep = tmp_path / "kl"
+    run_train(["-m", "model=vae_tiny", "debug=limit", "data.batch_size=4", "data.num_workers=0",
+               "trainer.num_sanity_val_steps=0", "trainer.limit_val_batches=1", "model.kl_weight=1e-6,1e-5",
+               "logger=many", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    runs = [offline_run(sweep / str(n)) for n in range(2)]
+    assert {r["group"] for r in runs} == {"debug-kl"} and runs[0]["id"] != runs[1]["id"]
+    assert {r["job_type"] for r in runs} == {"sweep"}
+    for run, kl in zip(runs, ["1e-06", "1e-05"]):
+        assert run["tags"][0] == "dev" and f"model.kl_weight={kl}" in run["tags"] and "logger=many" in run["tags"]
+        assert all(len(t) <= 64 for t in run["tags"])  # long path overrides are shortened, not rejected
+        assert run["config"]["model"]["kl_weight"] == float(kl) and run["config"]["optimized_metric"] == "val/psnr"
+    png = tmp_path / "psnr.png"
+    proc = subprocess.run([sys.executable, "-m", "ldmlab.compare", str(sweep), "--plot", str(png)], check=False,
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "| job | model.kl_weight | val/psnr (final) |"  # only the override that differs
+    rows = [line.split(" | ") for line in lines[2:4]]
+    assert [r[:2] for r in rows] == [["| 0", "1e-06"], ["| 1", "1e-05"]]
+    assert all(float(r[2].rstrip(" |")) > 0 for r in rows)
+    with Image.open(png) as img:
+        assert img.format == "PNG" and img.width >= 300 and img.height >= 200 and len(img.getcolors(1 << 16)) > 3
+    # without the CSV logs the same values come from the W&B offline runs
+    for n in range(2):
+        (sweep / str(n) / "csv" / "metrics.csv").rename(sweep / str(n) / "csv" / "metrics.bak")
+    assert compare(sweep).splitlines()[2:] == lines[2:4]
+
+
+def make_job(sweep: Path, n: int, overrides: list[str], csv_text: str | None) -> None:
+    """A fake job dir with .hydra files and optionally a CSV logger file."""
+    (sweep / str(n) / ".hydra").mkdir(parents=True)
+    (sweep / str(n) / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    (sweep / str(n) / ".hydra" / "config.yaml").write_text("optimized_metric: val/loss\n")
+    if csv_text:
+        (sweep / str(n) / "csv").mkdir()
+        (sweep / str(n) / "csv" / "metrics.csv").write_text(csv_text)
+
+
+def test_compare_table_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Differing overrides only, last logged value, `-` for a job without it; one-line errors with status 2."""
+    make_job(tmp_path, 0, ["a=1", "b=x"], "epoch,step,val/loss,train/loss\n0,1,,0.9\n0,2,0.5,\n0,4,0.25,\n")
+    make_job(tmp_path, 1, ["a=1", "b=y", "c=3"], "epoch,step,train/loss\n0,1,0.8\n")
+    assert compare(tmp_path).splitlines() == ["| job | b | c | val/loss (final) |", "|---|---|---|---|",
+                                              "| 0 | x |  | 0.25 |", "| 1 | y | 3 | - |"]
+    assert compare(tmp_path, "train/loss").splitlines()[2:] == ["| 0 | x |  | 0.9 |", "| 1 | y | 3 | 0.8 |"]
+    with pytest.raises(CompareError, match="never logged; available: train/loss, val/loss"):
+        compare(tmp_path, "val/psnr")
+    assert main([str(tmp_path / "0")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not a sweep dir" in err
+    png = tmp_path / "loss.png"
+    assert main([str(tmp_path), "--metric", "train/loss", "--plot", str(png)]) == 0
+    with Image.open(png) as img:
+        assert img.size[0] > 100
