@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import csv
 import itertools
-import struct
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from conftest import CONF, run_train
+
+from ldmlab.compare import wandb_records
 
 pytestmark = pytest.mark.slow
 
@@ -21,35 +22,12 @@ TINY = ["model=vae_tiny", "debug=limit", "data.batch_size=4", "data.num_workers=
 HPARAMS = "hparams_search" if "hparams_search" in (CONF / "train.yaml").read_text() else "+hparams_search"
 
 
-def _records(path: Path):
-    """Protobuf records of a `.wandb` file (W&B's LevelDB-style log: 7-byte header, 32 KiB blocks)."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data, pos, buf = path.read_bytes(), 7, b""
-    assert data[:4] == b":W&B", path
-    while pos + 7 <= len(data):
-        left = 32768 - pos % 32768
-        if left < 7:  # block trailer padding
-            pos += left
-            continue
-        _, n, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        if kind == 0 and n == 0:
-            pos += left
-            continue
-        buf, pos = buf + data[pos + 7:pos + 7 + n], pos + 7 + n
-        if kind in (1, 4):  # FULL or LAST fragment
-            record = pb.Record()
-            record.ParseFromString(buf)
-            buf = b""
-            yield record
-
-
 def wandb_runs(run_dir: Path) -> list[dict]:
     """Every offline W&B run under `run_dir/wandb`, oldest first: id, group, name, tags and history rows."""
     runs = []
     for path in sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb")):
         run: dict = {"history": []}
-        for record in _records(path):
+        for record in wandb_records(path):
             kind = record.WhichOneof("record_type")
             if kind == "run":
                 r = record.run
