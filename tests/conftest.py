@@ -42,7 +42,7 @@ def run_train(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.Co
     flags = [a for a in args if a.startswith("-")]  # argparse wants -m/--help before the overrides
     cmd = [sys.executable, str(REPO / "train.py"), *flags, f"paths.root_dir={cwd}",
            f"paths.data_dir={shared_data_dir()}", *[a for a in args if not a.startswith("-")]]
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
     if proc.returncode != 0:
         pytest.fail(f"train.py {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc
@@ -128,3 +128,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def read_offline_wandb(path: Path) -> dict:
+    """What one offline W&B run file holds: id, group, name, job_type, tags, the logged config, history rows."""
+    import json
+
+    from ldmlab.compare import wandb_records
+
+    run: dict = {"config": {}, "history": []}
+    for record in wandb_records(path):
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            r = record.run
+            run.update(id=r.run_id, group=r.run_group, name=r.display_name, job_type=r.job_type, tags=list(r.tags))
+        elif kind == "config":
+            run["config"].update({i.key: json.loads(i.value_json) for i in record.config.update if i.key})
+        elif kind == "history":
+            run["history"].append({i.key or "/".join(i.nested_key): i.value_json for i in record.history.item})
+    return run

@@ -2,33 +2,23 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_train
+from conftest import REPO, read_offline_wandb, run_train
 from PIL import Image
 
-from ldmlab.compare import CompareError, compare, main, wandb_records
+from ldmlab.compare import CompareError, compare, main
 
 
 def offline_run(job: Path) -> dict:
-    """The run record (id, group, job_type, tags) and the logged config of a job's only offline W&B run."""
+    """The only offline W&B run of a job."""
     (path,) = job.glob("wandb/offline-run-*/run-*.wandb")
-    run: dict = {"config": {}}
-    for record in wandb_records(path):
-        kind = record.WhichOneof("record_type")
-        if kind == "run":
-            r = record.run
-            run.update(id=r.run_id, group=r.run_group, job_type=r.job_type, tags=list(r.tags))
-        elif kind == "config":
-            run["config"].update({i.key: json.loads(i.value_json) for i in record.config.update if i.key})
-    return run
+    return read_offline_wandb(path)
 
 
-@pytest.mark.slow
 def test_many_loggers_sweep_wandb_runs_and_compare(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two jobs with logger=many: two offline W&B runs (own config, override tags, one group); compare lists both."""
     monkeypatch.delenv("WANDB_API_KEY", raising=False)

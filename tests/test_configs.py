@@ -10,9 +10,9 @@ import hydra
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import CONF, REPO, compose_train
 from omegaconf import OmegaConf
 
-from conftest import CONF, REPO, compose_train
 from ldmlab.run import build, instantiate_group
 
 GROUPS = ["model", "data", "trainer", "optimizer", "lr_scheduler", "logger", "callbacks", "paths",

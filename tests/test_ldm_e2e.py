@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, read_metrics, run_train, series, shared_data_dir
 from PIL import Image
 
-from conftest import REPO, read_metrics, run_train, series, shared_data_dir
 from ldmlab.sample import load_ldm
 
 pytestmark = pytest.mark.slow

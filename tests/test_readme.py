@@ -7,15 +7,14 @@ import shlex
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
-
 from conftest import REPO, compose_train
+from omegaconf import OmegaConf
 
 
 def readme_train_commands() -> list[list[str]]:
     text = (REPO / "README.md").read_text()
     commands = []
-    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.DOTALL):
         for line in block.replace("\\\n", " ").splitlines():
             line = line.split(" #")[0].strip()
             if line.startswith("python train.py"):

@@ -9,33 +9,18 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import CONF, run_train
-
-from ldmlab.compare import wandb_records
+from conftest import read_offline_wandb, run_train
 
 pytestmark = pytest.mark.slow
 
 # A few steps of the tiny VAE with validation and checkpoints, as cheap as the loop allows.
 TINY = ["model=vae_tiny", "debug=limit", "data.batch_size=4", "data.num_workers=0", "trainer.num_sanity_val_steps=0",
         "trainer.limit_val_batches=1"]
-# `hparams_search` needs a `- hparams_search: null` default in train.yaml to be selected without `+`.
-HPARAMS = "hparams_search" if "hparams_search" in (CONF / "train.yaml").read_text() else "+hparams_search"
 
 
 def wandb_runs(run_dir: Path) -> list[dict]:
-    """Every offline W&B run under `run_dir/wandb`, oldest first: id, group, name, tags and history rows."""
-    runs = []
-    for path in sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb")):
-        run: dict = {"history": []}
-        for record in wandb_records(path):
-            kind = record.WhichOneof("record_type")
-            if kind == "run":
-                r = record.run
-                run.update(id=r.run_id, group=r.run_group, name=r.display_name, tags=list(r.tags))
-            elif kind == "history":
-                run["history"].append({i.key or "/".join(i.nested_key): i.value_json for i in record.history.item})
-        runs.append(run)
-    return runs
+    """Every offline W&B run under `run_dir/wandb`, oldest first."""
+    return [read_offline_wandb(p) for p in sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))]
 
 
 def logged_steps(run: dict, key: str) -> list[int]:
@@ -86,7 +71,7 @@ def test_grid_runs_four_jobs_each_its_own_wandb_run_in_one_group(tmp_path: Path,
 def test_optuna_search_maximises_what_train_returns(tmp_path: Path) -> None:
     """hparams_search=vae_optuna: every trial's objective is its val/psnr; the best is the largest."""
     sweep = tmp_path / "search"
-    run_train([HPARAMS + "=vae_optuna", *TINY, "hydra.sweeper.n_trials=3", "hydra.sweeper.sampler.n_startup_trials=2",
+    run_train(["hparams_search=vae_optuna", *TINY, "hydra.sweeper.n_trials=3", "hydra.sweeper.sampler.n_startup_trials=2",
                f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
     result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     trials = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())

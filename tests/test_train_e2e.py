@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import read_metrics, run_train, series
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import read_metrics, run_train, series
 from ldmlab.nn.autoencoder import AutoencoderKL
 
 pytestmark = pytest.mark.slow

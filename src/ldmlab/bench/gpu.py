@@ -103,11 +103,14 @@ def time_train_step(variant: str, pixels: int, batch: int, iters: int) -> dict[s
     torch.cuda.synchronize()
     seconds = start.elapsed_time(end) / 1e3 / iters
     peak = torch.cuda.max_memory_allocated() / 2**30
-    del model, opt
+    return {"img_s": batch / seconds, "gflop": flops / 1e9, "peak_gib": peak}
+
+
+def free_gpu() -> None:
+    """Release the last variant's model and optimizer state before the next one is built."""
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    return {"img_s": batch / seconds, "gflop": flops / 1e9, "peak_gib": peak}
 
 
 def markdown(rows: list[tuple[str, int, int, dict[str, float]]], ceiling: float) -> str:
@@ -119,8 +122,8 @@ def markdown(rows: list[tuple[str, int, int, dict[str, float]]], ceiling: float)
             versions += f", {pkg} {md.version(pkg)}"
         except md.PackageNotFoundError:
             pass
-    lines = [f"### SD1.5 U-Net training step ({dt.date.today()}, {torch.cuda.get_device_name()}, {versions}, "
-             f"Python {platform.python_version()})", "",
+    lines = [(f"### SD1.5 U-Net training step ({dt.date.today()}, {torch.cuda.get_device_name()}, {versions}, "
+              f"Python {platform.python_version()})"), "",
              f"bf16 autocast, SDPA, fused AdamW. Measured bf16 matmul ceiling: {ceiling:.0f} TF/s.", "",
              "| pixels | batch | variant | img/s | fwd GFLOP/img | MFU vs 989 | MFU vs ceiling | peak GiB |",
              "|---|---|---|---|---|---|---|---|"]
@@ -149,9 +152,9 @@ def main(argv: list[str] | None = None) -> str:
                 result = time_train_step(variant, pixels, batch, args.iters)
             except (ImportError, torch.OutOfMemoryError) as err:  # report and go on with the next row
                 print(f"{variant} {case}: skipped ({type(err).__name__}: {err})", flush=True)
-                gc.collect()
-                torch.cuda.empty_cache()
                 continue
+            finally:
+                free_gpu()
             rows.append((variant, pixels, batch, result))
             print(f"{variant:22s} {case:8s} {result['img_s']:8.1f} img/s  {result['gflop']:.0f} GFLOP/img  "
                   f"{result['peak_gib']:.1f} GiB", flush=True)

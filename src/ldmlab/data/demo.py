@@ -18,8 +18,6 @@ import io
 import json
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 from PIL import Image
+
+from ldmlab.data.shards import build_once
 
 FORMAT_VERSION = 1  # bump when the crop or shard layout changes, so old directories are not reused
 
@@ -226,22 +226,7 @@ def build_demo_shards(
     """
     spec = spec or DemoSpec(crop_size, crops_per_image, val_crops_per_image, seed, as_scale(scale),
                             val_fraction, grayscale, shard_size)
-    final = Path(root) / "demo" / spec.dirname()
-    if (final / "manifest.json").is_file():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    # Build in a sibling temp dir and rename: a crash never leaves a half-written dataset under `final`.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
-        _build_into(tmp, spec)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the dataset may be shared
-        os.rename(tmp, final)
-    except OSError:
-        if not (final / "manifest.json").is_file():  # not "another process finished first"
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return build_once(Path(root) / "demo" / spec.dirname(), lambda out: _build_into(out, spec))
 
 
 def _build_into(out: Path, spec: DemoSpec) -> None:

@@ -6,12 +6,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from ldmlab.data.make_shards import MakeShardsArgs, make_shards
+from ldmlab.data.shards import build_once
 from ldmlab.data.wds import WebDatasetDataModule
 
 
@@ -53,17 +53,10 @@ class FolderDataModule(WebDatasetDataModule):
         """Shard the folder once (one process per node; built in a temp dir and renamed, so never half-done)."""
         if self.src is None:
             raise ValueError("data=folder needs data.src=<image folder or .jsonl manifest>")
-        final = Path(self.root)
-        if (final / "manifest.json").is_file():
-            return
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-        try:
-            make_shards(MakeShardsArgs(src=str(self.src), out=str(tmp), overwrite=True, **self.shard_args))
-            os.chmod(tmp, 0o755)
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / "manifest.json").is_file():  # not "another process finished first"
-                raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        build = partial(_shard_into, src=str(self.src), shard_args=self.shard_args)
+        build_once(Path(self.root), build)
+
+
+def _shard_into(out: Path, src: str, shard_args: dict[str, Any]) -> None:
+    """make_shards of `src` into the (temporary) directory `out`."""
+    make_shards(MakeShardsArgs(src=src, out=str(out), overwrite=True, **shard_args))

@@ -12,9 +12,12 @@ import glob
 import json
 import os
 import re
+import shutil
 import tarfile
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from functools import cache
+from pathlib import Path
 from urllib.parse import urlparse
 
 import braceexpand
@@ -197,3 +200,25 @@ def read_segment(url: str, start: int, stop: int | None,
     if stop is not None and i < stop:  # a stale manifest promised more
         error = EOFError(f"shard ended after {i} samples; its {MANIFEST} count promised at least {stop}")
         on_error(url, error, stop - max(i, start))
+
+
+def build_once(final: Path, build: Callable[[Path], None]) -> Path:
+    """Run `build(tmp)` in a sibling temp dir and rename it to `final`, unless `final/manifest.json` exists.
+
+    A crash never leaves a half-written dataset under `final`; when several processes race, the first rename
+    wins and the others keep its result.
+    """
+    if (final / MANIFEST).is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        build(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the dataset may be shared
+        os.rename(tmp, final)
+    except OSError:
+        if not (final / MANIFEST).is_file():  # not "another process finished first"
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final

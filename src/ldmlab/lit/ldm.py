@@ -19,7 +19,13 @@ from pytorch_lightning.utilities import rank_zero_info
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from ldmlab.diffusion import NoiseSchedule, Prediction, classifier_free_guidance, min_snr_weight, uniform_weight
+from ldmlab.diffusion import (
+    NoiseSchedule,
+    Prediction,
+    classifier_free_guidance,
+    min_snr_weight,
+    uniform_weight,
+)
 from ldmlab.diffusion.timesteps import sample_timesteps
 from ldmlab.diffusion.weighting import noisy_inputs, weighted_mse
 from ldmlab.nn.autoencoder import AutoencoderKL
