@@ -14,6 +14,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
+from ldmlab.utils.stand_ins import make_tiny_clip
+
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 
@@ -71,27 +73,6 @@ def vae_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
                "trainer.limit_val_batches=4", "trainer.log_every_n_steps=5", "model.disc_start=100",
                f"hydra.run.dir={run_dir}", "seed=0"], cwd=cwd)
     return run_dir
-
-
-def make_tiny_clip(path: Path, hidden_size: int = 32) -> Path:
-    """A random CLIPTextModel + a 23-token BPE tokenizer saved with save_pretrained (no hub access)."""
-    import json
-
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    path.mkdir(parents=True, exist_ok=True)
-    vocab = ["l", "o", "w", "e", "r", "s", "t", "i", "d", "n", "lo", "l</w>", "w</w>", "r</w>", "t</w>",
-             "low</w>", "er</w>", "lowest</w>", "newer</w>", "wider", "<unk>", "<|startoftext|>", "<|endoftext|>"]
-    (path / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
-    (path / "merges.txt").write_text("#version: 0.2\nl o\nlo w</w>\ne r</w>\n")
-    tokenizer = CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"), unk_token="<unk>",
-                              pad_token="<|endoftext|>")
-    tokenizer.save_pretrained(str(path))
-    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=hidden_size, intermediate_size=37,
-                            num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=77,
-                            bos_token_id=21, eos_token_id=22, pad_token_id=22)
-    CLIPTextModel(config).save_pretrained(str(path))
-    return path
 
 
 def make_tiny_vae_export(path: Path, embed_dim: int = 4) -> Path:

@@ -1,169 +1,187 @@
-"""GPU benchmark: SD1.5 U-Net training step, ours against diffusers' UNet2DConditionModel, in one process.
+"""GPU benchmark, ours against diffusers in one process: SD1.5 U-Net training step, VAE encode/decode and
+training step, 50-step DDIM with CFG, and the `train.py` path on synthetic latents; writes Markdown.
 
-    python -m ldmlab.bench.gpu [--cases 256x64,256x128,512x32] [--variants ...] [--iters 20] [--out docs/BENCHMARKS.md]
+    python -m ldmlab.bench.gpu [--parts ceiling,sdpa,unet,profile,vae,vae_train,sampling,train]
+                               [--cases 256x64,256x128,512x32] [--variants ours+cl+regional,...]
+                               [--iters 20] [--out docs/BENCHMARKS.md]
 
-Each case is `<pixels>x<batch>` (latents are pixels/8). A training step is forward + MSE + backward + fused AdamW
-under bf16 autocast with fp32 master weights, SDPA attention, timed with CUDA events after warm-up. MFU uses the
-forward FLOPs counted by torch's FlopCounterMode (×3 for a training step) against the 989 TF/s datasheet and
-against a bf16 matmul ceiling measured in the same run. diffusers is optional (its rows are skipped without it).
+U-Net cases are `<pixels>x<batch>` (latents pixels/8); variants are `<ours|diffusers>[+cl][+compile|+regional]
+[+cudnn_sdpa][+graph]` (bench.unet). MFU uses the forward FLOPs counted by torch's FlopCounterMode (×3 for a
+training step) against the 989 TF/s datasheet and against a bf16 matmul ceiling measured in the same run.
+diffusers is optional: its rows are skipped without it. Every part prints its table as soon as it is done.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import gc
-import platform
+import traceback
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
-from ldmlab.nn.unet import UNetModel
+from ldmlab.bench import common, unet
 
-DATASHEET_TFLOPS = 989.0  # H100 SXM dense bf16
-VARIANTS = ("ours_eager", "diffusers_eager", "diffusers_compile_cl", "ours_compile_cl")
+DEFAULT_VARIANTS = ("diffusers", "diffusers+cl+compile", "ours", "ours+cl+regional", "ours+cl+compile")
+DEFAULT_PARTS = "ceiling,sdpa,unet,profile,vae,vae_train,sampling,train"
 
 
-def matmul_ceiling(n: int = 8192, iters: int = 50) -> float:
-    """Measured dense bf16 matmul throughput (TFLOP/s): the practical ceiling for MFU."""
-    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    for _ in range(5):
-        a @ b
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        a @ b
-    end.record()
-    torch.cuda.synchronize()
-    return 2 * n**3 * iters / (start.elapsed_time(end) / 1e3) / 1e12
-
-
-def build(variant: str) -> tuple[torch.nn.Module, Callable]:
-    """The model for a variant and its forward(x, t, ctx) → prediction."""
-    torch.manual_seed(0)
-    ours = UNetModel()
-    if variant.startswith("ours"):
-        return ours, lambda m, x, t, c: m(x, t, context=c)
-    from diffusers import UNet2DConditionModel
-
-    from ldmlab.convert.unet import diffusers_unet_config
-
-    model = UNet2DConditionModel(**diffusers_unet_config(ours.config))
-    del ours
-    return model, lambda m, x, t, c: m(x, t, encoder_hidden_states=c).sample
-
-
-def forward_flops(model: torch.nn.Module, fwd: Callable, latent: int) -> float:
-    """Forward FLOPs of one sample (FlopCounterMode counts matmuls, convs and SDPA)."""
-    x, t, c = inputs(1, latent)
-    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16), FlopCounterMode(display=False) as counter:
-        fwd(model, x, t, c)
-    return float(counter.get_total_flops())
-
-
-def inputs(batch: int, latent: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    x = torch.randn(batch, 4, latent, latent, device="cuda")
-    t = torch.randint(0, 1000, (batch,), device="cuda")
-    return x, t, torch.randn(batch, 77, 768, device="cuda")
-
-
-def time_train_step(variant: str, pixels: int, batch: int, iters: int) -> dict[str, float]:
-    """img/s and forward GFLOP/sample of one variant's training step."""
-    model, fwd = build(variant)
-    model = model.cuda().train()
-    latent = pixels // 8
-    flops = forward_flops(model, fwd, latent)
-    if variant.endswith("compile_cl"):
-        model = model.to(memory_format=torch.channels_last)
-        model = torch.compile(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    x, t, c = inputs(batch, latent)
-    if variant.endswith("compile_cl"):
-        x = x.contiguous(memory_format=torch.channels_last)
-    noise = torch.randn_like(x)
-
-    def step() -> None:
-        with torch.autocast("cuda", torch.bfloat16):
-            out = fwd(model, x, t, c)
-        F.mse_loss(out.float(), noise).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    for _ in range(5):  # warm-up (and compilation)
-        step()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        step()
-    end.record()
-    torch.cuda.synchronize()
-    seconds = start.elapsed_time(end) / 1e3 / iters
-    peak = torch.cuda.max_memory_allocated() / 2**30
-    return {"img_s": batch / seconds, "gflop": flops / 1e9, "peak_gib": peak}
-
-
-def free_gpu() -> None:
-    """Release the last variant's model and optimizer state before the next one is built."""
-    gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-
-
-def markdown(rows: list[tuple[str, int, int, dict[str, float]]], ceiling: float) -> str:
-    import importlib.metadata as md
-
-    versions = f"torch {torch.__version__}"
-    for pkg in ("diffusers",):
-        try:
-            versions += f", {pkg} {md.version(pkg)}"
-        except md.PackageNotFoundError:
-            pass
-    lines = [(f"### SD1.5 U-Net training step ({dt.date.today()}, {torch.cuda.get_device_name()}, {versions}, "
-              f"Python {platform.python_version()})"), "",
-             f"bf16 autocast, SDPA, fused AdamW. Measured bf16 matmul ceiling: {ceiling:.0f} TF/s.", "",
-             "| pixels | batch | variant | img/s | fwd GFLOP/img | MFU vs 989 | MFU vs ceiling | peak GiB |",
-             "|---|---|---|---|---|---|---|---|"]
-    for variant, pixels, batch, r in rows:
-        achieved = 3 * r["gflop"] * r["img_s"] / 1e3  # TF/s: training ≈ 3 × forward
-        lines.append(f"| {pixels} | {batch} | {variant} | {r['img_s']:.1f} | {r['gflop']:.0f} | "
-                     f"{achieved / DATASHEET_TFLOPS:.1%} | {achieved / ceiling:.1%} | {r['peak_gib']:.1f} |")
+def unet_part(cases: list[str], variants: list[str], iters: int, ceiling: float) -> str:
+    lines = [("| pixels | batch | variant | img/s | × diffusers best | × diffusers eager | MFU vs 989 | "
+              "MFU vs ceiling | peak GiB | warm-up s |"), "|---|---|---|---|---|---|---|---|---|---|"]
+    for case in cases:
+        pixels, batch = map(int, case.split("x"))
+        results: dict[str, dict[str, float]] = {}
+        for variant in variants:
+            result = guarded(f"unet {variant} {case}", partial(unet.time_unet_step, variant, pixels, batch, iters))
+            if result:
+                results[variant] = result
+                print(f"  {variant:28s} {case:8s} {result['img_s']:8.1f} img/s  warm-up {result['warmup_s']:.0f} s",
+                      flush=True)
+        peer = [r["img_s"] for v, r in results.items() if v.startswith("diffusers")]
+        eager = results.get("diffusers", {}).get("img_s")
+        for variant, r in results.items():
+            achieved = 3 * r["gflop"] * r["img_s"] / 1e3  # TF/s: a training step ≈ 3 × forward
+            best = f"{r['img_s'] / max(peer):.2f}" if peer else "–"
+            vs_eager = f"{r['img_s'] / eager:.2f}" if eager else "–"
+            lines.append(f"| {pixels} | {batch} | {variant} | {r['img_s']:.1f} | {best} | {vs_eager} | "
+                         f"{achieved / common.DATASHEET_TFLOPS:.1%} | {achieved / ceiling:.1%} | "
+                         f"{r['peak_gib']:.1f} | {r['warmup_s']:.0f} |")
     return "\n".join(lines) + "\n"
+
+
+def profile_part(variant: str, case: str) -> str:
+    from ldmlab.bench import profile
+
+    pixels, batch = map(int, case.split("x"))
+    impl, features = unet.parse_variant(variant)
+    model, fwd = unet.build_unet(impl)
+    model = unet.prepare(model.cuda().train(), features)
+    step = unet.train_step_fn(model, fwd, batch, pixels // 8, graph=False)
+    for _ in range(3):
+        step()
+    return profile.report(f"{variant}, {pixels} px, batch {batch}", *profile.profile_step(step))
+
+
+def sdpa_part() -> str:
+    from ldmlab.bench.profile import sdpa_backends
+
+    # SD1.5 at 256 px, batch 64: self-attention per level (heads 8, d = 40, 80, 160) and cross-attention (S=77)
+    shapes = [(64, 8, 1024, 1024, 40), (64, 8, 1024, 77, 40), (64, 8, 256, 256, 80), (64, 8, 64, 64, 160),
+              (32, 8, 4096, 4096, 40)]
+    return sdpa_backends(shapes)
+
+
+def vae_part(iters: int) -> str:
+    from ldmlab.bench.vae import time_vae
+
+    lines = [("| pixels | batch | variant | encode img/s | decode img/s | encode × diffusers eager | "
+              "decode × diffusers eager | peak GiB | warm-up s |"), "|---|---|---|---|---|---|---|---|---|"]
+    for pixels, batch in ((256, 32), (512, 8)):
+        results = {}
+        for variant in ("diffusers", "diffusers+cl+compile", "ours", "ours+cl+regional", "ours+cl+compile"):
+            if (r := guarded(f"vae {variant}", partial(time_vae, variant, pixels, batch, iters))):
+                results[variant] = r
+                print(f"  vae {variant:24s} {pixels}x{batch} enc {r['encode_img_s']:.1f} dec {r['decode_img_s']:.1f}",
+                      flush=True)
+        base = results.get("diffusers")
+        for variant, r in results.items():
+            enc = f"{r['encode_img_s'] / base['encode_img_s']:.2f}" if base else "–"
+            dec = f"{r['decode_img_s'] / base['decode_img_s']:.2f}" if base else "–"
+            lines.append(f"| {pixels} | {batch} | {variant} | {r['encode_img_s']:.1f} | {r['decode_img_s']:.1f} | "
+                         f"{enc} | {dec} | {r['peak_gib']:.1f} | {r['warmup_s']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def vae_train_part() -> str:
+    from ldmlab.bench.vae import time_vae_training
+
+    lines = ["| pixels | batch | compile | img/s | peak GiB | warm-up s |", "|---|---|---|---|---|---|"]
+    for scope in ("none", "regional"):
+        if (r := guarded(f"vae train {scope}", lambda s=scope: time_vae_training(256, 16, steps=25, compile_scope=s))):
+            lines.append(f"| 256 | 16 | {scope} | {r['img_s']:.1f} | {r['peak_gib']:.1f} | {r['warmup_s']:.0f} |")
+            print("  " + lines[-1], flush=True)
+    return "\n".join(lines) + "\n"
+
+
+def sampling_part() -> str:
+    from ldmlab.bench.sampling import time_sampling
+
+    lines = ["| variant | s / image | peak GiB | warm-up s |", "|---|---|---|---|"]
+    for variant in ("diffusers", "ours", "ours+cl+compile"):
+        if (r := guarded(f"sampling {variant}", lambda v=variant: time_sampling(v))):
+            lines.append(f"| {variant} | {r['s_per_img']:.3f} | {r['peak_gib']:.1f} | {r['warmup_s']:.0f} |")
+            print("  " + lines[-1], flush=True)
+    return "\n".join(lines) + "\n"
+
+
+def train_part(steps: int) -> str:
+    from ldmlab.bench.train_path import time_train_py
+
+    lines = ["| command | img/s | s/step | warm-up s |", "|---|---|---|---|"]
+    for extra in ([], ["speed=none"]):
+        if (r := guarded(f"train.py {extra}", lambda e=extra: time_train_py(e, steps))):
+            lines.append(f"| `{r['command']}` | {r['img_s']:.1f} | {r['s_per_step']:.4f} | {r['warmup_s']:.0f} |")
+            print("  " + lines[-1], flush=True)
+    return "\n".join(lines) + "\n"
+
+
+def guarded(name: str, fn: Callable[[], dict]) -> dict | None:
+    """Run one measurement; a failure (no diffusers, OOM, a compiler error) is printed and skipped."""
+    try:
+        return fn()
+    except Exception as err:  # noqa: BLE001 — one failed row must not lose the rest of the GPU session
+        print(f"{name}: skipped ({type(err).__name__}: {str(err)[:300]})", flush=True)
+        traceback.print_exc(limit=3)
+        return None
+    finally:
+        common.free_gpu()
 
 
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", default=DEFAULT_PARTS)
     parser.add_argument("--cases", default="256x64,256x128,512x32")
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS))
+    parser.add_argument("--profile", default="ours+cl+regional@256x64", help="variant@case to profile")
     parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--out", type=Path, default=None, help="append the table to this Markdown file")
+    parser.add_argument("--train-steps", type=int, default=60)
+    parser.add_argument("--out", type=Path, default=None, help="append the tables to this Markdown file")
     args = parser.parse_args(argv)
+    parts = args.parts.split(",")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    ceiling = matmul_ceiling()
+    ceiling = common.matmul_ceiling()
+    sections = [f"### GPU benchmark ({common.environment()})", "",
+                f"Measured bf16 matmul ceiling: {ceiling:.0f} TF/s.", ""]
+    runners = {
+        "sdpa": ("SDPA backends, forward + backward", sdpa_part),
+        "unet": ("SD1.5 U-Net training step (bf16 autocast, fused AdamW)",
+                 lambda: unet_part(args.cases.split(","), args.variants.split(","), args.iters, ceiling)),
+        "profile": ("Profile", lambda: profile_part(*args.profile.split("@"))),
+        "vae": ("kl-f8 VAE encode / decode (bf16 autocast, no grad)", lambda: vae_part(args.iters)),
+        "vae_train": ("VAE training step through Lightning (G + D, LPIPS, GAN on)", vae_train_part),
+        "sampling": ("50 DDIM steps + CFG 7.5 + decode, 512 px, batch 8 (bf16 weights)", sampling_part),
+        "train": ("`train.py model=unet_sd15 trainer=gpu data=synthetic_latents`", lambda: train_part(args.train_steps)),
+    }
     print(f"bf16 matmul ceiling: {ceiling:.0f} TF/s", flush=True)
-    rows = []
-    for case in args.cases.split(","):
-        pixels, batch = map(int, case.split("x"))
-        for variant in args.variants.split(","):
-            try:
-                result = time_train_step(variant, pixels, batch, args.iters)
-            except (ImportError, torch.OutOfMemoryError) as err:  # report and go on with the next row
-                print(f"{variant} {case}: skipped ({type(err).__name__}: {err})", flush=True)
-                continue
-            finally:
-                free_gpu()
-            rows.append((variant, pixels, batch, result))
-            print(f"{variant:22s} {case:8s} {result['img_s']:8.1f} img/s  {result['gflop']:.0f} GFLOP/img  "
-                  f"{result['peak_gib']:.1f} GiB", flush=True)
-    table = markdown(rows, ceiling)
-    print(table)
+    for part in parts:
+        if part == "ceiling":
+            continue
+        title, run = runners[part]
+        print(f"== {part}", flush=True)
+        try:
+            table = run()
+        except Exception:  # noqa: BLE001 — keep the other parts' results
+            traceback.print_exc()
+            continue
+        sections += [f"#### {title}", "", table]
+        print(table, flush=True)
+    text = "\n".join(sections)
     if args.out:
         with open(args.out, "a") as f:
-            f.write("\n" + table)
-    return table
+            f.write("\n" + text)
+    return text
 
 
 if __name__ == "__main__":

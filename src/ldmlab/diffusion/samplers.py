@@ -71,8 +71,10 @@ def _model_x0_eps(
     """Run the model at (x_t, t) and read off (x̂0, ε̂); thresholding applies to x̂0 only (as diffusers).
 
     An int t reaches the model as an int64 batch, a float t (Euler's grid) as float32, as in diffusers."""
-    t_batch = torch.full((x.shape[0],), t, dtype=torch.int64 if isinstance(t, int) else torch.float32)
-    out = denoise(x, t_batch.to(x.device)).to(x.dtype)
+    # filled on the device: a host tensor copied per step would make every step wait for the GPU queue
+    t_batch = torch.full((x.shape[0],), t, dtype=torch.int64 if isinstance(t, int) else torch.float32,
+                         device=x.device)
+    out = denoise(x, t_batch).to(x.dtype)
     alpha, sigma = alpha_bar**0.5, (1 - alpha_bar) ** 0.5
     x0, eps = prediction.x0_at(out, x, alpha, sigma), prediction.eps_at(out, x, alpha, sigma)
     return (threshold(x0) if threshold is not None else x0), eps

@@ -87,7 +87,10 @@ class TextConditioner(nn.Module):
         return {self.key: self.encode(prompts, device)}
 
     def unconditional(self, batch_size: int, device: torch.device) -> dict[str, Tensor]:
-        return {self.key: self.encode([""], device).expand(batch_size, -1, -1)}
+        # the empty prompt's embedding is fixed (frozen encoder): encode it once per device, not every step
+        if getattr(self, "_null", None) is None or self._null.device != torch.device(device):
+            self._null = self.encode([""], device)
+        return {self.key: self._null.expand(batch_size, -1, -1)}
 
     def drop(self, cond: dict[str, Tensor], p_uncond: float, generator: torch.Generator | None) -> dict[str, Tensor]:
         null = self.unconditional(1, cond[self.key].device)[self.key][0]  # (77, D) empty-prompt embedding

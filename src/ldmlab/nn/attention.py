@@ -143,7 +143,11 @@ class SpatialTransformer(nn.Module):
             y = block(y, context)
         if self.use_linear:
             y = self.proj_out(y)  # (B, HW, C)
-        y = y.reshape(b, h, w, -1).permute(0, 3, 1, 2).contiguous()  # (B, C or inner, H, W)
+        # (B, C or inner, H, W) as a view: channels_last strides already, so a channels_last model copies
+        # nothing; an NCHW model gets its usual contiguous layout back (one copy, as before)
+        y = y.reshape(b, h, w, -1).permute(0, 3, 1, 2)
+        if not x.is_contiguous(memory_format=torch.channels_last):
+            y = y.contiguous()
         if not self.use_linear:
             y = self.proj_out(y)
         return x + y

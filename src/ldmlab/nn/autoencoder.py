@@ -241,6 +241,8 @@ def validate_autoencoder_args(
 class AutoencoderKL(nn.Module):
     """KL-regularised autoencoder (LDM / SD first stage); defaults are SD's kl-f8 (latents (4, H/8, W/8))."""
 
+    _repeated_blocks = (ResnetBlock, AttnBlock)  # compiled one by one by ldmlab.accel (regional compilation)
+
     def __init__(
         self,
         in_channels: int = 3,

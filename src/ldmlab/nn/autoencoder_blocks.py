@@ -65,10 +65,10 @@ class AttnBlock(nn.Module):
         """(B, C, H, W) -> (B, C, H, W); attention over the H*W positions, scale 1/sqrt(C)."""
         b, c, h, w = x.shape
         y = self.norm(x)
-        # (B, C, H, W) -> (B, 1, HW, C): one head of width C
-        q, k, v = (t.reshape(b, 1, c, h * w).transpose(-1, -2) for t in (self.q(y), self.k(y), self.v(y)))
+        # (B, C, H, W) -> (B, 1, HW, C): one head of width C (a view when the model is channels_last)
+        q, k, v = (t.permute(0, 2, 3, 1).reshape(b, 1, h * w, c) for t in (self.q(y), self.k(y), self.v(y)))
         y = F.scaled_dot_product_attention(q, k, v)  # (B, 1, HW, C)
-        y = y.transpose(-1, -2).reshape(b, c, h, w)
+        y = y.reshape(b, h, w, c).permute(0, 3, 1, 2)  # channels_last strides: the 1x1 conv takes it as is
         return x + self.proj_out(y)
 
 

@@ -1,0 +1,96 @@
+"""GPU speed switches shared by the training path (callbacks.speed.GPUSpeed) and the benchmark (bench.gpu).
+
+- channels_last: cuDNN's convolutions and the compiler's GroupNorm+SiLU kernels run on NHWC without the
+  NCHW↔NHWC transposes an NCHW model pays around every conv on tensor cores.
+- regional compilation: `torch.compile` of every block a model lists in `_repeated_blocks` (U-Net: ResBlock,
+  SpatialTransformer; VAE: ResnetBlock, AttnBlock), in place, so state-dict names do not change. Blocks of one
+  shape share a compiled graph, and each graph is small: warm-up is a fraction of a whole-model compile
+  (diffusers' `compile_repeated_blocks` follows the same idea), the speed is close to it.
+- SDPA backend order: which fused attention kernel `scaled_dot_product_attention` tries first.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.nn.attention import SDPBackend
+
+log = logging.getLogger(__name__)
+
+CompileScope = Literal["none", "regional", "full"]
+SDPA_BACKENDS = {
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "math": SDPBackend.MATH,
+}
+
+
+def repeated_block_types(model: nn.Module) -> tuple[type[nn.Module], ...]:
+    """The block classes every submodule of `model` declares in `_repeated_blocks`."""
+    found: list[type[nn.Module]] = []
+    for module in model.modules():
+        found += [t for t in getattr(module, "_repeated_blocks", ()) if t not in found]
+    return tuple(found)
+
+
+def compile_model(model: nn.Module, scope: CompileScope = "regional", mode: str | None = None,
+                  fullgraph: bool = True) -> int:
+    """Compile `model` in place; returns how many modules were compiled.
+
+    regional: each repeated block (nested ones inside a compiled block are left to it); full: every top-level
+    model that declares `_repeated_blocks` (the U-Net, the VAE), as one graph each.
+    """
+    if scope == "none":
+        return 0
+    if scope not in ("regional", "full"):
+        raise ValueError(f"compile={scope!r}: valid are none, regional, full")
+    if scope == "full":
+        targets = [m for m in model.modules() if getattr(m, "_repeated_blocks", None)]
+        fullgraph = False  # a whole U-Net graph breaks on its input checks; the blocks do not
+    else:
+        types = repeated_block_types(model)
+        targets = [m for m in model.modules() if isinstance(m, types)]
+    targets = _outermost(targets)
+    # instances of one block class share Dynamo's cache entry, one graph per distinct shape (SD1.5's U-Net has
+    # ~15 ResBlock shapes): past the default limit of 8 the rest would silently run eagerly
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    for module in targets:
+        module.compile(mode=mode, fullgraph=fullgraph, dynamic=False)
+    return len(targets)
+
+
+def _outermost(modules: list[nn.Module]) -> list[nn.Module]:
+    """Drop modules contained in another listed module (compiling the outer one covers them)."""
+    inner = {id(sub) for m in modules for sub in m.modules() if sub is not m}
+    return [m for m in modules if id(m) not in inner]
+
+
+def to_channels_last(model: nn.Module) -> nn.Module:
+    """4-D parameters and buffers (conv weights) in NHWC; convs then return NHWC activations, which the
+    following layers keep, so the inputs need no conversion."""
+    return model.to(memory_format=torch.channels_last)
+
+
+def set_sdpa_order(order: list[str] | tuple[str, ...] | None) -> None:
+    """Make `scaled_dot_product_attention` try the named backends first, in this order (None: torch's order).
+
+    Backends left out stay enabled after the named ones, so a shape the first cannot run still runs.
+    """
+    if not order:
+        return
+    unknown = [name for name in order if name not in SDPA_BACKENDS]
+    if unknown:
+        raise ValueError(f"sdpa_backends={list(order)}: unknown {unknown}; valid are {sorted(SDPA_BACKENDS)}")
+    first = [int(SDPA_BACKENDS[name]) for name in order]
+    rest = [b for b in torch._C._get_sdp_priority_order() if b not in first]
+    torch._C._set_sdp_priority_order(first + rest)  # what sdpa_kernel(..., set_priority=True) sets
+
+
+def enable_tensor_cores() -> None:
+    """TF32 for the fp32 matmuls and convs left outside autocast (optimizer-free parts, fp32 heads)."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True

@@ -1,0 +1,94 @@
+"""Text-to-image sampling cost: 50 DDIM steps with classifier-free guidance (one batched [uncond; cond]
+forward per step) and the VAE decode, SD1.5 U-Net + kl-f8 VAE in bf16, ours against the same loop written
+with diffusers' UNet2DConditionModel, DDIMScheduler and AutoencoderKL (what StableDiffusionPipeline runs).
+Random weights and random 77×768 prompt embeddings: the cost does not depend on them."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from functools import partial
+
+import torch
+
+from ldmlab import accel
+from ldmlab.bench.common import peak_gib
+from ldmlab.bench.unet import build_unet
+from ldmlab.bench.vae import build_vae
+
+GUIDANCE = 7.5
+
+
+def ours_sampler(features: set[str], steps: int) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    from ldmlab.diffusion.guidance import classifier_free_guidance
+    from ldmlab.diffusion.parameterization import EpsPrediction
+    from ldmlab.diffusion.samplers import ddim_sample
+    from ldmlab.diffusion.schedules import scaled_linear
+
+    unet, _ = build_unet("ours")
+    vae, _, _ = build_vae("ours")
+    unet, vae = (m.cuda().eval().to(torch.bfloat16) for m in (unet, vae))
+    if "cl" in features:
+        accel.to_channels_last(unet), accel.to_channels_last(vae)
+    unet_call: Callable = unet
+    if "regional" in features:
+        accel.compile_model(unet, "regional"), accel.compile_model(vae, "regional")
+    if "compile" in features:
+        unet_call = torch.compile(unet)
+        vae.decoder = torch.compile(vae.decoder)
+    sample = partial(ddim_sample, num_steps=steps, spacing="leading", steps_offset=1, set_alpha_to_one=False)
+    schedule, prediction = scaled_linear(), EpsPrediction()
+
+    @torch.no_grad()
+    def run(x_T: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
+        denoise = classifier_free_guidance(lambda x, t, c: unet_call(x, t, context=c), cond, uncond, GUIDANCE)
+        return vae.decode(sample(denoise, x_T, schedule, prediction) / 0.18215)
+
+    return run
+
+
+def diffusers_sampler(features: set[str], steps: int) -> Callable:
+    from diffusers import DDIMScheduler
+
+    unet, _ = build_unet("diffusers")
+    vae, _, _ = build_vae("diffusers")
+    unet, vae = (m.cuda().eval().to(torch.bfloat16) for m in (unet, vae))
+    if "cl" in features:
+        unet.to(memory_format=torch.channels_last), vae.to(memory_format=torch.channels_last)
+    if "compile" in features:
+        unet, vae.decoder = torch.compile(unet), torch.compile(vae.decoder)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+    @torch.no_grad()
+    def run(x_T: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
+        scheduler.set_timesteps(steps, device="cuda")
+        x, both = x_T, torch.cat([uncond, cond])
+        for t in scheduler.timesteps:
+            out_u, out_c = unet(torch.cat([x, x]), t, encoder_hidden_states=both).sample.chunk(2)
+            x = scheduler.step(out_u + GUIDANCE * (out_c - out_u), t, x).prev_sample
+        return vae.decode(x / 0.18215).sample
+
+    return run
+
+
+def time_sampling(variant: str, pixels: int = 512, batch: int = 8, steps: int = 50,
+                  repeats: int = 2) -> dict[str, float]:
+    """Seconds per image of `steps` DDIM steps with CFG + decode for a batch (after one warm-up batch)."""
+    impl, *features = variant.split("+")
+    build = ours_sampler if impl == "ours" else diffusers_sampler
+    run = build(set(features), steps)
+    latent = pixels // 8
+    x_T = torch.randn(batch, 4, latent, latent, device="cuda", dtype=torch.bfloat16)
+    cond, uncond = (torch.randn(batch, 77, 768, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    t0 = time.perf_counter()
+    run(x_T, cond, uncond)  # warm-up: compilation, cuDNN plans
+    torch.cuda.synchronize()
+    warmup = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        images = run(x_T, cond, uncond)
+    torch.cuda.synchronize()
+    seconds = (time.perf_counter() - t0) / repeats
+    assert images.shape == (batch, 3, pixels, pixels), images.shape
+    return {"s_per_img": seconds / batch, "peak_gib": peak_gib(), "warmup_s": warmup}

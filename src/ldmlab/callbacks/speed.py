@@ -1,0 +1,91 @@
+"""GPUSpeed: the speed switches of `trainer=gpu` (conf/callbacks/speed), applied before the strategy wraps the
+model; StepTimer: steady-state seconds per step, for the benchmarks and for `train.py` runs that want it."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+from ldmlab import accel
+
+log = logging.getLogger(__name__)
+
+
+class GPUSpeed(pl.Callback):
+    """channels_last, regional torch.compile of the repeated blocks, the SDPA backend order, TF32.
+
+    Applied in `setup` (all networks exist, nothing is wrapped by DDP/FSDP or moved yet): DDP's gradient
+    buckets then follow the NHWC parameter layout, and the compiled blocks are the ones every rank runs.
+    Layers are changed in place: state-dict names, checkpoints and exports are those of the plain model.
+    """
+
+    def __init__(self, compile: accel.CompileScope = "regional", channels_last: bool = True,
+                 compile_mode: str | None = None, sdpa_backends: list[str] | None = None,
+                 tf32: bool = True) -> None:
+        if compile not in ("none", "regional", "full"):
+            raise ValueError(f"callbacks.speed.compile={compile!r}: valid are none, regional, full")
+        self.compile, self.channels_last, self.compile_mode = compile, channels_last, compile_mode
+        self.sdpa_backends, self.tf32 = sdpa_backends, tf32
+        self._applied = False
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._applied:  # fit then test in one process: the model is already set up
+            return
+        self._applied = True
+        if self.tf32:
+            accel.enable_tensor_cores()
+        accel.set_sdpa_order(self.sdpa_backends)
+        if self.channels_last:
+            accel.to_channels_last(pl_module)
+        compiled = accel.compile_model(pl_module, self.compile, mode=self.compile_mode)
+        log.info("speed: channels_last=%s, compile=%s (%d modules), sdpa=%s", self.channels_last, self.compile,
+                 compiled, self.sdpa_backends or "torch default")
+
+
+class StepTimer(pl.Callback):
+    """Seconds per training step after `skip` warm-up steps (compilation, cuDNN autotuning), GPU-synchronised
+    only at the two ends so the steps in between run as they would without it."""
+
+    def __init__(self, skip: int = 5) -> None:
+        self.skip = skip
+        self._fit_start = self._start = self._end = 0.0
+        self._steps = 0
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._fit_start = time.perf_counter()
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if trainer.global_step == self.skip:
+            _synchronize(pl_module)
+            self._start = time.perf_counter()
+            self._steps = 0
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._steps += 1
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        _synchronize(pl_module)
+        self._end = time.perf_counter()
+        if self._start and self._steps:
+            log.info("StepTimer: %.4f s/step over %d steps", self.seconds_per_step, self._steps)
+
+    @property
+    def seconds_per_step(self) -> float:
+        if not (self._start and self._steps):
+            raise RuntimeError(f"StepTimer saw no step after the {self.skip} warm-up steps: raise max_steps")
+        return (self._end - self._start) / self._steps
+
+    def warmup_seconds(self, since: float | None = None) -> float:
+        """Wall seconds from `since` (default: fit start) to the first timed step."""
+        return self._start - (since if since is not None else self._fit_start)
+
+
+def _synchronize(pl_module: pl.LightningModule) -> None:
+    if pl_module.device.type == "cuda":
+        torch.cuda.synchronize(pl_module.device)
