@@ -23,7 +23,8 @@ import torch
 
 from ldmlab.bench import common, unet
 
-DEFAULT_VARIANTS = ("diffusers", "diffusers+cl+compile", "ours", "ours+cl+regional", "ours+cl+compile")
+DEFAULT_VARIANTS = ("diffusers", "diffusers+cl+compile", "ours", "ours+cl+compile+cudnn_sdpa",
+                    "ours+cl+compile+ro+cudnn_sdpa", "ours+cl+compile+graph+cudnn_sdpa")
 DEFAULT_PARTS = "ceiling,sdpa,unet,profile,vae,vae_train,sampling,train"
 
 
@@ -55,13 +56,14 @@ def profile_part(variant: str, case: str) -> str:
     from ldmlab.bench import profile
 
     pixels, batch = map(int, case.split("x"))
-    impl, features = unet.parse_variant(variant)
-    model, fwd = unet.build_unet(impl)
-    model = unet.prepare(model.cuda().train(), features)
-    step = unet.train_step_fn(model, fwd, batch, pixels // 8, graph=False)
-    for _ in range(3):
-        step()
-    return profile.report(f"{variant}, {pixels} px, batch {batch}", *profile.profile_step(step))
+    try:
+        step, _ = unet.make_step(variant, pixels, batch)
+        for _ in range(3):
+            step()
+        measured = profile.profile_step(step)
+    finally:
+        unet.reset_sdpa()
+    return profile.report(f"{variant}, {pixels} px, batch {batch}", *measured)
 
 
 def sdpa_part() -> str:
@@ -120,7 +122,7 @@ def train_part(steps: int) -> str:
     from ldmlab.bench.train_path import time_train_py
 
     lines = ["| command | img/s | s/step | warm-up s |", "|---|---|---|---|"]
-    for extra in ([], ["speed=none"]):
+    for extra in ([], ["callbacks.speed.compile_mode=reduce-overhead"], ["speed=none"]):
         if (r := guarded(f"train.py {extra}", lambda e=extra: time_train_py(e, steps))):
             lines.append(f"| `{r['command']}` | {r['img_s']:.1f} | {r['s_per_step']:.4f} | {r['warmup_s']:.0f} |")
             print("  " + lines[-1], flush=True)
@@ -144,7 +146,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--parts", default=DEFAULT_PARTS)
     parser.add_argument("--cases", default="256x64,256x128,512x32")
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS))
-    parser.add_argument("--profile", default="ours+cl+regional@256x64", help="variant@case to profile")
+    parser.add_argument("--profile", default="ours+cl+compile+graph+cudnn_sdpa@256x64", help="variant@case to profile")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--train-steps", type=int, default=60)
     parser.add_argument("--out", type=Path, default=None, help="append the tables to this Markdown file")

@@ -2,7 +2,8 @@
 
 A variant is `<impl>[+feature...]`: impl `ours` or `diffusers`; features `cl` (channels_last), `compile`
 (whole model), `regional` (each repeated block, ldmlab.accel), `cudnn_sdpa` (cuDNN attention first),
-`graph` (the whole step — forward, backward, fused AdamW — captured in one CUDA graph). A step is forward +
+`ro` (compile mode reduce-overhead: CUDA graphs of the compiled forward and backward), `graph` (the whole
+step — forward, backward, fused AdamW — captured in one CUDA graph by hand). A step is forward +
 MSE + backward + fused AdamW under bf16 autocast with fp32 master weights.
 """
 
@@ -18,7 +19,7 @@ from ldmlab import accel
 from ldmlab.bench.common import cuda_seconds, peak_gib, timed_warmup
 from ldmlab.nn.unet import UNetModel
 
-FEATURES = {"cl", "compile", "regional", "cudnn_sdpa", "graph"}
+FEATURES = {"cl", "compile", "regional", "cudnn_sdpa", "ro", "graph"}
 Forward = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -68,7 +69,7 @@ def prepare(model: torch.nn.Module, features: set[str]) -> torch.nn.Module:
         else:  # diffusers' own regional compilation (ModelMixin.compile_repeated_blocks)
             model.compile_repeated_blocks(fullgraph=True)
     if "compile" in features:
-        model = torch.compile(model)
+        model = torch.compile(model, mode="reduce-overhead" if "ro" in features else None)
     return model
 
 
@@ -99,21 +100,29 @@ def train_step_fn(model: torch.nn.Module, fwd: Forward, batch: int, latent: int,
     return cuda_graph.replay
 
 
-def time_unet_step(variant: str, pixels: int, batch: int, iters: int) -> dict[str, float]:
-    """img/s, forward GFLOP/img, peak GiB and warm-up seconds of one variant's training step."""
+def make_step(variant: str, pixels: int, batch: int) -> tuple[Callable[[], None], float]:
+    """The variant's training step (SDPA order set as asked: restore with `reset_sdpa()`) and its forward
+    FLOPs per image."""
     impl, features = parse_variant(variant)
     model, fwd = build_unet(impl)
     model = model.cuda().train()
-    latent = pixels // 8
-    flops = forward_flops(model, fwd, latent)
-    previous_order = torch._C._get_sdp_priority_order()
+    flops = forward_flops(model, fwd, pixels // 8)
     if "cudnn_sdpa" in features:
         accel.set_sdpa_order(["cudnn"])
+    model = prepare(model, features)
+    return train_step_fn(model, fwd, batch, pixels // 8, graph="graph" in features), flops
+
+
+def reset_sdpa() -> None:
+    accel.set_sdpa_order(["flash", "efficient", "math", "cudnn"])  # torch's default order
+
+
+def time_unet_step(variant: str, pixels: int, batch: int, iters: int) -> dict[str, float]:
+    """img/s, forward GFLOP/img, peak GiB and warm-up seconds of one variant's training step."""
     try:
-        model = prepare(model, features)
-        step = train_step_fn(model, fwd, batch, latent, graph="graph" in features)
+        step, flops = make_step(variant, pixels, batch)
         warmup = timed_warmup(step)
         seconds = cuda_seconds(step, iters, warmup=2)
     finally:
-        torch._C._set_sdp_priority_order(previous_order)
+        reset_sdpa()
     return {"img_s": batch / seconds, "gflop": flops / 1e9, "peak_gib": peak_gib(), "warmup_s": warmup}

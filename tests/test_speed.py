@@ -1,0 +1,130 @@
+"""The speed switches (ldmlab.accel, GPUSpeed, the speed config group) on the CPU: same numbers as the plain
+model, the config wiring of trainer=gpu, and a bf16 training run that follows the fp32 one.
+
+The GPU timings themselves are benchmarks (python -m ldmlab.bench.gpu → docs/BENCHMARKS.md), not tests.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from conftest import compose_train
+from hydra.utils import instantiate
+
+from ldmlab import accel
+from ldmlab.callbacks.speed import GPUSpeed, StepTimer
+from ldmlab.data.synthetic import SyntheticDataModule
+from ldmlab.diffusion import EpsPrediction, ddim_sample, scaled_linear
+from ldmlab.lit.ldm import LatentDiffusionModule
+from ldmlab.nn.autoencoder import AutoencoderKL
+from ldmlab.nn.unet import UNetModel
+from ldmlab.nn.unet_blocks import ResBlock
+
+
+def tiny_unet(**kw) -> UNetModel:
+    torch.manual_seed(0)
+    return UNetModel(**{**dict(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
+                               num_heads=4, context_dim=16, norm_groups=8), **kw})
+
+
+def unet_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 900]), torch.randn(2, 5, 16, generator=g)
+
+
+def test_channels_last_gives_the_same_prediction() -> None:
+    plain = tiny_unet()
+    torch.nn.init.normal_(plain.out[2].weight, std=0.02)  # zero-initialised output convs would hide differences
+    for block in plain.modules():
+        if isinstance(block, ResBlock):
+            torch.nn.init.normal_(block.out_layers[3].weight, std=0.02)
+    fast = tiny_unet()
+    fast.load_state_dict(plain.state_dict())
+    accel.to_channels_last(fast)
+    assert fast.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    x, t, c = unet_inputs()
+    torch.testing.assert_close(fast(x, t, context=c), plain(x, t, context=c), rtol=1e-5, atol=1e-5)
+
+
+def test_vae_attention_is_the_same_in_both_layouts() -> None:
+    torch.manual_seed(0)
+    vae = AutoencoderKL(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, norm_groups=8)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    expected = vae.decode(vae.encode(x).mean)
+    accel.to_channels_last(vae)
+    torch.testing.assert_close(vae.decode(vae.encode(x).mean), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_compile_targets_regional_and_full() -> None:
+    unet = tiny_unet()
+    blocks = [m for m in unet.modules() if isinstance(m, accel.repeated_block_types(unet))]
+    # ResBlocks: in 1+1, middle 2, out 2+2; transformers (level 1 and middle): in 1, middle 1, out 2
+    assert len(blocks) == 8 + 4
+    assert accel.compile_model(tiny_unet(), "regional") == len(blocks)
+    assert accel.compile_model(tiny_unet(), "full") == 1
+    assert accel.compile_model(tiny_unet(), "none") == 0
+    with pytest.raises(ValueError, match="compile='fast': valid are none, regional, full"):
+        accel.compile_model(tiny_unet(), "fast")  # type: ignore[arg-type]
+
+
+def test_sdpa_order_names_unknown_backends() -> None:
+    before = torch._C._get_sdp_priority_order()
+    try:
+        accel.set_sdpa_order(["cudnn", "flash"])
+        order = torch._C._get_sdp_priority_order()
+        assert order[:2] == [3, 1] and sorted(order) == sorted(before)  # every backend stays available
+        with pytest.raises(ValueError, match=r"unknown \['fa3'\]; valid are"):
+            accel.set_sdpa_order(["fa3"])
+    finally:
+        torch._C._set_sdp_priority_order(before)
+
+
+def test_trainer_gpu_turns_the_speed_switches_on(tmp_path: Path) -> None:
+    on = compose_train(["trainer=gpu"], tmp_path)
+    assert on.callbacks.speed._target_ == "ldmlab.callbacks.speed.GPUSpeed"
+    speed = instantiate(on.callbacks.speed)
+    assert (speed.compile, speed.channels_last, speed.sdpa_backends[0]) == ("full", True, "cudnn")
+    for overrides in (["trainer=gpu", "speed=none"], ["trainer=cpu"], []):
+        assert "_target_" not in compose_train(overrides, tmp_path).callbacks.speed, overrides
+    assert "_target_" in compose_train(["trainer=ddp"], tmp_path).callbacks.speed
+
+
+def ldm(precision_seed: int = 0) -> LatentDiffusionModule:
+    return LatentDiffusionModule(unet=tiny_unet(context_dim=None), noise_schedule=scaled_linear(),
+                                 prediction=EpsPrediction(), sampler=ddim_sample, latent_scale=1.0, seed=precision_seed,
+                                 optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3))
+
+
+def train_losses(precision: str, callbacks: list[pl.Callback], tmp_path: Path, steps: int = 40) -> list[float]:
+    """Per-step training loss of a tiny LDM on a fixed pool of 8×8 latents."""
+    losses: list[float] = []
+
+    class Record(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+            losses.append(float(outputs["loss"]))
+
+    pl.seed_everything(0)
+    data = SyntheticDataModule(kind="latent", shape=(4, 8, 8), batch_size=8, num_workers=0, pool=32,
+                               pin_memory=False)
+    trainer = pl.Trainer(accelerator="cpu", precision=precision, max_steps=steps, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path, limit_val_batches=0, callbacks=[Record(), *callbacks])
+    trainer.fit(ldm(), datamodule=data)
+    return losses
+
+
+def test_bf16_channels_last_training_follows_fp32(tmp_path: Path) -> None:
+    """Same seed, same data: bf16 autocast + channels_last (the GPU path's numerics, compile aside) against
+    fp32. Stated tolerance: the mean loss over each block of 10 steps within 5 % of fp32's, and both fall."""
+    timer = StepTimer(skip=5)
+    fp32 = train_losses("32-true", [], tmp_path)
+    bf16 = train_losses("bf16-mixed", [GPUSpeed(compile="none", channels_last=True), timer], tmp_path)
+    assert len(fp32) == len(bf16) == 40
+    for i in range(0, 40, 10):
+        ref, got = sum(fp32[i:i + 10]) / 10, sum(bf16[i:i + 10]) / 10
+        assert abs(got - ref) <= 0.05 * ref, (i, ref, got)
+    assert sum(bf16[-10:]) < 0.8 * sum(bf16[:10])  # it learns
+    assert timer.seconds_per_step > 0
