@@ -1,9 +1,12 @@
 """Train a model: `python train.py [group=option ...] [key=value ...]` (see `python train.py --help`)."""
 
+from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig
 
 from ldmlab.run import train
+from ldmlab.validate import exit_on_bad_overrides
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -12,4 +15,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    exit_on_bad_overrides(Path(__file__).parent / "conf")  # `model=unet_foo`: one line naming the valid options
     main()

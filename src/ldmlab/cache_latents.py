@@ -41,6 +41,8 @@ from ldmlab.data.shards import MANIFEST, read_segment, scan_count, shard_count
 from ldmlab.data.tarstream import shard_samples
 from ldmlab.data.transforms import normalize, to_batch
 from ldmlab.data.wds import WebDatasetDataModule
+from ldmlab.validate import ConfigError
+from ldmlab.validate.files import checkpoint_problems
 
 log = logging.getLogger("ldmlab.cache_latents")
 CONF_DIR = Path(os.environ.get("LDMLAB_CONF", Path(__file__).resolve().parents[2] / "conf"))
@@ -283,6 +285,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     argv = list(sys.argv[1:] if argv is None else argv)
     mine, overrides = split_args(CacheArgs, argv)
     args = parse_args(CacheArgs, mine + [a for a in overrides if a in ("-h", "--help")], __doc__)
+    if problems := checkpoint_problems("vae", args.vae, "VAE weights (.ckpt, vae.safetensors, diffusers dir)"):
+        raise ConfigError(problems)  # before Fabric starts or any shard is read: missing or code-carrying file
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = compose_config(overrides, args.out)
     log.debug("config:\n%s", OmegaConf.to_yaml(cfg.data))

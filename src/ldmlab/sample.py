@@ -11,7 +11,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ldmlab.lit.ldm import LatentDiffusionModule
+from ldmlab.nn.safe_load import load_weights_only
 from ldmlab.utils.images import make_grid, save_png
+from ldmlab.validate import validate_sample
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
@@ -21,7 +23,7 @@ def load_ldm(ckpt_path: str | Path, use_ema: bool = True) -> LatentDiffusionModu
     ckpt_path = Path(ckpt_path)
     if not ckpt_path.exists():
         raise FileNotFoundError(f"checkpoint '{ckpt_path}' not found: give ckpt=<run dir>/checkpoints/last.ckpt")
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    ckpt = load_weights_only(ckpt_path)  # never runs code from the file: one-line refusal instead
     if "ldmlab_config" not in ckpt:
         raise ValueError(f"{ckpt_path} carries no ldmlab config: not a LatentDiffusionModule checkpoint from train.py")
     model_cfg = OmegaConf.create(ckpt["ldmlab_config"]).model
@@ -67,6 +69,7 @@ def _cond_values(module: LatentDiffusionModule, cfg: DictConfig) -> list[Any] | 
 
 def sample(cfg: DictConfig) -> Path:
     """Generate cfg.n images in batches and write the grid (and single PNGs if asked); returns the grid path."""
+    validate_sample(cfg)  # one line per problem (unsafe ckpt, guidance without p_uncond, ...) before loading
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     module = load_ldm(cfg.ckpt, cfg.ema).to(device)
     if module.vae is None:

@@ -13,13 +13,13 @@ import re
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import Tensor
 
 from ldmlab.convert.vae import diffusers_to_ldmlab
 from ldmlab.nn.autoencoder import AutoencoderKL
+from ldmlab.nn.safe_load import load_weights_only
 
 SD_VAE_PREFIX = "first_stage_model."
 LIT_VAE_PREFIX = "autoencoder."
@@ -31,7 +31,7 @@ def read_state_dict(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
         with safe_open(str(path), "pt") as f:
             metadata = f.metadata() or {}
         return load_file(str(path)), metadata
-    return torch.load(path, map_location="cpu", weights_only=True), {}
+    return load_weights_only(path), {}  # a pickle that would run code: one-line UnsafeCheckpointError
 
 
 def strip_prefix(sd: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:

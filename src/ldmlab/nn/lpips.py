@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ldmlab.nn.safe_load import load_weights_only
+
 # torchvision's VGG16 "D" config (Simonyan & Zisserman 2015, Table 1); "M" = 2×2 max-pool.
 _VGG16_CFG: list[int | str] = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
 # Indices in torchvision's `vgg16().features` of relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
@@ -41,7 +43,7 @@ def _load_state(path: Path, what: str, hint: str) -> dict[str, Tensor]:
     """torch.load a plain tensor dict with weights_only=True (never runs pickled code)."""
     if not path.is_file():
         raise FileNotFoundError(f"LPIPS {what} '{path}' not found: {hint}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return load_weights_only(path)  # a pickle that would run code: one-line UnsafeCheckpointError
 
 
 class VGG16Features(nn.Module):

@@ -1,0 +1,34 @@
+"""Reading config fields without tripping over `???`, unresolvable interpolations or absent groups."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+
+def get(cfg: DictConfig | ListConfig, key: str) -> Any:
+    """The value at dotted `key`, or None when absent, `???` or not resolvable (other rules report those)."""
+    return OmegaConf.select(cfg, key, default=None, throw_on_missing=False, throw_on_resolution_failure=False)
+
+
+def target(cfg: DictConfig, key: str) -> str:
+    """The `_target_` of the node at `key` ("" when none)."""
+    return str(get(cfg, f"{key}._target_") or "")
+
+
+def image_size(cfg: DictConfig) -> tuple[int | None, str]:
+    """The training image side and the field that sets it (the demo's crop_size when image_size is null)."""
+    if get(cfg, "data.image_size") is not None:
+        return get(cfg, "data.image_size"), "data.image_size"
+    return get(cfg, "data.crop_size"), "data.crop_size"
+
+
+def world_size(cfg: DictConfig) -> int | None:
+    """trainer.devices x trainer.num_nodes when the config fixes it ("auto" and -1 depend on the machine)."""
+    devices, nodes = get(cfg, "trainer.devices"), get(cfg, "trainer.num_nodes") or 1
+    if isinstance(devices, ListConfig):
+        devices = len(devices)
+    elif isinstance(devices, str) and devices.isdigit():
+        devices = int(devices)
+    return devices * nodes if isinstance(devices, int) and devices >= 1 and isinstance(nodes, int) else None

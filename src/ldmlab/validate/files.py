@@ -1,0 +1,97 @@
+"""Files a run reads: data shards and directories, weights, and the resume checkpoint (weights-only)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig
+
+from ldmlab.validate.fields import get, target
+
+# ckpt_path values Lightning resolves itself (no file to check here)
+CKPT_ALIASES = {"last", "hpc", "best", "registry"}
+
+
+def _exists(key: str, value: Any, what: str, check: Any = Path.exists) -> list[str]:
+    """[] if `value` is unset or passes `check`, else "<key>=<value> not found: give <what>"."""
+    return [] if value is None or check(Path(value)) else [f"{key}={value} not found: give {what}"]
+
+
+def data_problems(cfg: DictConfig) -> list[str]:
+    """data.root / data.train_urls / data.val_urls / data.src name files that exist."""
+    data = get(cfg, "data")
+    if not isinstance(data, DictConfig):
+        return []
+    root = data.get("root")
+    problems = _exists("data.root", root, "the directory make_shards or cache_latents wrote", Path.is_dir)
+    if root is not None and not problems and not (Path(root) / "manifest.json").is_file():
+        problems.append(f"data.root={root} has no manifest.json: give a directory written by make_shards or "
+                        "cache_latents, or name the shards with data.train_urls")
+    if "train_urls" in data and data.train_urls is None and root is None:
+        problems.append("data.train_urls and data.root are both null: set data.root=<make_shards output dir> "
+                        "or data.train_urls='dir/train-{000000..000009}.tar'")
+    if not target(cfg, "data").endswith("DemoDataModule"):  # the demo writes its shards later, by design
+        problems += [line for key in ("train_urls", "val_urls") if data.get(key) is not None
+                     for line in _url_problems(f"data.{key}", data[key])]
+    if "src" in data and data.src is None:
+        problems.append("data.src is null: give an image folder or .jsonl manifest, e.g. data.src=/data/img")
+    elif "src" in data:
+        problems += _exists("data.src", data.src, "an image folder (a subfolder per class) or a .jsonl")
+    return problems
+
+
+def _url_problems(key: str, urls: Any) -> list[str]:
+    """Local shard patterns that expand to no files (remote and pipe: urls are left to the loader)."""
+    from ldmlab.data.shards import expand_urls
+
+    try:
+        expand_urls(list(urls) if isinstance(urls, ListConfig) else urls)
+    except FileNotFoundError as error:
+        return [f"{key}: {error}"]
+    return []
+
+
+def weight_problems(cfg: DictConfig) -> list[str]:
+    """Weight files the model reads at construction, and the resume checkpoint: present, and weights-only."""
+    problems = []
+    if target(cfg, "model.vae").endswith("load_vae"):
+        problems += _exists("model.vae.path", get(cfg, "model.vae.path"), "a VAEModule .ckpt, an exported "
+                            "vae.safetensors, an SD checkpoint or a diffusers AutoencoderKL directory")
+    problems += checkpoint_problems("model.unet_init", get(cfg, "model.unet_init"),
+                                    "an ldmlab unet.safetensors (python -m ldmlab.convert --to ldmlab ...), "
+                                    "or model.unet_init=null")
+    if target(cfg, "model.conditioner").endswith("TextConditioner"):
+        problems += _exists("model.conditioner.path", get(cfg, "model.conditioner.path"),
+                            "a directory with a save_pretrained CLIPTextModel and tokenizer",
+                            lambda p: (p / "config.json").is_file())
+    if (get(cfg, "model.perceptual_weight") or 0) > 0 and get(cfg, "model.lpips.backbone") != "random":
+        problems += checkpoint_problems("model.lpips.backbone", get(cfg, "model.lpips.backbone"),
+                                        "torchvision's vgg16-397923af.pth, or set "
+                                        "model.lpips.backbone=random or model.perceptual_weight=0")
+    return problems + checkpoint_problems("ckpt_path", get(cfg, "ckpt_path"))
+
+
+def checkpoint_problems(key: str, path: Any, hint: str = "a checkpoint written by train.py, e.g. "
+                        "outputs/<run>/checkpoints/last.ckpt") -> list[str]:
+    """The file exists and, if a pickle, unpickles weights-only (memory-mapped: tensor data is not read)."""
+    if path is None or str(path) in CKPT_ALIASES:
+        return []
+    if not Path(path).exists():
+        return [f"{key}={path} not found: give {hint}"]
+    # directories (sharded FSDP checkpoints, diffusers models) have their own loaders; safetensors hold
+    # no code
+    if Path(path).is_dir() or Path(path).suffix == ".safetensors":
+        return []
+    from ldmlab.nn.safe_load import UnsafeCheckpointError, load_weights_only
+
+    try:
+        load_weights_only(path, mmap=True)
+    except UnsafeCheckpointError as error:
+        return [f"{key}: {error}"]
+    except Exception as error:  # noqa: BLE001  # a truncated or foreign file: say so in one line
+        return [(f"{key}={path} is not a readable checkpoint ({type(error).__name__}: "
+                f"{str(error).splitlines()[0][:200]})")]
+    return []
+
+
