@@ -50,14 +50,16 @@ class EMA(pl.Callback):
 
     @torch.no_grad()
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if getattr(pl_module, "nonfinite", None):  # a step skipped for a NaN/Inf loss (callbacks.nonfinite)
+            return
         params = self._params(pl_module)
         if trainer.global_step <= self.start_step:  # before start: track the weights exactly
             for k, p in params.items():
                 self.shadow[k].copy_(p.detach())
             return
         d = ema_decay(self.num_updates, self.decay, self.warmup, self.inv_gamma, self.power)
-        for k, p in params.items():
-            self.shadow[k].lerp_(p.detach().float(), 1.0 - d)  # shadow ← d·shadow + (1−d)·θ
+        # shadow ← d·shadow + (1−d)·θ, as one multi-tensor kernel on the GPU (a loop launches one per tensor)
+        torch._foreach_lerp_([self.shadow[k] for k in params], [p.detach().float() for p in params.values()], 1.0 - d)
         self.num_updates += 1
 
     @contextmanager
