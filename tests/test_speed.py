@@ -26,8 +26,9 @@ from ldmlab.nn.unet_blocks import ResBlock
 
 def tiny_unet(**kw) -> UNetModel:
     torch.manual_seed(0)
-    return UNetModel(**{**dict(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
-                               num_heads=4, context_dim=16, norm_groups=8), **kw})
+    config = {"model_channels": 32, "channel_mult": (1, 2), "num_res_blocks": 1, "attention_levels": (1,),
+              "num_heads": 4, "context_dim": 16, "norm_groups": 8}
+    return UNetModel(**{**config, **kw})
 
 
 def unet_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -103,7 +104,7 @@ def train_losses(precision: str, callbacks: list[pl.Callback], tmp_path: Path, s
     losses: list[float] = []
 
     class Record(pl.Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             losses.append(float(outputs["loss"]))
 
     pl.seed_everything(0)
