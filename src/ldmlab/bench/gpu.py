@@ -75,14 +75,14 @@ def sdpa_part() -> str:
     return sdpa_backends(shapes)
 
 
-def vae_part(iters: int) -> str:
+def vae_part(iters: int, cases: list[str], variants: list[str]) -> str:
     from ldmlab.bench.vae import time_vae
 
     lines = [("| pixels | batch | variant | encode img/s | decode img/s | encode × diffusers eager | "
               "decode × diffusers eager | peak GiB | warm-up s |"), "|---|---|---|---|---|---|---|---|---|"]
-    for pixels, batch in ((256, 32), (512, 8)):
+    for pixels, batch in (map(int, case.split("x")) for case in cases):
         results = {}
-        for variant in ("diffusers", "diffusers+cl+compile", "ours", "ours+cl+regional", "ours+cl+compile"):
+        for variant in variants:
             if (r := guarded(f"vae {variant}", partial(time_vae, variant, pixels, batch, iters))):
                 results[variant] = r
                 print(f"  vae {variant:24s} {pixels}x{batch} enc {r['encode_img_s']:.1f} dec {r['decode_img_s']:.1f}",
@@ -107,22 +107,22 @@ def vae_train_part() -> str:
     return "\n".join(lines) + "\n"
 
 
-def sampling_part() -> str:
+def sampling_part(variants: list[str]) -> str:
     from ldmlab.bench.sampling import time_sampling
 
     lines = ["| variant | s / image | peak GiB | warm-up s |", "|---|---|---|---|"]
-    for variant in ("diffusers", "ours", "ours+cl+compile"):
+    for variant in variants:
         if (r := guarded(f"sampling {variant}", lambda v=variant: time_sampling(v))):
             lines.append(f"| {variant} | {r['s_per_img']:.3f} | {r['peak_gib']:.1f} | {r['warmup_s']:.0f} |")
             print("  " + lines[-1], flush=True)
     return "\n".join(lines) + "\n"
 
 
-def train_part(steps: int) -> str:
+def train_part(steps: int, extras: list[list[str]]) -> str:
     from ldmlab.bench.train_path import time_train_py
 
     lines = ["| command | img/s | s/step | warm-up s |", "|---|---|---|---|"]
-    for extra in ([], ["callbacks.speed.compile_mode=reduce-overhead"], ["speed=none"]):
+    for extra in extras:
         if (r := guarded(f"train.py {extra}", lambda e=extra: time_train_py(e, steps))):
             lines.append(f"| `{r['command']}` | {r['img_s']:.1f} | {r['s_per_step']:.4f} | {r['warmup_s']:.0f} |")
             print("  " + lines[-1], flush=True)
@@ -149,6 +149,10 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--profile", default="ours+cl+compile+graph+cudnn_sdpa@256x64", help="variant@case to profile")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--train-steps", type=int, default=60)
+    parser.add_argument("--train-extras", default=";speed=none", help="';'-separated override sets for train.py")
+    parser.add_argument("--vae-cases", default="256x32,512x8")
+    parser.add_argument("--vae-variants", default="diffusers,diffusers+cl+compile,ours,ours+cl+regional,ours+cl+compile")
+    parser.add_argument("--sampling-variants", default="diffusers,ours,ours+cl+compile")
     parser.add_argument("--out", type=Path, default=None, help="append the tables to this Markdown file")
     args = parser.parse_args(argv)
     parts = args.parts.split(",")
@@ -161,10 +165,10 @@ def main(argv: list[str] | None = None) -> str:
         "unet": ("SD1.5 U-Net training step (bf16 autocast, fused AdamW)",
                  lambda: unet_part(args.cases.split(","), args.variants.split(","), args.iters, ceiling)),
         "profile": ("Profile", lambda: profile_part(*args.profile.split("@"))),
-        "vae": ("kl-f8 VAE encode / decode (bf16 autocast, no grad)", lambda: vae_part(args.iters)),
+        "vae": ("kl-f8 VAE encode / decode (bf16 autocast, no grad)", lambda: vae_part(args.iters, args.vae_cases.split(","), args.vae_variants.split(","))),
         "vae_train": ("VAE training step through Lightning (G + D, LPIPS, GAN on)", vae_train_part),
-        "sampling": ("50 DDIM steps + CFG 7.5 + decode, 512 px, batch 8 (bf16 weights)", sampling_part),
-        "train": ("`train.py model=unet_sd15 trainer=gpu data=synthetic_latents`", lambda: train_part(args.train_steps)),
+        "sampling": ("50 DDIM steps + CFG 7.5 + decode, 512 px, batch 8 (bf16 weights)", lambda: sampling_part(args.sampling_variants.split(","))),
+        "train": ("`train.py model=unet_sd15 trainer=gpu data=synthetic_latents`", lambda: train_part(args.train_steps, [e.split() for e in args.train_extras.split(";")])),
     }
     print(f"bf16 matmul ceiling: {ceiling:.0f} TF/s", flush=True)
     for part in parts:
