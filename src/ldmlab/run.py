@@ -8,13 +8,15 @@ from typing import Any
 
 import hydra
 import pytorch_lightning as pl
-from lightning_fabric.plugins.environments import SLURMEnvironment
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
-from ldmlab.callbacks.preemption import SlurmRequeue, resume_checkpoint
+from ldmlab.callbacks.preemption import Preemption
+from ldmlab.checkpointing import AtomicCheckpointIO, resume_path
 from ldmlab.loggers import finish_wandb
 from ldmlab.utils.distributed import ddp_job
 from ldmlab.utils.wandb_run import configure_wandb
+from ldmlab.validate import validate_config
 
 log = logging.getLogger(__name__)
 
@@ -39,22 +41,26 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, 
     if hasattr(module, "config_yaml"):  # checkpoints carry the config that rebuilds the model (sample.py)
         module.config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     callbacks = instantiate_group(cfg.get("callbacks"))
-    if SLURMEnvironment.detect():  # checkpoint + requeue at a step boundary on SLURM's time-limit signal
-        callbacks.append(SlurmRequeue())
+    callbacks.append(Preemption())  # SIGTERM/SIGUSR1: checkpoint at a step boundary, stop (SLURM: requeue)
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate_group(cfg.get("logger")))
+    if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not one the config chose
+        trainer.strategy.checkpoint_io = AtomicCheckpointIO()  # a crash mid-save keeps the previous checkpoint
     return datamodule, module, trainer
 
 
 @ddp_job  # DDP ranks > 0 re-run this job (not the sweep) in its run dir; no process group outlives it
 def train(cfg: DictConfig) -> float | None:
     """Seed, build, log the resolved config, fit; return `cfg.optimized_metric` for sweeps."""
+    validate_config(cfg)  # one line per config problem, before any data, weights or trainer is built
     pl.seed_everything(cfg.seed, workers=True)
     configure_wandb(cfg)  # W&B id kept in the run dir (a requeued job continues its run); sweep jobs: one group
     datamodule, module, trainer = build(cfg)
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(trainer, cfg.get("ckpt_path")))
+        ckpt_path = resume_path(trainer, cfg.get("ckpt_path"), cfg.get("resume", "auto"))
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path,
+                    weights_only=True)  # explicit: TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD can't flip it
     except BaseException:
         with contextlib.suppress(Exception):  # e.g. wandb-core already killed by SLURM: keep the real exception
             finish_wandb(trainer.loggers, failed=True)

@@ -1,16 +1,19 @@
-"""SlurmRequeue: on SLURM's signals, checkpoint at a step boundary agreed by all ranks, then requeue or stop.
+"""Preemption: on SIGTERM or SIGUSR1, checkpoint at a step boundary agreed by all ranks, then stop (or requeue).
 
-`#SBATCH --signal=SIGUSR1@90 --requeue` (slurm/train.sbatch, hydra/launcher=slurm) sends SIGUSR1 to every task
-90 s before the time limit; a preemption, `scontrol requeue` or `scancel` sends SIGTERM (SIGKILL follows after
-KillWait, 30 s by default). Lightning's own handlers act inside the signal handler, wherever each rank happens
-to be: its SIGUSR1 handler saves a checkpoint there (a barrier in the middle of a step can deadlock DDP, and
-the state is mid-step) and then trains on until SLURM's SIGKILL, so the steps after the checkpoint run twice.
+Off SLURM, SIGTERM (`kill`, a container stop, a cloud spot reclaim) or SIGUSR1 stops the run: checkpoint at the
+next step boundary, then exit with code 0; the next start in the same run dir resumes there (resume=auto).
+On SLURM, `#SBATCH --signal=SIGUSR1@90 --requeue` (slurm/train.sbatch, hydra/launcher=slurm) sends SIGUSR1 to
+every task 90 s before the time limit: checkpoint, then `scontrol requeue`; a preemption, `scontrol requeue` or
+`scancel` sends SIGTERM (SIGKILL follows after KillWait, 30 s by default): checkpoint, then stop. Lightning's
+own handlers act inside the signal handler, wherever each rank happens to be: its SIGUSR1 handler saves a
+checkpoint there (a barrier in the middle of a step can deadlock DDP, and the state is mid-step) and then
+trains on until SLURM's SIGKILL, so the steps after the checkpoint run twice.
 
 Here the handlers only set a flag. At the next train batch end the ranks agree on it (a one-element all-reduce
-per step) and save Lightning's `hpc_ckpt_<n>.ckpt` in the run dir, where Lightning's own step checkpoints are
-saved, so it resumes them exactly. At the start of the following batch, once that step's metrics are logged,
-every rank stops; after SIGUSR1 rank 0 first runs `scontrol requeue` (after SIGTERM, SLURM already requeues or
-cancels the job). On restart Lightning resumes from the newest `hpc_ckpt_*` (`trainer.fit(ckpt_path=None)`).
+per step) and save `hpc_ckpt_<n>.ckpt` in the run dir (Lightning's name for SLURM checkpoints, used for every
+stop). At the start of the following batch, once that step's metrics are logged, every rank stops; after
+SLURM's SIGUSR1 rank 0 first runs `scontrol requeue` (after SIGTERM, SLURM already requeues or cancels the job).
+On restart `ldmlab.checkpointing.resume_path` picks the run dir's newest checkpoint.
 """
 
 from __future__ import annotations
@@ -37,9 +40,9 @@ HPC_CKPT = re.compile(r"hpc_ckpt_(\d+)\.ckpt$")  # Lightning's names for SLURM c
 REQUEUE, STOP = 1, 2  # what a signal asks for; the ranks act on the largest request any of them got
 
 
-class Requeued(SystemExit):
-    """Raised on every rank once the checkpoint is saved (and the job requeued): a SystemExit, like Lightning's
-    SIGTERMException, so it leaves fit, Hydra and submitit without a failure report."""
+class Preempted(SystemExit):
+    """Raised on every rank once the checkpoint is saved (and the job requeued): a SystemExit with code 0, like
+    Lightning's SIGTERMException, so it leaves fit, Hydra and submitit without a failure report."""
 
 
 def hpc_checkpoints(dirpath: str | Path) -> list[Path]:
@@ -48,23 +51,14 @@ def hpc_checkpoints(dirpath: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def resume_checkpoint(trainer: pl.Trainer, ckpt_path: str | None) -> str | None:
-    """Where a restarted SLURM job resumes: its newest `hpc_ckpt_*`, else (a restart without one: SIGKILLed
-    before a step ended) the run's `last.ckpt`; `ckpt_path` unchanged off SLURM and on a first start.
-
-    Lightning itself looks for the HPC checkpoint only when ckpt_path is None: a fine-tuning job started with
-    ckpt_path=<weights> would otherwise go back to those weights after every requeue.
-    """
-    if not SLURMEnvironment.detect():
-        return ckpt_path
-    if hpc_checkpoints(trainer.default_root_dir):
-        return "hpc"
-    if int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0:
-        lasts = [Path(d) / "last.ckpt" for cb in trainer.checkpoint_callbacks if (d := getattr(cb, "dirpath", None))]
-        if lasts := sorted((p for p in lasts if p.is_file()), key=lambda p: p.stat().st_mtime):
-            log.warning("restart without an HPC checkpoint: resuming from %s", lasts[-1])
-            return str(lasts[-1])
-    return ckpt_path
+def save_stop_checkpoint(trainer: pl.Trainer) -> Path:
+    """Save `<run dir>/hpc_ckpt_<n+1>.ckpt` (every rank calls this; rank 0 writes) and return its path."""
+    existing = hpc_checkpoints(trainer.default_root_dir) if trainer.is_global_zero else []
+    latest = int(HPC_CKPT.search(existing[-1].name).group(1)) if existing else 0  # type: ignore[union-attr]
+    version = trainer.strategy.broadcast(latest + 1, src=0)  # every rank names the file rank 0 writes
+    path = Path(trainer.default_root_dir) / f"hpc_ckpt_{version}.ckpt"
+    trainer.save_checkpoint(path)
+    return path
 
 
 def slurm_job_id() -> str:
@@ -74,17 +68,18 @@ def slurm_job_id() -> str:
     return os.environ["SLURM_JOB_ID"]
 
 
-class SlurmRequeue(pl.Callback):
-    """Checkpoint at a step boundary on SLURM's requeue signal (then requeue) or on SIGTERM (then stop).
+class Preemption(pl.Callback):
+    """Checkpoint at a step boundary on SIGTERM or SIGUSR1, then stop; on SLURM, SIGUSR1 requeues instead.
 
-    A no-op off SLURM, and when the cluster environment has `auto_requeue=False`. Appends one JSON line per
-    start, requeue, preemption and end to `<run dir>/<history>` (rank 0).
+    On SLURM with `auto_requeue=False` it does nothing (Lightning's defaults apply). Under SLURM, appends one
+    JSON line per start, requeue, preemption and end to `<run dir>/<history>` (rank 0).
     """
 
     def __init__(self, history: str = "slurm_history.jsonl") -> None:
         self.history = history
         self._handlers: dict[int, Any] = {}  # signal -> its handler before fit, restored at teardown
         self._requested = self._pending = 0
+        self._slurm = False
         self._saved: Path | None = None
         self._start_step = self._batches = 0
 
@@ -93,12 +88,16 @@ class SlurmRequeue(pl.Callback):
         return bool(self._handlers)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
         env = trainer._accelerator_connector.cluster_environment  # the one Lightning's signal connector reads
-        if stage == "fit" and isinstance(env, SLURMEnvironment) and env.auto_requeue:
-            signum = int(env.requeue_signal or signal.SIGUSR1)
-            self._handlers = {s: signal.getsignal(s) for s in (signum, signal.SIGTERM)}
-            # Installed before fit registers its handlers: Lightning sees one and leaves this signal alone.
-            signal.signal(signum, self._handler(REQUEUE))
+        self._slurm = isinstance(env, SLURMEnvironment)
+        if self._slurm and not env.auto_requeue:
+            return
+        signum = int(env.requeue_signal or signal.SIGUSR1) if self._slurm else int(signal.SIGUSR1)
+        self._handlers = {s: signal.getsignal(s) for s in (signum, signal.SIGTERM)}
+        # Installed before fit registers its handlers: Lightning sees one and leaves this signal alone.
+        signal.signal(signum, self._handler(REQUEUE if self._slurm else STOP))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start_step = trainer.global_step  # after the checkpoint (if any) was restored
@@ -106,6 +105,8 @@ class SlurmRequeue(pl.Callback):
             # Lightning always registers SIGTERM when fit starts (its handler broadcasts from inside the
             # handler); ours replaces it for the training loop.
             signal.signal(signal.SIGTERM, self._handler(STOP, trainer))
+            if trainer.received_sigterm:  # a SIGTERM during setup went to Lightning's handler
+                self._requested = STOP
             self._record(trainer, "start")
 
     def _handler(self, request: int, trainer: pl.Trainer | None = None) -> Any:
@@ -137,8 +138,7 @@ class SlurmRequeue(pl.Callback):
         flag = torch.tensor(self._requested, device=trainer.strategy.root_device)
         self._pending = int(trainer.strategy.reduce(flag, reduce_op="max"))  # the same decision on every rank
         if self._pending:
-            self._saved = Path(trainer.default_root_dir) / f"hpc_ckpt_{self._next_version(trainer)}.ckpt"
-            trainer.save_checkpoint(self._saved)  # every rank; rank 0 writes, then a barrier
+            self._saved = save_stop_checkpoint(trainer)
             self._requested = 0
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
@@ -152,19 +152,15 @@ class SlurmRequeue(pl.Callback):
         # From here on SIGTERM (SLURM's answer to the requeue) has nothing left to save: ignore it.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if self._pending == STOP:
-            raise Requeued(0)
+            log.warning("stopped by a signal after step %d; checkpoint %s (the next start in this run dir resumes "
+                        "there)", trainer.global_step, self._saved)
+            raise Preempted(0)
         if trainer.strategy.broadcast(self._requeue(trainer) if trainer.is_global_zero else False, src=0):
-            raise Requeued(0)
+            raise Preempted(0)
         # Not requeued: train on (the checkpoint stays for a manual resume), without the closed W&B run.
         trainer.loggers = [lg for lg in trainer.loggers if not isinstance(lg, WandbLogger)]
         signal.signal(signal.SIGTERM, self._handler(STOP, trainer))
         self._pending = 0
-
-    def _next_version(self, trainer: pl.Trainer) -> int:
-        """1 + the newest version on rank 0, so every rank names the file rank 0 writes."""
-        existing = hpc_checkpoints(trainer.default_root_dir) if trainer.is_global_zero else []
-        latest = int(HPC_CKPT.search(existing[-1].name).group(1)) if existing else 0  # type: ignore[union-attr]
-        return trainer.strategy.broadcast(latest + 1, src=0)
 
     def _flush_loggers(self, trainer: pl.Trainer) -> None:
         """Write out buffered metrics; tell W&B the run is being preempted and close it (resumed by id later)."""
@@ -192,8 +188,9 @@ class SlurmRequeue(pl.Callback):
         return proc.returncode == 0
 
     def _record(self, trainer: pl.Trainer, event: str, **extra: Any) -> None:
-        """Append one history line (rank 0): event, job id, restart count, global step, batches of this start."""
-        if not trainer.is_global_zero:
+        """Append one history line (SLURM, rank 0): event, job id, restart count, global step, batches of this
+        start."""
+        if not (self._slurm and trainer.is_global_zero):
             return
         entry = {"event": event, "time": round(time.time(), 3), "job_id": os.environ.get("SLURM_JOB_ID"),
                  "restart": int(os.environ.get("SLURM_RESTART_COUNT", "0")), "global_step": trainer.global_step,
@@ -202,3 +199,6 @@ class SlurmRequeue(pl.Callback):
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a") as f:
             f.write(json.dumps(entry) + "\n")
+
+
+SlurmRequeue = Preemption  # the name slurm/README.md and older configs use

@@ -18,6 +18,11 @@ share (`worker_share`), whatever the shards hold. Modes:
 
 Bad samples are skipped and counted (`ldmlab.data.filters`); a slot that lost samples refills from its own
 range (exact, eval) so the batch count never changes.
+
+Resume: everything random in a pass is a function of (seed, epoch, rank, slot): shard order, shuffling and
+resampling draw from one rng per slot, augmentation from one rng per batch. So the stream from any position is
+reproducible: `EpochLoader.state_dict()` is the epoch, the batches of this rank already yielded, and how many
+raw samples each slot had read by then; a resumed slot reads (without decoding) that many samples and goes on.
 """
 
 from __future__ import annotations
@@ -32,12 +37,15 @@ from itertools import islice
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ldmlab.checkpointing import gather_per_rank
 from ldmlab.data.decoders import Decoder
 from ldmlab.data.filters import BadSample, BadSamplesError, SampleCounter
 from ldmlab.data.shards import Segment, read_segment, segments, slot_shards, worker_share, wrapped
 
 log = logging.getLogger("ldmlab.data")
 MODES = ("exact", "resampled", "eval")
+MAX_WORKERS = 256  # slots of the shared resume plan
+POSITION = "_stream_position"  # raw samples a slot had read at this batch; EpochLoader takes it out
 
 
 class ShardStream(IterableDataset):
@@ -60,17 +68,26 @@ class ShardStream(IterableDataset):
         self.mode, self.shuffle_buffer, self.seed = mode, shuffle_buffer, seed
         self.rank, self.world_size = rank, world_size
         self.counter = counter or SampleCounter()
-        # Shared memory, so persistent workers see the epoch EpochLoader sets (it reseeds order, augmentation).
-        self._epoch = multiprocessing.RawValue("q", 0)
+        self.tag_positions = False  # EpochLoader sets it: batches then carry POSITION
+        # Shared memory, so persistent workers see what EpochLoader sets before each pass:
+        # [epoch (reseeds order, augmentation), batches to skip, raw samples read per slot...].
+        self._pass = multiprocessing.RawArray("q", 2 + MAX_WORKERS)
 
     @property
     def epoch(self) -> int:
         """Epoch number that seeds shard order, shuffling and augmentation."""
-        return self._epoch.value
+        return self._pass[0]
 
     @epoch.setter
     def epoch(self, value: int) -> None:
-        self._epoch.value = value
+        self._pass[0] = value
+
+    def start_pass(self, epoch: int, skip: int = 0, read: Sequence[int] = ()) -> None:
+        """Set the next pass: `epoch`, from its batch `skip` on, slot k having read `read[k]` raw samples."""
+        if len(read) > MAX_WORKERS:
+            raise ValueError(f"at most {MAX_WORKERS} DataLoader workers, got {len(read)}")
+        self._pass[:2] = [epoch, skip]
+        self._pass[2:2 + MAX_WORKERS] = [*read, *[0] * (MAX_WORKERS - len(read))]
 
     def __len__(self) -> int:
         return self.batches_per_rank
@@ -78,14 +95,21 @@ class ShardStream(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        quota = worker_share(self.batches_per_rank, worker, num_workers)
+        skip = self._pass[1]
+        # The DataLoader takes batch j from worker j mod W. A pass resumed at batch `skip` asks worker 0 first,
+        # so worker w serves the slot ("role") whose batch comes next: (w + skip) mod W.
+        role = (worker + skip) % num_workers
+        done = worker_share(skip, role, num_workers)  # this slot's batches yielded before the resume
+        quota = max(0, worker_share(self.batches_per_rank, role, num_workers) - done)
         tag = "eval" if self.mode == "eval" else self.epoch
-        rng = random.Random(f"{self.seed}/{tag}/{self.rank}/{worker}")  # str seeds are stable across runs
+        name = f"{self.seed}/{tag}/{self.rank}/{role}"  # str seeds are stable across runs
+        rng = random.Random(name)
         if self.mode == "resampled":
-            samples = self._shuffled(self._resampled(worker, num_workers, rng), rng)
+            samples = self._shuffled(self._resampled(role, num_workers, rng), rng)
         else:
-            samples = self._cycle(self._slot_segments(worker, num_workers), rng)
-        return islice(self._batches(samples, rng), quota)
+            samples = self._cycle(self._slot_segments(role, num_workers), rng)
+        read = self._pass[2 + role]
+        return islice(self._batches(islice(samples, read, None), name, done, read), quota)
 
     def _shuffled(self, samples: Iterator[dict], rng: random.Random) -> Iterator[dict]:
         """`samples` through the shuffle buffer (not in eval mode)."""
@@ -164,10 +188,17 @@ class ShardStream(IterableDataset):
 
     # ------------------------------------------------------------------ decoding and batching
 
-    def _batches(self, samples: Iterator[dict], rng: random.Random) -> Iterator[dict]:
-        """Decode samples (skipping and counting bad ones) and collate them into batches."""
+    def _batches(self, samples: Iterator[dict], name: str, index: int, read: int) -> Iterator[dict]:
+        """Decode samples (skipping and counting bad ones) and collate them into batches.
+
+        Augmentation draws from one rng per batch, seeded by the slot's `name` and the batch's `index` in it: a
+        resumed slot skips raw samples undecoded and still augments its next batch as the first run did.
+        `read` counts the raw samples the slot has read, for POSITION.
+        """
         items, good = [], 0  # good: decoded since the counter last heard (shared counts cost a lock each)
+        rng = random.Random(f"{name}/{index}")
         for sample in samples:
+            read += 1
             try:
                 items.append(self.decoder(sample, rng))
             except BadSample as error:
@@ -182,8 +213,12 @@ class ShardStream(IterableDataset):
             good += 1
             if len(items) == self.batch_size:
                 self.counter.good(good)
-                yield self.decoder.collate(items, rng)
-                items, good = [], 0
+                batch = self.decoder.collate(items, rng)
+                if self.tag_positions:
+                    batch[POSITION] = read
+                yield batch
+                items, good, index = [], 0, index + 1
+                rng = random.Random(f"{name}/{index}")
 
     def _shard_error(self, url: str, error: Exception, missing: int | None) -> None:
         """A shard that failed part-way (truncated tar, failed pipe command): count what it lost."""
@@ -192,38 +227,87 @@ class ShardStream(IterableDataset):
 
 
 class EpochLoader(DataLoader):
-    """DataLoader over pre-batched items that sets its ShardStream's epoch before each pass.
+    """DataLoader over pre-batched items that sets its ShardStream's epoch before each pass; resumable.
 
     Workers are persistent: besides saving start-up time, forking once per loader instead of once per epoch
     avoids CPython gh-112275 (3.11.7 here): a worker forked while another thread exits can deadlock.
+
+    Resume follows Lightning's stateful-loader protocol: the fit loop puts `state_dict()` into checkpoints and
+    calls `load_state_dict()` before a resumed run's first pass. The pass starts lazily (at its first batch,
+    when the trainer's epoch is final: a checkpoint from an epoch's last batch resumes with the next epoch) and
+    continues the saved position if the epoch matches. Resuming with another world size, worker count or batch
+    size lands at the same fraction of the epoch, approximately.
     """
 
     def __init__(self, dataset: ShardStream, epoch_fn: Callable[[], int | None] | None = None, **kw) -> None:
         kw.setdefault("persistent_workers", kw.get("num_workers", 0) > 0)
         super().__init__(dataset, batch_size=None, **kw)
+        dataset.tag_positions = True
         self._epoch_fn, self._iters = epoch_fn, 0
+        self._slots = max(1, self.num_workers)
+        self._epoch, self._yielded, self._read = 0, 0, [0] * self._slots  # position of the current pass
+        self._restored: dict | None = None
 
     def __iter__(self):
+        return self._pass()
+
+    def _pass(self) -> Iterator[dict]:
         epoch = self._epoch_fn() if self._epoch_fn is not None else None
         if self._iters and self.dataset.counter.summary()["bad"]:
             log.warning("data (rank %d, %s): %s so far", self.dataset.rank, self.dataset.mode,
                         self.dataset.counter.describe())
-        self.dataset.epoch = self._iters if epoch is None else epoch
-        self._iters += 1
-        return self._stop_workers_on_error(super().__iter__())
-
-    def _stop_workers_on_error(self, batches: Iterator[dict]) -> Iterator[dict]:
-        """Yield from `batches`; on an error (e.g. BadSamplesError) stop the workers before re-raising.
-
-        The re-raised worker error's traceback holds the iterator in a reference cycle, so torch's own
-        shutdown would run in the garbage collector with its queues half torn down: 5 s per worker.
-        """
+        epoch, skip, read = self._start(self._iters if epoch is None else epoch, epoch is None)
+        self._iters = epoch + 1 if self._epoch_fn is None else self._iters + 1
+        self._epoch, self._yielded, self._read = epoch, skip, read
+        self.dataset.start_pass(epoch, skip, read)
+        batches = super().__iter__()
         try:
-            yield from batches
+            for batch in batches:
+                self._read[self._yielded % self._slots] = batch.pop(POSITION)  # batch j: worker j mod W
+                self._yielded += 1
+                yield batch
         except GeneratorExit:  # the consumer stopped early (limit_*_batches): workers stay for the next epoch
             raise
         except BaseException:
+            # E.g. BadSamplesError: the re-raised worker error's traceback holds the iterator in a reference
+            # cycle, so torch's own shutdown would run in the garbage collector with its queues half torn down
+            # (5 s per worker). Stop the workers here.
             if hasattr(batches, "_shutdown_workers"):
                 batches._shutdown_workers()
                 self._iterator = None  # persistent workers are gone: the next epoch starts new ones
             raise
+
+    def _start(self, epoch: int, free: bool) -> tuple[int, int, list[int]]:
+        """(epoch, batches to skip, raw samples read per slot) of the next pass: a restored position if it is
+        for this epoch (or the epoch is not the trainer's), else the start of `epoch`."""
+        state, self._restored = self._restored, None
+        if state is None or (not free and state["epoch"] != epoch):
+            return epoch, 0, [0] * self._slots
+        layout, n = state["layout"], len(self)
+        rank = self.dataset.rank
+        if layout == self._layout() and rank < len(state["read"]):
+            return state["epoch"], state["batches"], list(state["read"][rank])
+        skip = min(n, round(state["batches"] * n / max(1, layout["batches_per_rank"])))
+        log.warning("data layout changed since the checkpoint (%s, now %s): resuming at batch %d of %d, the same "
+                    "fraction of epoch %d, approximately", layout, self._layout(), skip, n, state["epoch"])
+        size = self.dataset.batch_size
+        return state["epoch"], skip, [worker_share(skip, k, self._slots) * size for k in range(self._slots)]
+
+    def _layout(self) -> dict[str, int]:
+        d = self.dataset
+        return {"world_size": d.world_size, "workers": self._slots, "batch_size": d.batch_size,
+                "batches_per_rank": d.batches_per_rank}
+
+    def state_dict(self) -> dict:
+        """The position after the last batch handed out: epoch, batches of this rank, raw samples read per slot
+        (all ranks: a collective, as checkpoints are built on every rank)."""
+        if self._restored is not None:  # restored, not started yet: still that position
+            return self._restored
+        epoch, batches, read = self._epoch, self._yielded, list(self._read)
+        if batches >= len(self):  # a finished pass: next comes the next epoch's start
+            epoch, batches, read = epoch + 1, 0, [0] * self._slots
+        return {"epoch": epoch, "batches": batches, "read": gather_per_rank(read), "layout": self._layout()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from `state` (from `state_dict`) at the next pass."""
+        self._restored = state

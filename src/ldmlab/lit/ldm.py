@@ -19,6 +19,7 @@ from pytorch_lightning.utilities import rank_zero_info
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from ldmlab.callbacks.nonfinite import skip_nonfinite
 from ldmlab.diffusion import (
     NoiseSchedule,
     Prediction,
@@ -78,6 +79,7 @@ class LatentDiffusionModule(pl.LightningModule):
         self.optimizer_factory = optimizer or partial(torch.optim.AdamW, lr=1e-4)
         self.scheduler_factory = lr_scheduler
         self.config_yaml: str | None = None  # the run's resolved config, stored in checkpoints for sample.py
+        self.nonfinite: list[str] = []  # the loss whose step this batch skipped (callbacks.nonfinite)
 
     @staticmethod
     def _load_unet(unet: nn.Module, path: str) -> None:
@@ -104,16 +106,19 @@ class LatentDiffusionModule(pl.LightningModule):
         return self
 
     @torch.no_grad()
-    def latents(self, batch: dict[str, Any]) -> Tensor:
-        """Scaled latents z·s: cached raw latents from the batch, else the VAE posterior sample of the images."""
+    def latents(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> Tensor:
+        """Scaled latents z·s: cached raw latents from the batch, else the VAE posterior sample of the images
+        (drawn from `generator`: seeded per step, so a resumed run and validation draw the same)."""
         if "latent" in batch:
             raw = batch["latent"].float()
         elif self.vae is not None:
-            raw = self.vae.encode(batch["image"]).sample()
+            raw = self.vae.encode(batch["image"]).sample(generator)
         else:
             raise ValueError("batch has no 'latent' and the model has no VAE: set model.vae or use data=wds_latents")
-        if float(self.latent_scale) == 0.0:
-            self._estimate_latent_scale(raw)
+        if not getattr(self, "_scale_known", False):  # a Python flag: reading the buffer every step syncs the GPU
+            if float(self.latent_scale) == 0.0:
+                self._estimate_latent_scale(raw)
+            self._scale_known = True
         return raw * self.latent_scale
 
     def _estimate_latent_scale(self, raw: Tensor) -> None:
@@ -139,7 +144,7 @@ class LatentDiffusionModule(pl.LightningModule):
 
     def diffusion_loss(self, batch: dict[str, Any], generator: torch.Generator, p_uncond: float) -> Tensor:
         """The weighted denoising loss of one batch (DDPM eq. 14 with the chosen target and weighting)."""
-        z = self.latents(batch)
+        z = self.latents(batch, generator)
         cond = self.condition(batch)
         if cond and p_uncond > 0:
             cond = self.conditioner.drop(cond, p_uncond, generator)
@@ -155,9 +160,27 @@ class LatentDiffusionModule(pl.LightningModule):
         return weighted_mse(out, target, weight)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        self.nonfinite = []
         loss = self.diffusion_loss(batch, self._step_generator(0), self.hparams.p_uncond)
+        if skip_nonfinite(self, loss, "train/loss"):
+            # Lightning refuses None under DDP. A loss with all-zero gradients keeps every rank's backward and
+            # gradient all-reduce in step; optimizer_step then takes no step.
+            return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
         self.log("train/loss", loss, prog_bar=True, batch_size=self._batch_size(batch))
         return loss
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        """Lightning's step, except after a skipped non-finite loss: no optimizer.step (which would count a
+        global step and move Adam's moments even with zero gradients) and no scheduler step, as in the VAE."""
+        if optimizer_closure is None:
+            return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        loss = optimizer_closure()  # training_step + backward (clipping and hooks run inside optimizer.step)
+        if not self.nonfinite:
+            optimizer.step(closure=lambda: loss)
+
+    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+        if not self.nonfinite:  # a skipped step does not advance the schedule
+            super().lr_scheduler_step(scheduler, metric)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         g = torch.Generator(device=self.device).manual_seed(self.hparams.sample_seed + batch_idx)

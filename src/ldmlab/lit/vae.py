@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
+from ldmlab.callbacks.nonfinite import skip_nonfinite
 from ldmlab.losses import vae as losses
 from ldmlab.nn.autoencoder import AutoencoderKL
 
@@ -71,6 +72,7 @@ class VAEModule(pl.LightningModule):
         self.d_loss_fn = losses.get_d_loss(disc_loss)
         self.val_psnr = PeakSignalNoiseRatio(data_range=1.0)
         self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
+        self.nonfinite: list[str] = []  # losses whose step this batch skipped (callbacks.nonfinite)
 
     # ------------------------------------------------------------------ training
 
@@ -79,16 +81,20 @@ class VAEModule(pl.LightningModule):
         opt_g, opt_d = self.optimizers()
         sched_g, sched_d = self._schedulers()
         gan_active = losses.disc_factor(self.global_step, self.hparams.disc_start, self.hparams.disc_factor) > 0
+        self.nonfinite = []
 
         with self.toggled_optimizer(opt_g):
             rec, posterior = self.autoencoder(x, sample_posterior=self.hparams.sample_posterior)
             g_total, logs = self._generator_loss(x, rec, posterior, gan_active)
+            if skip_nonfinite(self, g_total, "generator loss train/total_loss"):
+                return  # no G step, and no D step against a non-finite reconstruction
             self._optimizer_step(opt_g, g_total, sched_g, counted=True)
 
         if gan_active:  # before disc_start the discriminator never runs nor steps
             with self.toggled_optimizer(opt_d):
                 d_total, d_logs = self._discriminator_loss(x, rec.detach())
-                self._optimizer_step(opt_d, d_total, sched_d, counted=False)
+                if not skip_nonfinite(self, d_total, "discriminator loss train/d_loss"):
+                    self._optimizer_step(opt_d, d_total, sched_d, counted=False)
             logs.update(d_logs)
         self.log("train/rec_loss", logs.pop("train/rec_loss"), prog_bar=True)
         self.log_dict(logs)

@@ -1,0 +1,156 @@
+"""Non-finite losses: the step is skipped (no optimizer, scheduler or EMA update; counted in
+`train/skipped_nonfinite`), for the LDM and for both VAE steps; under DDP all ranks skip together; too many in a
+row stop the run with a checkpoint and a one-line message. The NaNs come from the data (NaN latents, a NaN
+image), except the discriminator case, which uses a test double whose D loss is NaN (fault injection)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+import webdataset as wds
+from conftest import REPO, shared_data_dir
+from test_ldm_module import small_unet
+from test_vae_module import ImageDicts, ParamTrace, tiny_module
+from torch.utils.data import DataLoader, Dataset
+
+from ldmlab.callbacks.ema import EMA
+from ldmlab.callbacks.nonfinite import NonFiniteGuard
+from ldmlab.data.latents import npy_bytes
+from ldmlab.diffusion import EpsPrediction, ddim_sample, scaled_linear
+from ldmlab.lit.ldm import LatentDiffusionModule
+from ldmlab.optim import warmup_cosine
+
+NAN_BATCHES = (2, 3)
+
+
+class Latents(Dataset):
+    """Random latents; every sample of batches NAN_BATCHES (batch size 4) is NaN."""
+
+    def __len__(self) -> int:
+        return 32
+
+    def __getitem__(self, i: int) -> dict:
+        z = torch.randn(4, 4, 4, generator=torch.Generator().manual_seed(i))
+        return {"latent": z * math.nan if i // 4 in NAN_BATCHES else z, "label": 0}
+
+
+class StepTrace(pl.Callback):
+    """Per batch: whether the U-Net, Adam's state, the LR schedule and the EMA changed, and the global step."""
+
+    def __init__(self, ema: EMA) -> None:
+        self.ema, self.rows = ema, []
+
+    def _state(self, trainer: pl.Trainer, module: pl.LightningModule) -> list:
+        opt = trainer.optimizers[0]
+        return [[p.detach().clone() for p in module.unet.parameters()],
+                [s["exp_avg"].clone() for s in opt.state.values()], trainer.lr_scheduler_configs[0].scheduler.last_epoch,
+                [v.clone() for v in self.ema.shadow.values()]]
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self.before = self._state(trainer, module), trainer.global_step
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        (before, step), after = self.before, self._state(trainer, module)
+        changed = [before[i] != after[i] if i == 2 else len(before[i]) != len(after[i]) or any(
+                   not torch.equal(a, b) for a, b in zip(before[i], after[i])) for i in range(4)]
+        self.rows.append((*changed, trainer.global_step - step, list(module.nonfinite)))
+
+
+def test_ldm_skips_nonfinite_steps_without_any_update(tmp_path: Path) -> None:
+    module = LatentDiffusionModule(unet=small_unet(), noise_schedule=scaled_linear(), prediction=EpsPrediction(),
+                                   sampler=partial(ddim_sample, num_steps=2), latent_scale=1.0, p_uncond=0.0,
+                                   optimizer=partial(torch.optim.AdamW, lr=1e-3),
+                                   lr_scheduler=partial(warmup_cosine, warmup_steps=10))
+    ema = EMA(decay=0.9, warmup=False)
+    trace, guard = StepTrace(ema), NonFiniteGuard(max_in_a_row=3)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=5, logger=False, enable_progress_bar=False,
+                         enable_checkpointing=False, default_root_dir=tmp_path, limit_val_batches=0,
+                         enable_model_summary=False, callbacks=[ema, trace, guard])
+    trainer.fit(module, DataLoader(Latents(), batch_size=4))
+    # Lightning's automatic optimisation counts a skipped batch as a global step: 5 steps, 3 of them taken
+    updated, skipped = (True, True, True, True, 1, []), (False, False, False, False, 1, ["train/loss"])
+    assert trace.rows == [updated, updated, skipped, skipped, updated]
+    assert guard.skipped == 2 and guard.in_a_row == 0 and ema.num_updates == 3
+    assert float(trainer.callback_metrics["train/skipped_nonfinite"]) == 2
+    assert all(torch.isfinite(p).all() for p in module.unet.parameters())
+
+
+class NaNImages(ImageDicts):
+    """Batch 1 (size 4) holds a NaN image: the generator loss is NaN."""
+
+    def __getitem__(self, i: int) -> dict:
+        item = super().__getitem__(i)
+        return {**item, "image": item["image"] * math.nan} if i == 5 else item
+
+
+def test_vae_skips_the_generator_and_the_discriminator_step(tmp_path: Path) -> None:
+    """Batch 1: NaN image → no G and no D step; batch 3: the D loss is NaN (injected) → G steps, D does not."""
+    module = tiny_module(disc_start=0)
+    d_loss = module._discriminator_loss
+
+    def nan_at_batch_3(x, rec):
+        loss, logs = d_loss(x, rec)
+        return (loss * math.nan if module.trainer.fit_loop.epoch_loop.batch_idx == 3 else loss), logs
+
+    module._discriminator_loss = nan_at_batch_3
+    trace, guard = ParamTrace(), NonFiniteGuard()
+    trainer = pl.Trainer(accelerator="cpu", max_steps=4, logger=False, enable_progress_bar=False,
+                         enable_checkpointing=False, default_root_dir=tmp_path, callbacks=[trace, guard],
+                         limit_val_batches=0, enable_model_summary=False)
+    trainer.fit(module, DataLoader(NaNImages(), batch_size=4))
+    assert trace.changed == [(True, True), (False, False), (True, True), (True, False), (True, True)]
+    assert trace.steps == [1, 1, 2, 3, 4]  # a skipped generator step is no step
+    assert guard.skipped == 2
+
+
+# ---------------------------------------------------------------- a run that keeps failing, under DDP
+
+
+def latent_shards(root: Path, nan_shard: int) -> Path:
+    """cache_latents-style shards: 2 × 16 latents (4, 8, 8); every latent of shard `nan_shard` is NaN."""
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for s in range(2):
+        with wds.TarWriter(str(root / f"train-{s:06d}.tar"), encoder=False) as sink:
+            for i in range(16):
+                z = rng.standard_normal((4, 8, 8)).astype(np.float16) * (np.nan if s == nan_shard else 1)
+                sink.write({"__key__": f"s{s}_{i}", "latent.npy": npy_bytes(z), "cls": str(i % 10).encode()})
+    manifest = {"counts": {"train-000000.tar": 16, "train-000001.tar": 16}, "latent_shape": [4, 8, 8]}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+@pytest.mark.slow
+def test_ddp_ranks_skip_together_and_a_run_of_nans_stops_with_a_checkpoint(tmp_path: Path) -> None:
+    """2 CPU ranks, each reading one of two shards: one rank sees only NaN latents, the other none. Every step is
+    skipped on both (else the clean rank's backward would wait forever for the other's gradients); after 3 in a
+    row the run saves a checkpoint and exits non-zero with one line that names the loss and what to try."""
+    data = latent_shards(tmp_path / "latents", nan_shard=1)
+    run = tmp_path / "run"
+    cmd = [sys.executable, str(REPO / "train.py"), f"paths.root_dir={tmp_path}", f"paths.data_dir={shared_data_dir()}",
+           "model=unet_small", "model.vae=null", "model.latent_scale=0.5", "data=wds_latents", f"data.root={data}",
+           "data.batch_size=4", "data.num_workers=0", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+           "trainer.strategy=ddp", "speed=none", "trainer.precision=32-true", "trainer.max_steps=20",
+           "trainer.limit_val_batches=0", "callbacks.nonfinite.max_in_a_row=3", f"hydra.run.dir={run}"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=240, check=False,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-4000:]
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in out
+    message = (f"3 training steps in a row had a non-finite train/loss (last at step 3); stopped with checkpoint "
+               f"{run}/hpc_ckpt_1.ckpt. Try a lower optimizer.lr")
+    assert message in out, out[-4000:]
+    ckpt = torch.load(run / "hpc_ckpt_1.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 3 and ckpt["callbacks"]["NonFiniteGuard"] == {"skipped": 3, "in_a_row": 3}
+    assert ckpt["optimizer_states"][0]["state"] == {}  # no optimizer step was ever taken
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
