@@ -8,7 +8,7 @@ PIP    := $(BIN)/python -m pip install -q -c constraints.txt
 PYTEST_ARGS ?=
 ARGS ?=
 
-.PHONY: demo test test-fast lint clean-venv
+.PHONY: demo demo-vae test test-fast lint clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +22,14 @@ $(VENV)/.installed-test: pyproject.toml constraints.txt | $(BIN)/python
 	$(PIP) -e '.[test,dev]'
 	touch $(VENV)/.installed-base $@
 
-## make demo: train the tiny VAE on the embedded demo photographs on the CPU (extra args: ARGS='...')
+## make demo: the whole chain on the CPU (≤ 15 min on 2 cores): VAE → latent cache → class-conditional LDM →
+## sample grids → classifier judge → outputs/pipeline/demo/report.md; a re-run skips finished stages
+## (extra args: ARGS='pipeline=demo_gpu' or any ldmlab.pipeline override)
 demo: $(VENV)/.installed-base
+	$(BIN)/python -m ldmlab.pipeline $(ARGS)
+
+## make demo-vae: the old demo, the tiny VAE alone (= python train.py; extra args: ARGS='...')
+demo-vae: $(VENV)/.installed-base
 	$(BIN)/python train.py $(ARGS)
 
 ## make test: the whole suite (slow end-to-end runs included)

@@ -131,18 +131,21 @@ def markdown_table(jobs: list[Path], keys: list[str], metric: str, series: list[
     return "\n".join(lines)
 
 
-def plot(curves: dict[str, list[tuple[int, float]]], metric: str, out: Path) -> None:
-    """A PNG of one curve per job (x = step): matplotlib when installed, else drawn with PIL."""
+def plot(curves: dict[str, list[tuple[int, float]]], metric: str, out: Path, label: str = "job {}") -> None:
+    """A PNG of one curve per job (x = step): matplotlib when installed, else drawn with PIL.
+
+    `label` formats each curve's name for the legend (the demo report plots metrics, not jobs).
+    """
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return plot_pil(curves, metric, out)
+        return plot_pil(curves, metric, out, label=label)
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, points in curves.items():
-        ax.plot(*zip(*points), marker="o", label=f"job {name}")
+        ax.plot(*zip(*points), marker="o", label=label.format(name))
     ax.set(xlabel="step", ylabel=metric, title=metric)
     ax.legend()
     fig.savefig(out, dpi=100, bbox_inches="tight")
@@ -153,7 +156,8 @@ COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 10
           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
 
 
-def plot_pil(curves: dict[str, list[tuple[int, float]]], metric: str, out: Path, size: tuple = (640, 420)) -> None:
+def plot_pil(curves: dict[str, list[tuple[int, float]]], metric: str, out: Path, size: tuple = (640, 420),
+             label: str = "job {}") -> None:
     """A simple line plot with axes, tick labels and a legend of job numbers, drawn with PIL."""
     from PIL import Image, ImageDraw
 
@@ -181,7 +185,7 @@ def plot_pil(curves: dict[str, list[tuple[int, float]]], metric: str, out: Path,
         for x, y in xy:
             draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
         draw.line([w - right + 10, top + 10 + 18 * i, w - right + 30, top + 10 + 18 * i], fill=color, width=3)
-        draw.text((w - right + 35, top + 4 + 18 * i), f"job {name}", fill="black")
+        draw.text((w - right + 35, top + 4 + 18 * i), label.format(name), fill="black")
     img.save(out)
 
 

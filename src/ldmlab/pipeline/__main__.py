@@ -1,0 +1,23 @@
+"""`python -m ldmlab.pipeline [pipeline=demo_gpu] [key=value ...]`: see ldmlab.pipeline."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from ldmlab.pipeline.run import run_pipeline
+
+CONF_DIR = Path(os.environ.get("LDMLAB_CONF", Path(__file__).resolve().parents[3] / "conf"))
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="pipeline")
+def main(cfg: DictConfig) -> None:
+    report = run_pipeline(cfg)
+    print(f"\nreport: {report}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
