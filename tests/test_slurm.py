@@ -69,10 +69,20 @@ def job_log(tmp_path: Path, job: str) -> str:
     return (tmp_path / f"slurm-{job}.out").read_text(errors="replace")
 
 
+def logged_a_step(run_dir: Path) -> bool:
+    """The run's metrics.csv has a row (the continuing CSV logger writes each row at once)."""
+    path = run_dir / "csv" / "metrics.csv"
+    return path.exists() and len(path.read_text().splitlines()) >= 2
+
+
 def wait_for_start(cluster: SlurmCluster, job: str, run_dir: Path, tmp_path: Path) -> None:
-    """Until training has started (SlurmRequeue's signal handlers are installed by then)."""
+    """Until training has passed its first step boundary (the signal handlers are installed by then).
+
+    A signal before the first step ends cannot be answered with a checkpoint (there is no step boundary yet;
+    nothing is lost either): on this 2-core machine under load the first step, with DDP and loader start-up,
+    has taken longer than SLURM's 30 s KillWait, so the test signals only once a step has been logged."""
     deadline = time.monotonic() + 300
-    while not history(run_dir):
+    while not (history(run_dir) and logged_a_step(run_dir)):
         state = cluster.job(job)["JobState"]  # PENDING, RUNNING, COMPLETING, REQUEUED ... not a final one
         assert time.monotonic() < deadline and state not in FINAL_STATES, job_log(tmp_path, job)[-4000:]
         time.sleep(0.2)
