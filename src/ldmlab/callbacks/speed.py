@@ -36,6 +36,9 @@ class GPUSpeed(pl.Callback):
         if self._applied:  # fit then test in one process: the model is already set up
             return
         self._applied = True
+        if trainer.strategy.root_device.type != "cuda":  # e.g. trainer=ddp trainer.accelerator=cpu (gloo)
+            log.info("speed: %s run, GPU speed switches left off", trainer.strategy.root_device.type)
+            return
         if self.tf32:
             accel.enable_tensor_cores()
         accel.set_sdpa_order(self.sdpa_backends)
