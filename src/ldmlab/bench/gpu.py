@@ -19,8 +19,7 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-import torch
-
+from ldmlab import accel
 from ldmlab.bench import common, unet
 
 DEFAULT_VARIANTS = ("diffusers", "diffusers+cl+compile", "ours", "ours+cl+compile+cudnn_sdpa",
@@ -156,7 +155,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--out", type=Path, default=None, help="append the tables to this Markdown file")
     args = parser.parse_args(argv)
     parts = args.parts.split(",")
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    accel.enable_tensor_cores()
     ceiling = common.matmul_ceiling()
     sections = [f"### GPU benchmark ({common.environment()})", "",
                 f"Measured bf16 matmul ceiling: {ceiling:.0f} TF/s.", ""]

@@ -64,7 +64,7 @@ def prepare(model: torch.nn.Module, features: set[str]) -> torch.nn.Module:
     if "cl" in features:
         accel.to_channels_last(model)
     if "regional" in features:
-        if hasattr(model, "_repeated_blocks") and isinstance(model, UNetModel):
+        if isinstance(model, UNetModel):
             accel.compile_model(model, "regional")
         else:  # diffusers' own regional compilation (ModelMixin.compile_repeated_blocks)
             model.compile_repeated_blocks(fullgraph=True)
