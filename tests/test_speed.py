@@ -100,7 +100,7 @@ def ldm(precision_seed: int = 0) -> LatentDiffusionModule:
 
 
 def train_losses(precision: str, callbacks: list[pl.Callback], tmp_path: Path, steps: int = 40,
-                 channels_last: bool = False) -> list[float]:
+                 channels_last: bool = False, profiler: object = None) -> list[float]:
     """Per-step training loss of a tiny LDM on a fixed pool of 8×8 latents."""
     losses: list[float] = []
 
@@ -116,7 +116,8 @@ def train_losses(precision: str, callbacks: list[pl.Callback], tmp_path: Path, s
                                pin_memory=False)
     trainer = pl.Trainer(accelerator="cpu", precision=precision, max_steps=steps, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         default_root_dir=tmp_path, limit_val_batches=0, callbacks=[Record(), *callbacks])
+                         default_root_dir=tmp_path, limit_val_batches=0, callbacks=[Record(), *callbacks],
+                         profiler=profiler)
     trainer.fit(module, datamodule=data)
     return losses
 
@@ -135,3 +136,16 @@ def test_bf16_channels_last_training_follows_fp32(tmp_path: Path) -> None:
         assert abs(got - ref) <= 0.05 * ref, (i, ref, got)
     assert sum(bf16[-10:]) < 0.8 * sum(bf16[:10])  # it learns
     assert timer.seconds_per_step > 0
+
+
+def test_step_profile_writes_kernel_and_host_tables(tmp_path: Path) -> None:
+    """The profiler behind `bench.gpu --parts train_profile`, around real Lightning steps (CPU here: the GPU
+    kernel table is then empty, the host table names Lightning's and our ranges)."""
+    from ldmlab.bench.train_path import HookRanges, StepProfile
+
+    out = tmp_path / "profile.md"
+    train_losses("32-true", [StepProfile(str(out), skip=3, steps=2)], tmp_path, steps=8, profiler=HookRanges())
+    text = out.read_text()
+    assert "#### Profile: train.py, steps 3-5" in text and "Wall " in text
+    host = text[text.index("| host range"):]
+    assert "run_training_batch" in host and "optimizer_step" in host, host

@@ -128,6 +128,13 @@ def train_part(steps: int, extras: list[list[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def train_profile_part(steps: int, extra: list[str]) -> str:
+    from ldmlab.bench.train_path import time_train_py
+
+    r = guarded(f"train.py profile {extra}", lambda: time_train_py(extra, steps, profile_steps=5))
+    return (r or {}).get("profile") or "no profile written (see the log)\n"
+
+
 def guarded(name: str, fn: Callable[[], dict]) -> dict | None:
     """Run one measurement; a failure (no diffusers, OOM, a compiler error) is printed and skipped."""
     try:
@@ -168,6 +175,8 @@ def main(argv: list[str] | None = None) -> str:
         "vae_train": ("VAE training step through Lightning (G + D, LPIPS, GAN on)", vae_train_part),
         "sampling": ("50 DDIM steps + CFG 7.5 + decode, 512 px, batch 8 (bf16 weights)", lambda: sampling_part(args.sampling_variants.split(","))),
         "train": ("`train.py model=unet_sd15 trainer=gpu data=synthetic_latents`", lambda: train_part(args.train_steps, [e.split() for e in args.train_extras.split(";")])),
+        "train_profile": ("Profile of `train.py model=unet_sd15 trainer=gpu data=synthetic_latents` (first --train-extras set)",
+                          lambda: train_profile_part(args.train_steps, args.train_extras.split(";")[0].split())),
     }
     print(f"bf16 matmul ceiling: {ceiling:.0f} TF/s", flush=True)
     for part in parts:

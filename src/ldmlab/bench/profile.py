@@ -37,6 +37,12 @@ def profile_step(step: Callable[[], None], steps: int = 3) -> tuple[dict[str, fl
             step()
         torch.cuda.synchronize()
         wall_ms = (time.perf_counter() - t0) * 1e3 / steps
+    by_kind, kernels = kernel_times(prof, steps)
+    return by_kind, kernels, wall_ms
+
+
+def kernel_times(prof: profile, steps: int) -> tuple[dict[str, float], list[tuple[str, float]]]:
+    """GPU ms per step by category and the top 25 kernels, from a finished profiler."""
     by_kind: dict[str, float] = defaultdict(float)
     kernels: list[tuple[str, float]] = []
     for event in prof.key_averages():
@@ -46,7 +52,21 @@ def profile_step(step: Callable[[], None], steps: int = 3) -> tuple[dict[str, fl
         by_kind[category(event.key)] += ms
         kernels.append((event.key, ms))
     kernels.sort(key=lambda kv: -kv[1])
-    return dict(by_kind), kernels[:25], wall_ms
+    return dict(by_kind), kernels[:25]
+
+
+def host_times(prof: profile, steps: int, top: int = 30) -> list[tuple[str, float, float]]:
+    """(name, total CPU ms per step, calls per step) of the host ranges and ops that hold the CPU longest:
+    where a step whose GPU idles spends its time (Lightning hooks, callbacks, syncs such as cudaMemcpy)."""
+    rows = [(e.key, e.cpu_time_total / 1e3 / steps, e.count / steps) for e in prof.key_averages()
+            if e.device_type == DeviceType.CPU]
+    return sorted(rows, key=lambda r: -r[1])[:top]
+
+
+def host_report(rows: list[tuple[str, float, float]]) -> str:
+    lines = ["| host range / op (inclusive) | CPU ms/step | calls/step |", "|---|---|---|"]
+    lines += [f"| `{name[:90]}` | {ms:.2f} | {calls:g} |" for name, ms, calls in rows]
+    return "\n".join(lines) + "\n"
 
 
 def report(title: str, by_kind: dict[str, float], kernels: list[tuple[str, float]], wall_ms: float) -> str:

@@ -34,7 +34,7 @@ def ours_sampler(features: set[str], steps: int) -> Callable[[torch.Tensor, torc
     if "regional" in features:
         accel.compile_model(unet, "regional"), accel.compile_model(vae, "regional")
     if "compile" in features:
-        unet_call = torch.compile(unet)
+        unet_call = torch.compile(unet, mode="reduce-overhead" if "ro" in features else None)
         vae.decoder = torch.compile(vae.decoder)
     sample = partial(ddim_sample, num_steps=steps, spacing="leading", steps_offset=1, set_alpha_to_one=False)
     schedule, prediction = scaled_linear(), EpsPrediction()
@@ -74,10 +74,21 @@ def diffusers_sampler(features: set[str], steps: int) -> Callable:
 
 def time_sampling(variant: str, pixels: int = 512, batch: int = 8, steps: int = 50,
                   repeats: int = 2) -> dict[str, float]:
-    """Seconds per image of `steps` DDIM steps with CFG + decode for a batch (after one warm-up batch)."""
+    """Seconds per image of `steps` DDIM steps with CFG + decode for a batch (after one warm-up batch).
+    Variant `<ours|diffusers>[+cl][+compile][+ro][+regional][+cudnn_sdpa]` as in bench.unet."""
+    from ldmlab.bench.unet import reset_sdpa
+
     impl, *features = variant.split("+")
     build = ours_sampler if impl == "ours" else diffusers_sampler
-    run = build(set(features), steps)
+    if "cudnn_sdpa" in features:  # cuDNN attention first: 1.5-1.7x flash at SD's head width 40 (sdpa part)
+        accel.set_sdpa_order(["cudnn", "flash"])
+    try:
+        return _time_sampler(build(set(features), steps), pixels, batch, repeats)
+    finally:
+        reset_sdpa()
+
+
+def _time_sampler(run: Callable, pixels: int, batch: int, repeats: int) -> dict[str, float]:
     latent = pixels // 8
     x_T = torch.randn(batch, 4, latent, latent, device="cuda", dtype=torch.bfloat16)
     cond, uncond = (torch.randn(batch, 77, 768, device="cuda", dtype=torch.bfloat16) for _ in range(2))

@@ -9,16 +9,76 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
+import pytorch_lightning as pl
+from pytorch_lightning.profilers import Profiler
+from torch.profiler import ProfilerActivity, profile, record_function
+
+from ldmlab.bench.profile import host_report, host_times, kernel_times, report
+from ldmlab.callbacks.speed import synchronize_device
 from ldmlab.utils.stand_ins import make_tiny_clip
 
 REPO = Path(__file__).resolve().parents[3]
 STEP_TIME = re.compile(r"StepTimer: ([0-9.]+) s/step")
 
 
-def time_train_py(extra: list[str], steps: int = 60, batch: int = 64, skip: int = 10) -> dict:
+class HookRanges(Profiler):
+    """A Lightning profiler that only names each hook call (`[Callback]EMA.on_train_batch_end`, `[Strategy]...
+    training_step`, `run_training_batch`) as a torch.profiler range, so StepProfile's host table shows where
+    Lightning's loop spends the CPU. Cheap when no torch profiler is recording."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._open: dict[str, list[record_function]] = {}
+
+    def start(self, action_name: str) -> None:
+        scope = record_function(action_name)
+        scope.__enter__()
+        self._open.setdefault(action_name, []).append(scope)
+
+    def stop(self, action_name: str) -> None:
+        if scopes := self._open.get(action_name):
+            scopes.pop().__exit__(None, None, None)
+
+    def summary(self) -> str:
+        return ""
+
+
+class StepProfile(pl.Callback):
+    """torch.profiler around `steps` training steps of a real run, from global step `skip` on: GPU time by kernel
+    kind, the GPU's idle share and the host ranges that hold the CPU, written to `out` as Markdown."""
+
+    def __init__(self, out: str, skip: int = 30, steps: int = 5) -> None:
+        self.out, self.skip, self.steps = Path(out), skip, steps
+        self._prof: profile | None = None
+        self._t0 = 0.0
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if trainer.global_step == self.skip and self._prof is None and not self.out.exists():
+            synchronize_device(pl_module)
+            self._prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            self._prof.__enter__()
+            self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if self._prof is None or trainer.global_step < self.skip + self.steps:
+            return
+        synchronize_device(pl_module)
+        wall_ms = (time.perf_counter() - self._t0) * 1e3 / self.steps
+        self._prof.__exit__(None, None, None)
+        by_kind, kernels = kernel_times(self._prof, self.steps)
+        text = report(f"train.py, steps {self.skip}-{self.skip + self.steps}", by_kind, kernels, wall_ms)
+        self.out.write_text(text + "\n" + host_report(host_times(self._prof, self.steps)))
+        self._prof = None
+
+
+def time_train_py(extra: list[str], steps: int = 60, batch: int = 64, skip: int = 10,
+                  profile_steps: int = 0) -> dict:
     """img/s of the real entry point; the text encoder is a random CLIP of SD's width (batches carry
-    prompt embeddings, so it only encodes the empty prompt for condition dropout)."""
+    prompt embeddings, so it only encodes the empty prompt for condition dropout). With `profile_steps`, a
+    separate concern: the result's "profile" holds StepProfile's Markdown (the timing then includes it)."""
     with tempfile.TemporaryDirectory() as tmp:
         clip = make_tiny_clip(Path(tmp) / "clip768", hidden_size=768)
         overrides = ["model=unet_sd15", "trainer=gpu", "data=synthetic_latents", "model.vae=null",
@@ -26,10 +86,16 @@ def time_train_py(extra: list[str], steps: int = 60, batch: int = 64, skip: int 
                      "trainer.limit_val_batches=0", "callbacks.export_weights=null", "callbacks.image_grids=null",
                      "+callbacks.step_timer._target_=ldmlab.callbacks.speed.StepTimer",
                      f"+callbacks.step_timer.skip={skip}", f"hydra.run.dir={tmp}/run", *extra]
+        if profile_steps:
+            overrides += ["+callbacks.step_profile._target_=ldmlab.bench.train_path.StepProfile",
+                          "+trainer.profiler._target_=ldmlab.bench.train_path.HookRanges",
+                          f"+callbacks.step_profile.out={tmp}/profile.md", f"+callbacks.step_profile.steps={profile_steps}",
+                          f"+callbacks.step_profile.skip={steps - profile_steps - 5}"]
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, str(REPO / "train.py"), *overrides], capture_output=True, text=True,
                               cwd=REPO, check=False)
         wall = time.perf_counter() - t0
+        profiled = Path(tmp, "profile.md").read_text() if profile_steps and Path(tmp, "profile.md").exists() else ""
     log = proc.stdout + proc.stderr
     match = STEP_TIME.search(log)
     if proc.returncode != 0 or not match:
@@ -38,4 +104,4 @@ def time_train_py(extra: list[str], steps: int = 60, batch: int = 64, skip: int 
     return {"command": "train.py " + " ".join(o for o in overrides if not o.startswith(("hydra.", "+callbacks",
                                                                                           "model.conditioner"))),
             "img_s": batch / s_per_step, "s_per_step": s_per_step,
-            "warmup_s": wall - s_per_step * (steps - skip)}
+            "warmup_s": wall - s_per_step * (steps - skip), "profile": profiled}

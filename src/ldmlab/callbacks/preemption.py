@@ -135,8 +135,11 @@ class Preemption(pl.Callback):
         self._batches += 1
         if not self._active:
             return
-        flag = torch.tensor(self._requested, device=trainer.strategy.root_device)
-        self._pending = int(trainer.strategy.reduce(flag, reduce_op="max"))  # the same decision on every rank
+        if trainer.world_size > 1:  # the same decision on every rank: one all-reduce (and host sync) per step
+            flag = torch.tensor(self._requested, device=trainer.strategy.root_device)
+            self._pending = int(trainer.strategy.reduce(flag, reduce_op="max"))
+        else:  # one process: the flag is ours alone; reading a GPU tensor back would stall the launch queue
+            self._pending = self._requested
         if self._pending:
             self._saved = save_stop_checkpoint(trainer)
             self._requested = 0

@@ -64,7 +64,7 @@ class StepTimer(pl.Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         if trainer.global_step == self.skip:
-            _synchronize(pl_module)
+            synchronize_device(pl_module)
             self._start = time.perf_counter()
             self._steps = 0
 
@@ -73,7 +73,7 @@ class StepTimer(pl.Callback):
         self._steps += 1
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        _synchronize(pl_module)
+        synchronize_device(pl_module)
         self._end = time.perf_counter()
         if self._start and self._steps:
             log.info("StepTimer: %.4f s/step over %d steps", self.seconds_per_step, self._steps)
@@ -89,6 +89,7 @@ class StepTimer(pl.Callback):
         return self._start - (since if since is not None else self._fit_start)
 
 
-def _synchronize(pl_module: pl.LightningModule) -> None:
+def synchronize_device(pl_module: pl.LightningModule) -> None:
+    """Wait for the module's GPU (a no-op on the CPU): timings and profiles then end where the work does."""
     if pl_module.device.type == "cuda":
         torch.cuda.synchronize(pl_module.device)
