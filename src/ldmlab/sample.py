@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ldmlab import accel
 from ldmlab.lit.ldm import LatentDiffusionModule
 from ldmlab.nn.safe_load import load_weights_only
 from ldmlab.utils.images import make_grid, save_png
@@ -67,6 +69,17 @@ def _cond_values(module: LatentDiffusionModule, cfg: DictConfig) -> list[Any] | 
     return [str(cfg.prompt)] * cfg.n
 
 
+def _fast_on_gpu(module: LatentDiffusionModule, bf16: bool) -> Any:
+    """On a GPU, what trainer=gpu trains with: TF32, cuDNN attention first (1.5-1.7x flash at SD's head width 40,
+    docs/BENCHMARKS.md), channels_last, and bf16 autocast unless `bf16=false`; returns the autocast context."""
+    if module.device.type != "cuda":
+        return contextlib.nullcontext()
+    accel.enable_tensor_cores()
+    accel.set_sdpa_order(["cudnn", "flash"])
+    accel.to_channels_last(module)
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=bool(bf16))
+
+
 def sample(cfg: DictConfig) -> Path:
     """Generate cfg.n images in batches and write the grid (and single PNGs if asked); returns the grid path."""
     validate_sample(cfg)  # one line per problem (unsafe ckpt, guidance without p_uncond, ...) before loading
@@ -75,12 +88,14 @@ def sample(cfg: DictConfig) -> Path:
     if module.vae is None:
         raise ValueError("this checkpoint has no VAE to decode latents into images")
     sampler, values = _sampler(module, cfg.sampler, cfg.steps), _cond_values(module, cfg)
+    autocast = _fast_on_gpu(module, cfg.bf16)
     images = []
     for start in range(0, cfg.n, cfg.batch_size):
         n = min(cfg.batch_size, cfg.n - start)
         chunk = values[start:start + n] if values is not None else None
-        images.append(module.sample(chunk, n, cfg.guidance, seed=cfg.seed + start,
-                                    sampler=sampler).cpu())
+        with autocast:
+            images.append(module.sample(chunk, n, cfg.guidance, seed=cfg.seed + start,
+                                        sampler=sampler).float().cpu())
     images = torch.cat(images)
     out = Path(cfg.out) if cfg.out else (Path(cfg.ckpt).resolve().parents[1] / "samples" /
                                          f"{cfg.sampler or 'default'}_g{cfg.guidance:g}_s{cfg.seed}.png")
