@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -118,6 +119,24 @@ def test_finished_stage_is_skipped_and_changed_settings_refused(tmp_path: Path) 
     with pytest.raises(StageMismatch, match="different"):
         run_stage(tmp_path / "vae", {"steps": 2}, fn)
     assert dependents("vae") == ["latents", "ldm", "classifier", "samples"]
+
+
+def test_stage_seconds_count_every_attempt(tmp_path: Path) -> None:
+    """A stage stopped by a signal (SystemExit from the Preemption callback) and finished by a re-run reports
+    the time of both attempts, not only the last one's."""
+    def interrupted(out: Path) -> dict:
+        time.sleep(0.3)
+        raise SystemExit(0)
+
+    def finishing(out: Path) -> dict:
+        time.sleep(0.1)
+        return {}
+
+    with pytest.raises(SystemExit):
+        run_stage(tmp_path / "ldm", {"steps": 3}, interrupted)
+    assert not (tmp_path / "ldm" / "result.json").exists()
+    result = run_stage(tmp_path / "ldm", {"steps": 3}, finishing)
+    assert 0.4 <= result["seconds"] < 5.0
 
 
 # ---------------------------------------------------------------- presets

@@ -76,11 +76,22 @@ def run_stage(out: Path, spec: dict, fn: Callable[[Path], dict]) -> dict:
     _write_json(out / SPEC, spec)
     log.info("[%s] running into %s", out.name, out)
     start = time.perf_counter()
-    result = _json(fn(out))
-    result.update(stage=out.name, spec=spec, seconds=round(time.perf_counter() - start, 1),
+    try:
+        result = _json(fn(out))
+    finally:  # an interrupted attempt's time counts too: the stage's seconds are those of all its attempts
+        seconds = _add_seconds(out, time.perf_counter() - start)
+    result.update(stage=out.name, spec=spec, seconds=round(seconds, 1),
                   finished=datetime.now().isoformat(timespec="seconds"))
     _write_json(done, result)
     return result
+
+
+def _add_seconds(out: Path, seconds: float) -> float:
+    """Add `seconds` to the stage's running total in `<out>/seconds.json`; returns the new total."""
+    path = out / "seconds.json"
+    total = (json.loads(path.read_text())["seconds"] if path.is_file() else 0.0) + seconds
+    _write_json(path, {"seconds": total})
+    return total
 
 
 def resolve_dir(cfg: DictConfig) -> Path:

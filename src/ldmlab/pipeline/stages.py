@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ldmlab.cache_latents import CacheArgs, cache_latents
+from ldmlab.checkpointing import newest_checkpoint
 from ldmlab.convert.load import load_vae
 from ldmlab.data.shards import count_samples, read_manifest
 from ldmlab.data.transforms import normalize
@@ -73,8 +74,8 @@ def _params(module: torch.nn.Module) -> int:
 def run_training(cfg: DictConfig, out: Path, overrides: list[str]) -> None:
     """Fit `cfg` into `out`. A run dir holding checkpoints (an interrupted earlier attempt) continues from the
     newest one: train()'s resume=auto, with metrics.csv continued by the CSV logger."""
-    if newest := sorted((out / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime)[-1:]:
-        log.info("resuming %s from %s", out.name, newest[0])
+    if (newest := newest_checkpoint(out, out / "checkpoints")) is not None:  # the one train() picks
+        log.info("continuing %s from %s", out.name, newest)
     (out / ".hydra").mkdir(parents=True, exist_ok=True)  # what @hydra.main writes: compare.py and users read it
     OmegaConf.save(cfg, out / ".hydra" / "config.yaml")
     OmegaConf.save(OmegaConf.create(list(overrides)), out / ".hydra" / "overrides.yaml")
