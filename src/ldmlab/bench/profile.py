@@ -46,13 +46,21 @@ def kernel_times(prof: profile, steps: int) -> tuple[dict[str, float], list[tupl
     by_kind: dict[str, float] = defaultdict(float)
     kernels: list[tuple[str, float]] = []
     for event in prof.key_averages():
-        if event.device_type != DeviceType.CUDA or "#" in event.key:  # "Optimizer.step#AdamW.step": a range
+        if event.device_type != DeviceType.CUDA or _is_range(event):
             continue
         ms = event.self_device_time_total / 1e3 / steps
         by_kind[category(event.key)] += ms
         kernels.append((event.key, ms))
     kernels.sort(key=lambda kv: -kv[1])
     return dict(by_kind), kernels[:25]
+
+
+def _is_range(event: object) -> bool:
+    """A named range on the GPU timeline (record_function, Lightning's hooks via HookRanges), not a kernel:
+    counting it would count its kernels twice."""
+    key = event.key
+    return bool(getattr(event, "is_user_annotation", False)) or "#" in key or key.startswith(("[", "##")) \
+        or key in ("run_training_batch", "Torch-Compiled Region", "CompiledFunction")
 
 
 def host_times(prof: profile, steps: int, top: int = 30) -> list[tuple[str, float, float]]:

@@ -1,9 +1,10 @@
 """Non-finite losses: the optimizer step is skipped on every rank, counted and logged; many in a row stop the run.
 
 One bad batch (a NaN latent, an overflow) must not poison the weights, the optimizer moments or the EMA; a run
-whose every step is NaN must not burn its allocation either. The modules check each loss before its backward
-with `skip_nonfinite` (for the VAE: the generator and the discriminator loss) and record the skipped ones in
-`module.nonfinite`; `NonFiniteGuard` counts them (`train/skipped_nonfinite`) and after `max_in_a_row`
+whose every step is NaN must not burn its allocation either. The VAE checks each loss before its backward
+with `skip_nonfinite` (the generator and the discriminator loss); the LDM runs its backward and reads the
+all-reduced `finite_flag` only then, in `optimizer_step` (a host sync after the forward would leave the GPU
+idle while the CPU launches the backward). Both record the skipped losses in `module.nonfinite`; `NonFiniteGuard` counts them (`train/skipped_nonfinite`) and after `max_in_a_row`
 consecutive skipped steps saves a checkpoint and stops with one line saying which loss, where, and what to try.
 The EMA callback leaves a batch with a skipped loss out. `trainer.global_step` counts a skipped batch in the
 LDM (Lightning's automatic optimisation counts every batch that reaches the optimizer step) but not in the VAE
@@ -29,16 +30,21 @@ class NonFiniteLossError(RuntimeError):
     """Too many training steps in a row had a NaN or Inf loss."""
 
 
-def skip_nonfinite(module: pl.LightningModule, loss: Tensor, name: str) -> bool:
-    """True (and `name` recorded in `module.nonfinite`) when `loss` is NaN/Inf on any rank.
+def finite_flag(module: pl.LightningModule, loss: Tensor, so_far: Tensor | None = None) -> Tensor:
+    """1.0 on the device when `loss` (and every loss in `so_far`) is finite on every rank, else 0.0.
 
-    A min all-reduce of the flag, so every rank takes the same branch: a rank that skipped backward while the
-    others ran it would leave DDP's gradient all-reduce waiting. One host sync per step.
+    A min all-reduce, so every rank takes the same branch later: a rank that skipped its step while the others
+    took theirs would leave DDP's replicas apart. No host sync: read it once the backward is queued.
     """
     flag = torch.isfinite(loss.detach()).all().float()
     if module._trainer is not None:
         flag = module.trainer.strategy.reduce(flag, reduce_op="min")
-    if bool(flag):
+    return flag if so_far is None else torch.minimum(so_far, flag)
+
+
+def skip_nonfinite(module: pl.LightningModule, loss: Tensor, name: str) -> bool:
+    """True (and `name` recorded in `module.nonfinite`) when `loss` is NaN/Inf on any rank. One host sync."""
+    if bool(finite_flag(module, loss)):
         return False
     module.nonfinite.append(name)
     return True

@@ -19,7 +19,7 @@ from pytorch_lightning.utilities import rank_zero_info
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from ldmlab.callbacks.nonfinite import skip_nonfinite
+from ldmlab.callbacks.nonfinite import finite_flag
 from ldmlab.diffusion import (
     NoiseSchedule,
     Prediction,
@@ -162,21 +162,24 @@ class LatentDiffusionModule(pl.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         self.nonfinite = []
         loss = self.diffusion_loss(batch, self._step_generator(0), self.hparams.p_uncond)
-        if skip_nonfinite(self, loss, "train/loss"):
-            # Lightning refuses None under DDP. A loss with all-zero gradients keeps every rank's backward and
-            # gradient all-reduce in step; optimizer_step then takes no step.
-            return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
-        self.log("train/loss", loss, prog_bar=True, batch_size=self._batch_size(batch))
-        return loss
+        # read in optimizer_step, after the backward is queued; over accumulated batches, all must be finite
+        self._finite = finite_flag(self, loss, getattr(self, "_finite", None))
+        self._logged = (loss.detach(), self._batch_size(batch))
+        return loss  # NaN/Inf too: every rank runs its backward, so DDP's gradient all-reduce stays in step
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
-        """Lightning's step, except after a skipped non-finite loss: no optimizer.step (which would count a
-        global step and move Adam's moments even with zero gradients) and no scheduler step, as in the VAE."""
+        """Lightning's step, except after a non-finite loss on any rank: no optimizer.step (which would count a
+        global step and move Adam's moments) and no scheduler step, as in the VAE; the loss is not logged."""
         if optimizer_closure is None:
             return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         loss = optimizer_closure()  # training_step + backward (clipping and hooks run inside optimizer.step)
-        if not self.nonfinite:
-            optimizer.step(closure=lambda: loss)
+        finite, self._finite = self._finite, None
+        if not bool(finite):  # the step's one host sync: the GPU has the whole forward and backward queued
+            self.nonfinite = ["train/loss"]
+            return
+        value, batch_size = self._logged
+        self.log("train/loss", value, prog_bar=True, batch_size=batch_size)
+        optimizer.step(closure=lambda: loss)
 
     def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
         if not self.nonfinite:  # a skipped step does not advance the schedule
