@@ -257,3 +257,25 @@ def test_train_py_mandatory_value(tmp_path: Path) -> None:
     stderr, _ = train_py_fails(["model=unet_small"], tmp_path)
     assert ("model.vae.path is mandatory (???) and unset: give it on the command line, e.g. python train.py "
             "model.vae.path=<value>") in stderr.splitlines()
+
+
+def test_ema_under_fsdp_on_several_ranks_is_refused(tmp_path: Path) -> None:
+    """Each rank's EMA would copy only its parameter shard: refused before anything is built, and by the callback
+    itself for Trainers made in Python; one rank, or DDP, is fine."""
+    from types import SimpleNamespace
+
+    from pytorch_lightning.strategies import FSDPStrategy
+
+    from ldmlab.callbacks.ema import EMA
+    from ldmlab.validate import check_config
+
+    base = ["model=unet_sd15", "model.vae=null", "model.conditioner=null", "model.unet.context_dim=null"]
+    problems = check_config(compose_train([*base, "trainer=fsdp", "trainer.devices=8"], tmp_path))
+    assert [p for p in problems if p.startswith("callbacks.ema with trainer=fsdp on trainer.devices x "
+                                                "trainer.num_nodes = 8 ranks")], problems
+    for ok in (["trainer=fsdp", "trainer.devices=1"], ["trainer=ddp", "trainer.devices=8"],
+               ["trainer=fsdp", "trainer.devices=8", "callbacks.ema=null"]):
+        assert not [p for p in check_config(compose_train([*base, *ok], tmp_path)) if "callbacks.ema" in p], ok
+    trainer = SimpleNamespace(strategy=FSDPStrategy(), world_size=2)
+    with pytest.raises(ValueError, match="callbacks.ema with trainer=fsdp on 2 ranks"):
+        EMA().on_fit_start(trainer, None)

@@ -43,6 +43,10 @@ class EMA(pl.Callback):
         return dict(getattr(pl_module, self.attr).named_parameters())
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if "FSDP" in type(trainer.strategy).__name__ and trainer.world_size > 1:
+            from ldmlab.validate import EMA_UNDER_FSDP  # the same line train.py's config check gives
+
+            raise ValueError(EMA_UNDER_FSDP.format(where=str(trainer.world_size)))
         params = self._params(pl_module)
         if not self.shadow:  # fresh run (a resumed one got its shadow from load_state_dict)
             self.shadow = {k: p.detach().float().clone() for k, p in params.items()}

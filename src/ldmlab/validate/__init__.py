@@ -104,13 +104,29 @@ def batch_problems(cfg: DictConfig) -> list[str]:
     return [line]
 
 
+def ema_problems(cfg: DictConfig) -> list[str]:
+    """The EMA callback copies each rank's parameters; under FSDP on several ranks those are shards."""
+    strategy = get(cfg, "trainer.strategy")
+    sharded = "fsdp" in (target(cfg, "trainer.strategy") if hasattr(strategy, "keys") else str(strategy)).lower()
+    world = world_size(cfg)
+    if not sharded or world in (None, 1) or not target(cfg, "callbacks.ema"):
+        return []
+    return [EMA_UNDER_FSDP.format(where=f"trainer.devices x trainer.num_nodes = {world}")]
+
+
+EMA_UNDER_FSDP = ("callbacks.ema with trainer=fsdp on {where} ranks: each rank's EMA would hold only its parameter "
+                  "shard and checkpoints only rank 0's; use trainer=ddp (SD1.5 with AdamW and EMA fits one 80 GB "
+                  "GPU) or callbacks.ema=null")
+
+
 # ---------------------------------------------------------------- entry points
 
 
 def check_config(cfg: DictConfig, entry: str = "train.py") -> list[str]:
     """Every problem of a composed train config, one line each ([] when it is fine)."""
     missing = missing_values(cfg, entry)
-    rules = (data_problems, weight_problems, vae_problems, latent_problems, guidance_problems, batch_problems)
+    rules = (data_problems, weight_problems, vae_problems, latent_problems, guidance_problems, batch_problems,
+             ema_problems)
     return missing + [line for rule in rules for line in rule(cfg)]
 
 
