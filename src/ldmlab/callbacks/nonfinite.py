@@ -69,7 +69,9 @@ class NonFiniteGuard(pl.Callback):
             if trainer.is_global_zero and (self.skipped <= _WARNED or self.skipped % 100 == 0):
                 log.warning("step %d: non-finite %s, optimizer step skipped (%d in a row, %d in all)",
                             trainer.global_step, ", ".join(names), self.in_a_row, self.skipped)
-        pl_module.log("train/skipped_nonfinite", float(self.skipped))
+        # a CPU tensor: Lightning turns a Python number into a tensor on the module's device, a blocking copy
+        # that would make every step wait for the GPU
+        pl_module.log("train/skipped_nonfinite", torch.tensor(float(self.skipped)))
         if self.in_a_row >= self.max_in_a_row:
             self._stop(trainer, names)
 
