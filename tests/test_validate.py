@@ -259,7 +259,7 @@ def test_train_py_mandatory_value(tmp_path: Path) -> None:
             "model.vae.path=<value>") in stderr.splitlines()
 
 
-def test_ema_under_fsdp_on_several_ranks_is_refused(tmp_path: Path) -> None:
+def test_fsdp_on_the_cpu_and_ema_under_fsdp_on_several_ranks_are_refused(tmp_path: Path) -> None:
     """Each rank's EMA would copy only its parameter shard: refused before anything is built, and by the callback
     itself for Trainers made in Python; one rank, or DDP, is fine."""
     from types import SimpleNamespace
@@ -276,6 +276,8 @@ def test_ema_under_fsdp_on_several_ranks_is_refused(tmp_path: Path) -> None:
     for ok in (["trainer=fsdp", "trainer.devices=1"], ["trainer=ddp", "trainer.devices=8"],
                ["trainer=fsdp", "trainer.devices=8", "callbacks.ema=null"]):
         assert not [p for p in check_config(compose_train([*base, *ok], tmp_path)) if "callbacks.ema" in p], ok
+    cpu = check_config(compose_train([*base, "trainer=fsdp", "trainer.devices=1", "trainer.accelerator=cpu"], tmp_path))
+    assert [p for p in cpu if p.startswith("trainer=fsdp with trainer.accelerator=cpu")], cpu
     trainer = SimpleNamespace(strategy=FSDPStrategy(), world_size=2)
     with pytest.raises(ValueError, match="callbacks.ema with trainer=fsdp on 2 ranks"):
         EMA().on_fit_start(trainer, None)

@@ -104,14 +104,21 @@ def batch_problems(cfg: DictConfig) -> list[str]:
     return [line]
 
 
-def ema_problems(cfg: DictConfig) -> list[str]:
-    """The EMA callback copies each rank's parameters; under FSDP on several ranks those are shards."""
+def fsdp_problems(cfg: DictConfig) -> list[str]:
+    """FSDP needs GPUs (Lightning's FSDPStrategy); the EMA callback copies each rank's parameters, which under
+    FSDP on several ranks are shards."""
     strategy = get(cfg, "trainer.strategy")
     sharded = "fsdp" in (target(cfg, "trainer.strategy") if hasattr(strategy, "keys") else str(strategy)).lower()
-    world = world_size(cfg)
-    if not sharded or world in (None, 1) or not target(cfg, "callbacks.ema"):
+    if not sharded:
         return []
-    return [EMA_UNDER_FSDP.format(where=f"trainer.devices x trainer.num_nodes = {world}")]
+    problems = []
+    if str(get(cfg, "trainer.accelerator")) == "cpu":
+        problems.append("trainer=fsdp with trainer.accelerator=cpu: Lightning's FSDP runs on GPUs only; on the CPU "
+                        "use trainer=ddp trainer.accelerator=cpu trainer.precision=32-true (gloo)")
+    world = world_size(cfg)
+    if world not in (None, 1) and target(cfg, "callbacks.ema"):
+        problems.append(EMA_UNDER_FSDP.format(where=f"trainer.devices x trainer.num_nodes = {world}"))
+    return problems
 
 
 EMA_UNDER_FSDP = ("callbacks.ema with trainer=fsdp on {where} ranks: each rank's EMA would hold only its parameter "
@@ -126,7 +133,7 @@ def check_config(cfg: DictConfig, entry: str = "train.py") -> list[str]:
     """Every problem of a composed train config, one line each ([] when it is fine)."""
     missing = missing_values(cfg, entry)
     rules = (data_problems, weight_problems, vae_problems, latent_problems, guidance_problems, batch_problems,
-             ema_problems)
+             fsdp_problems)
     return missing + [line for rule in rules for line in rule(cfg)]
 
 
