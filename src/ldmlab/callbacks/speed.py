@@ -16,7 +16,8 @@ log = logging.getLogger(__name__)
 
 
 class GPUSpeed(pl.Callback):
-    """channels_last, regional torch.compile of the repeated blocks, the SDPA backend order, TF32.
+    """channels_last, torch.compile (the whole U-Net/VAE, or regional: each repeated block), the SDPA backend
+    order, TF32.
 
     Applied in `setup` (all networks exist, nothing is wrapped by DDP/FSDP or moved yet): DDP's gradient
     buckets then follow the NHWC parameter layout, and the compiled blocks are the ones every rank runs.
