@@ -166,17 +166,21 @@ def main(argv: list[str] | None = None) -> str:
     ceiling = common.matmul_ceiling()
     sections = [f"### GPU benchmark ({common.environment()})", "",
                 f"Measured bf16 matmul ceiling: {ceiling:.0f} TF/s.", ""]
+    extras = [e.split() for e in args.train_extras.split(";")]
+    train_cmd = "`train.py model=unet_sd15 trainer=gpu data=synthetic_latents`"
     runners = {
         "sdpa": ("SDPA backends, forward + backward", sdpa_part),
         "unet": ("SD1.5 U-Net training step (bf16 autocast, fused AdamW)",
                  lambda: unet_part(args.cases.split(","), args.variants.split(","), args.iters, ceiling)),
         "profile": ("Profile", lambda: profile_part(*args.profile.split("@"))),
-        "vae": ("kl-f8 VAE encode / decode (bf16 autocast, no grad)", lambda: vae_part(args.iters, args.vae_cases.split(","), args.vae_variants.split(","))),
+        "vae": ("kl-f8 VAE encode / decode (bf16 autocast, no grad)",
+                lambda: vae_part(args.iters, args.vae_cases.split(","), args.vae_variants.split(","))),
         "vae_train": ("VAE training step through Lightning (G + D, LPIPS, GAN on)", vae_train_part),
-        "sampling": ("50 DDIM steps + CFG 7.5 + decode, 512 px, batch 8 (bf16 weights)", lambda: sampling_part(args.sampling_variants.split(","))),
-        "train": ("`train.py model=unet_sd15 trainer=gpu data=synthetic_latents`", lambda: train_part(args.train_steps, [e.split() for e in args.train_extras.split(";")])),
-        "train_profile": ("Profile of `train.py model=unet_sd15 trainer=gpu data=synthetic_latents` (first --train-extras set)",
-                          lambda: train_profile_part(args.train_steps, args.train_extras.split(";")[0].split())),
+        "sampling": ("50 DDIM steps + CFG 7.5 + decode, 512 px, batch 8 (bf16 weights)",
+                     lambda: sampling_part(args.sampling_variants.split(","))),
+        "train": (train_cmd, lambda: train_part(args.train_steps, extras)),
+        "train_profile": (f"Profile of {train_cmd} (the first --train-extras set)",
+                          lambda: train_profile_part(args.train_steps, extras[0])),
     }
     print(f"bf16 matmul ceiling: {ceiling:.0f} TF/s", flush=True)
     for part in parts:

@@ -89,7 +89,8 @@ def time_train_py(extra: list[str], steps: int = 60, batch: int = 64, skip: int 
         if profile_steps:
             overrides += ["+callbacks.step_profile._target_=ldmlab.bench.train_path.StepProfile",
                           "+trainer.profiler._target_=ldmlab.bench.train_path.HookRanges",
-                          f"+callbacks.step_profile.out={tmp}/profile.md", f"+callbacks.step_profile.steps={profile_steps}",
+                          f"+callbacks.step_profile.out={tmp}/profile.md",
+                          f"+callbacks.step_profile.steps={profile_steps}",
                           f"+callbacks.step_profile.skip={steps - profile_steps - 5}"]
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, str(REPO / "train.py"), *overrides], capture_output=True, text=True,

@@ -1,14 +1,14 @@
 """Non-finite losses: the optimizer step is skipped on every rank, counted and logged; many in a row stop the run.
 
 One bad batch (a NaN latent, an overflow) must not poison the weights, the optimizer moments or the EMA; a run
-whose every step is NaN must not burn its allocation either. The VAE checks each loss before its backward
-with `skip_nonfinite` (the generator and the discriminator loss); the LDM runs its backward and reads the
-all-reduced `finite_flag` only then, in `optimizer_step` (a host sync after the forward would leave the GPU
-idle while the CPU launches the backward). Both record the skipped losses in `module.nonfinite`; `NonFiniteGuard` counts them (`train/skipped_nonfinite`) and after `max_in_a_row`
-consecutive skipped steps saves a checkpoint and stops with one line saying which loss, where, and what to try.
-The EMA callback leaves a batch with a skipped loss out. `trainer.global_step` counts a skipped batch in the
-LDM (Lightning's automatic optimisation counts every batch that reaches the optimizer step) but not in the VAE
-(manual optimisation counts generator steps taken).
+whose every step is NaN must not burn its allocation either. The VAE checks each loss before its backward with
+`skip_nonfinite` (the generator and the discriminator loss); the LDM runs its backward and reads the all-reduced
+`finite_flag` only then, in `optimizer_step` (a host sync after the forward would leave the GPU idle while the
+CPU launches the backward). Both record the skipped losses in `module.nonfinite`; `NonFiniteGuard` counts them
+(`train/skipped_nonfinite`) and after `max_in_a_row` consecutive skipped steps saves a checkpoint and stops with
+one line saying which loss, where, and what to try. The EMA callback leaves a batch with a skipped loss out.
+`trainer.global_step` counts a skipped batch in the LDM (Lightning's automatic optimisation counts every batch
+that reaches the optimizer step) but not in the VAE (manual optimisation counts generator steps taken).
 """
 
 from __future__ import annotations
