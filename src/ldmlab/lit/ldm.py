@@ -80,6 +80,8 @@ class LatentDiffusionModule(pl.LightningModule):
         self.scheduler_factory = lr_scheduler
         self.config_yaml: str | None = None  # the run's resolved config, stored in checkpoints for sample.py
         self.nonfinite: list[str] = []  # the loss whose step this batch skipped (callbacks.nonfinite)
+        self._finite: Tensor | None = None  # all-reduced 1/0 flag of the batches since the last optimizer step
+        self._logged: tuple[Tensor, int] | None = None  # (loss, batch size), logged once the step is known finite
 
     @staticmethod
     def _load_unet(unet: nn.Module, path: str) -> None:
@@ -163,7 +165,7 @@ class LatentDiffusionModule(pl.LightningModule):
         self.nonfinite = []
         loss = self.diffusion_loss(batch, self._step_generator(0), self.hparams.p_uncond)
         # read in optimizer_step, after the backward is queued; over accumulated batches, all must be finite
-        self._finite = finite_flag(self, loss, getattr(self, "_finite", None))
+        self._finite = finite_flag(self, loss, self._finite)
         self._logged = (loss.detach(), self._batch_size(batch))
         return loss  # NaN/Inf too: every rank runs its backward, so DDP's gradient all-reduce stays in step
 
