@@ -24,7 +24,7 @@ from test_vae_module import ImageDicts, ParamTrace, tiny_module
 from torch.utils.data import DataLoader, Dataset
 
 from ldmlab.callbacks.ema import EMA
-from ldmlab.callbacks.nonfinite import NonFiniteGuard
+from ldmlab.callbacks.nonfinite import DeferredSkips, NonFiniteGuard
 from ldmlab.data.latents import npy_bytes
 from ldmlab.diffusion import EpsPrediction, ddim_sample, scaled_linear
 from ldmlab.lit.ldm import LatentDiffusionModule
@@ -83,6 +83,62 @@ def test_ldm_skips_nonfinite_steps_without_any_update(tmp_path: Path) -> None:
     assert guard.skipped == 2 and guard.in_a_row == 0 and ema.num_updates == 3
     assert float(trainer.callback_metrics["train/skipped_nonfinite"]) == 2
     assert all(torch.isfinite(p).all() for p in module.unet.parameters())
+
+
+class Reports(pl.Callback):
+    """What the LDM told the guard at each batch end: (global step, skipped losses) pairs."""
+
+    def __init__(self) -> None:
+        self.rows = []
+
+    def on_train_batch_end(self, trainer, module, *args) -> None:
+        self.rows.append(list(module.nonfinite_reports))
+
+
+@pytest.mark.parametrize("defer", [False, True], ids=["read-at-once", "read-a-step-late"])
+def test_fused_adamw_skips_on_the_device_and_the_host_learns_a_step_late(tmp_path: Path, defer: bool) -> None:
+    """The default optimizer (fused AdamW) skips a non-finite step in its kernel (found_inf): weights, moments and
+    step count untouched, no host sync. The EMA takes its step toward the unchanged weights. The host reads the
+    flag at once on the CPU or, as on a GPU (forced here with defer_nonfinite), one step later; the LR schedule
+    then leaves out one step per skipped step, late by one, and a run of skips is read at once."""
+    module = LatentDiffusionModule(unet=small_unet(), noise_schedule=scaled_linear(), prediction=EpsPrediction(),
+                                   sampler=partial(ddim_sample, num_steps=2), latent_scale=1.0, p_uncond=0.0,
+                                   optimizer=partial(torch.optim.AdamW, lr=1e-3, fused=True),
+                                   lr_scheduler=partial(warmup_cosine, warmup_steps=10))
+    module.defer_nonfinite = defer
+    ema = EMA(decay=0.9, warmup=False)
+    trace, reports, guard = StepTrace(ema), Reports(), NonFiniteGuard(max_in_a_row=3)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=5, logger=False, enable_progress_bar=False,
+                         enable_checkpointing=False, default_root_dir=tmp_path, limit_val_batches=0,
+                         enable_model_summary=False, callbacks=[ema, trace, reports, guard])
+    trainer.fit(module, DataLoader(Latents(), batch_size=4))
+    weights, moments, schedule, shadow, steps, _ = zip(*trace.rows)
+    assert weights == moments == (True, True, False, False, True) and shadow == (True,) * 5 and steps == (1,) * 5
+    skipped = ["train/loss"]
+    if defer:
+        assert schedule == (True, True, True, False, False)
+        assert reports.rows == [[], [(0, [])], [(1, [])], [(2, skipped), (3, skipped)], [(4, [])]]
+    else:
+        assert schedule == (True, True, False, False, True)
+        assert reports.rows == [[(0, [])], [(1, [])], [(2, skipped)], [(3, skipped)], [(4, [])]]
+    assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 3  # one per step taken
+    assert float(trainer.optimizers[0].state[next(module.unet.parameters())]["step"]) == 3
+    assert guard.skipped == 2 and guard.in_a_row == 0 and ema.num_updates == 5
+
+
+def test_an_unread_flag_travels_in_the_checkpoint() -> None:
+    """A checkpoint between a skipped step and the step that reads its flag keeps the flag: the resumed run
+    reports the skip (and leaves out its scheduler step) where the uninterrupted run does."""
+    skips = DeferredSkips()
+    skips.stage(torch.tensor(0.0))
+    skips.commit(7, defer=True)
+    assert skips.reports == [] and skips.unscheduled == 0
+    resumed = DeferredSkips()
+    resumed.load_state_dict(skips.state_dict())
+    for ledger in (skips, resumed):
+        ledger.stage(torch.tensor(1.0))
+        ledger.commit(8, defer=True)
+        assert ledger.reports == [(7, ["train/loss"]), (8, [])] and ledger.unscheduled == 1
 
 
 class NaNImages(ImageDicts):
@@ -152,5 +208,8 @@ def test_ddp_ranks_skip_together_and_a_run_of_nans_stops_with_a_checkpoint(tmp_p
     assert message in out, out[-4000:]
     ckpt = torch.load(run / "hpc_ckpt_1.ckpt", weights_only=True)
     assert ckpt["global_step"] == 3 and ckpt["callbacks"]["NonFiniteGuard"] == {"skipped": 3, "in_a_row": 3}
-    assert ckpt["optimizer_states"][0]["state"] == {}  # no optimizer step was ever taken
+    # the fused AdamW skipped every step on the device (found_inf): step counts and moments still zero
+    states = ckpt["optimizer_states"][0]["state"].values()
+    assert states and all(float(s["step"]) == 0 and not s["exp_avg"].any() and not s["exp_avg_sq"].any()
+                          for s in states)
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())

@@ -149,3 +149,19 @@ def test_step_profile_writes_kernel_and_host_tables(tmp_path: Path) -> None:
     assert "#### Profile: train.py, steps 3-5" in text and "Wall " in text
     host = text[text.index("| host range"):]
     assert "run_training_batch" in host and "optimizer_step" in host, host
+
+
+def test_sync_report_lists_call_sites_and_says_when_there_is_no_gpu(tmp_path: Path) -> None:
+    """The sync lister behind `bench.gpu --parts train` (torch's CUDA sync debug mode needs a GPU: on the CPU
+    the real run writes that it has none to list; the stack formatting is fed a warning as torch words it)."""
+    from ldmlab.bench.train_path import SyncReport
+
+    out = tmp_path / "syncs.txt"
+    train_losses("32-true", [SyncReport(str(out), skip=2, steps=2)], tmp_path, steps=5)
+    assert out.read_text() == "cpu run: no CUDA syncs to list\n"
+    report = SyncReport(str(tmp_path / "unused.txt"), frames=2)
+    for _ in range(2):
+        report._record("called a synchronizing CUDA operation", UserWarning, __file__, 1)
+    report._record("an unrelated warning", UserWarning, __file__, 1)
+    (stack, count), = report.sites.items()
+    assert count == 2 and "test_speed.py" in stack and len(stack.splitlines()) == 2

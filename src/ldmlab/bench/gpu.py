@@ -124,7 +124,7 @@ def train_part(steps: int, extras: list[list[str]]) -> str:
     for extra in extras:
         if (r := guarded(f"train.py {extra}", lambda e=extra: time_train_py(e, steps))):
             lines.append(f"| `{r['command']}` | {r['img_s']:.1f} | {r['s_per_step']:.4f} | {r['warmup_s']:.0f} |")
-            print("  " + lines[-1], flush=True)
+            print("  " + lines[-1], "\n" + r["syncs"], flush=True)
     return "\n".join(lines) + "\n"
 
 

@@ -8,10 +8,14 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
+import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.profilers import Profiler
 from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -74,11 +78,51 @@ class StepProfile(pl.Callback):
         self._prof = None
 
 
+class SyncReport(pl.Callback):
+    """The host syncs of `steps` training steps from global step `skip`: torch's CUDA sync debug mode warns at
+    every call that makes the CPU wait for the GPU (`.item()`, a blocking copy, `nonzero`); each distinct call
+    stack (its last frames in ldmlab, Lightning or torch) goes to `out` with its count. A run without a GPU has
+    none to list and says so."""
+
+    def __init__(self, out: str, skip: int = 4, steps: int = 4, frames: int = 6) -> None:
+        self.out, self.skip, self.steps, self.frames = Path(out), skip, steps, frames
+        self.sites: Counter[str] = Counter()
+        self._restore: tuple | None = None
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if trainer.global_step != self.skip or self._restore is not None:
+            return
+        if pl_module.device.type != "cuda":
+            self.out.write_text(f"{pl_module.device.type} run: no CUDA syncs to list\n")
+            return
+        self._restore = (warnings.showwarning, warnings.filters[:])
+        warnings.simplefilter("always")
+        warnings.showwarning = self._record
+        torch.cuda.set_sync_debug_mode("warn")
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if self._restore is None or trainer.global_step < self.skip + self.steps:
+            return
+        torch.cuda.set_sync_debug_mode("default")
+        warnings.showwarning, warnings.filters[:] = self._restore
+        lines = [f"host syncs in steps {self.skip}-{self.skip + self.steps}: {sum(self.sites.values())}", ""]
+        lines += [f"{count} x\n{stack}" for stack, count in self.sites.most_common()]
+        self.out.write_text("\n".join(lines) + "\n")
+
+    def _record(self, message: Any, category: type, filename: str, lineno: int, *args: Any) -> None:
+        if "synchronizing" not in str(message):
+            return
+        frames = [f for f in traceback.extract_stack()[:-1] if "/warnings.py" not in f.filename]
+        self.sites["\n".join(f"  {Path(f.filename).name}:{f.lineno} {f.name}" for f in frames[-self.frames:])] += 1
+
+
 def time_train_py(extra: list[str], steps: int = 60, batch: int = 64, skip: int = 10,
-                  profile_steps: int = 0) -> dict:
+                  profile_steps: int = 0, sync_report: bool = True) -> dict:
     """img/s of the real entry point; the text encoder is a random CLIP of SD's width (batches carry
     prompt embeddings, so it only encodes the empty prompt for condition dropout). With `profile_steps`, a
-    separate concern: the result's "profile" holds StepProfile's Markdown (the timing then includes it)."""
+    separate concern: the result's "profile" holds StepProfile's Markdown (the timing then includes it).
+    `sync_report`: the result's "syncs" lists the host syncs of steps 4-8, before the timed steps."""
     with tempfile.TemporaryDirectory() as tmp:
         clip = make_tiny_clip(Path(tmp) / "clip768", hidden_size=768)
         overrides = ["model=unet_sd15", "trainer=gpu", "data=synthetic_latents", "model.vae=null",
@@ -92,11 +136,15 @@ def time_train_py(extra: list[str], steps: int = 60, batch: int = 64, skip: int 
                           f"+callbacks.step_profile.out={tmp}/profile.md",
                           f"+callbacks.step_profile.steps={profile_steps}",
                           f"+callbacks.step_profile.skip={steps - profile_steps - 5}"]
+        if sync_report:
+            overrides += ["+callbacks.sync_report._target_=ldmlab.bench.train_path.SyncReport",
+                          f"+callbacks.sync_report.out={tmp}/syncs.txt"]
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, str(REPO / "train.py"), *overrides], capture_output=True, text=True,
                               cwd=REPO, check=False)
         wall = time.perf_counter() - t0
         profiled = Path(tmp, "profile.md").read_text() if profile_steps and Path(tmp, "profile.md").exists() else ""
+        syncs = Path(tmp, "syncs.txt").read_text() if Path(tmp, "syncs.txt").exists() else ""
     log = proc.stdout + proc.stderr
     match = STEP_TIME.search(log)
     if proc.returncode != 0 or not match:
@@ -105,4 +153,4 @@ def time_train_py(extra: list[str], steps: int = 60, batch: int = 64, skip: int 
     return {"command": "train.py " + " ".join(o for o in overrides if not o.startswith(("hydra.", "+callbacks",
                                                                                           "model.conditioner"))),
             "img_s": batch / s_per_step, "s_per_step": s_per_step,
-            "warmup_s": wall - s_per_step * (steps - skip), "profile": profiled}
+            "warmup_s": wall - s_per_step * (steps - skip), "profile": profiled, "syncs": syncs}

@@ -34,6 +34,7 @@ class EMA(pl.Callback):
         self.shadow: dict[str, Tensor] = {}
         self.num_updates = 0
         self._backup: dict[str, Tensor] | None = None
+        self._lists: tuple[list[Tensor], list[Tensor]] | None = None  # (shadow, weights), built once per fit
 
     @property
     def state_key(self) -> str:
@@ -51,19 +52,21 @@ class EMA(pl.Callback):
         if not self.shadow:  # fresh run (a resumed one got its shadow from load_state_dict)
             self.shadow = {k: p.detach().float().clone() for k, p in params.items()}
         self.shadow = {k: v.to(params[k].device) for k, v in self.shadow.items()}
+        # the same tensors every step: building these lists from named_parameters() cost ~9 ms of CPU per step
+        # for SD1.5's 686 tensors (docs/BENCHMARKS.md, session 3 profile), time the GPU would wait for
+        self._lists = [self.shadow[k] for k in params], [p.detach() for p in params.values()]
 
     @torch.no_grad()
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         if getattr(pl_module, "nonfinite", None):  # a step skipped for a NaN/Inf loss (callbacks.nonfinite)
             return
-        params = self._params(pl_module)
+        shadow, weights = self._lists
         if trainer.global_step <= self.start_step:  # before start: track the weights exactly
-            for k, p in params.items():
-                self.shadow[k].copy_(p.detach())
+            torch._foreach_copy_(shadow, weights)
             return
         d = ema_decay(self.num_updates, self.decay, self.warmup, self.inv_gamma, self.power)
         # shadow ← d·shadow + (1−d)·θ, as one multi-tensor kernel on the GPU (a loop launches one per tensor)
-        torch._foreach_lerp_([self.shadow[k] for k in params], [p.detach().float() for p in params.values()], 1.0 - d)
+        torch._foreach_lerp_(shadow, [w if w.dtype == torch.float32 else w.float() for w in weights], 1.0 - d)
         self.num_updates += 1
 
     @contextmanager
@@ -103,3 +106,4 @@ class EMA(pl.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.shadow = {k: v.clone() for k, v in state_dict["shadow"].items()}
         self.num_updates = int(state_dict["num_updates"])
+        self._lists = None  # rebuilt by on_fit_start

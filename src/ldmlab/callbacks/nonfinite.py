@@ -2,13 +2,19 @@
 
 One bad batch (a NaN latent, an overflow) must not poison the weights, the optimizer moments or the EMA; a run
 whose every step is NaN must not burn its allocation either. The VAE checks each loss before its backward with
-`skip_nonfinite` (the generator and the discriminator loss); the LDM runs its backward and reads the all-reduced
-`finite_flag` only then, in `optimizer_step` (a host sync after the forward would leave the GPU idle while the
-CPU launches the backward). Both record the skipped losses in `module.nonfinite`; `NonFiniteGuard` counts them
-(`train/skipped_nonfinite`) and after `max_in_a_row` consecutive skipped steps saves a checkpoint and stops with
-one line saying which loss, where, and what to try. The EMA callback leaves a batch with a skipped loss out.
-`trainer.global_step` counts a skipped batch in the LDM (Lightning's automatic optimisation counts every batch
-that reaches the optimizer step) but not in the VAE (manual optimisation counts generator steps taken).
+`skip_nonfinite` (the generator and the discriminator loss; one host sync each). The LDM never waits for the
+GPU: its all-reduced `finite_flag` goes to the optimizer as `found_inf` (the fused Adam/AdamW/SGD kernels
+then leave the weights, both moments and the step count as they were, on the device) and to the host
+through `DeferredSkips`, which reads it one step later. An optimizer without `found_inf` support makes the
+LDM read the flag after the backward and leave `optimizer.step` out (one host sync per step).
+
+Modules record the losses whose update this batch left out on the host in `module.nonfinite` (the EMA then
+leaves the batch out too); the LDM lists what became known this batch as `module.nonfinite_reports`, (global
+step, losses) pairs, since a device-side skip is known a step late. `NonFiniteGuard` counts skipped steps
+(`train/skipped_nonfinite`) and after `max_in_a_row` consecutive ones saves a checkpoint and stops with one
+line saying which loss, where, and what to try. `trainer.global_step` counts a skipped batch in the LDM
+(Lightning's automatic optimisation counts every batch that reaches the optimizer step) but not in the VAE
+(manual optimisation counts generator steps taken).
 """
 
 from __future__ import annotations
@@ -50,6 +56,78 @@ def skip_nonfinite(module: pl.LightningModule, loss: Tensor, name: str) -> bool:
     return True
 
 
+class PendingFlag:
+    """A step's finite flag on its way to the host: a non-blocking copy into pinned memory and a CUDA event,
+    so reading it later waits for that step's forward only, not for the work queued after it. A CPU flag is
+    already computed (CPU kernels run synchronously) and is read as it is."""
+
+    def __init__(self, flag: Tensor) -> None:
+        self._event: torch.cuda.Event | None = None
+        if flag.is_cuda:
+            self._host = torch.empty((), dtype=flag.dtype, pin_memory=True)
+            self._host.copy_(flag.detach(), non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = flag.detach().clone()
+
+    def finite(self) -> bool:
+        if self._event is not None:
+            self._event.synchronize()
+        return bool(self._host)
+
+
+class DeferredSkips:
+    """Host-side bookkeeping of the LDM's skipped steps (see the module docstring).
+
+    `stage` the flag once the loss is known; `commit(step, defer)` at the optimizer step reads the previous
+    step's flag (its forward finished long ago: no stall) and holds this one, or reads it at once with
+    `defer=False` (CPU), and always while steps are being skipped, so the guard stops on the step that reaches
+    its limit. `unscheduled` counts skipped steps whose LR-scheduler step is still to be left out: the schedule
+    advances once per step taken, one step late at worst.
+    """
+
+    def __init__(self) -> None:
+        self.reports: list[tuple[int, list[str]]] = []
+        self.unscheduled = 0
+        self._staged: PendingFlag | None = None
+        self._pending: tuple[int, PendingFlag] | None = None
+        self._last_skipped = False
+
+    def stage(self, flag: Tensor) -> None:
+        self._staged = PendingFlag(flag)
+
+    def commit(self, step: int, defer: bool) -> None:
+        self.reports = []
+        self.resolve()
+        staged, self._staged = self._staged, None
+        if staged is not None:
+            self._pending = (step, staged)
+            if not defer or self._last_skipped:
+                self.resolve()
+
+    def report(self, step: int, finite: bool) -> None:
+        """A step whose flag is known on the host (the synchronous path, a resolved pending flag)."""
+        self.reports.append((step, [] if finite else ["train/loss"]))
+        self.unscheduled += not finite
+        self._last_skipped = not finite
+
+    def resolve(self) -> None:
+        if self._pending is not None:
+            (step, flag), self._pending = self._pending, None
+            self.report(step, flag.finite())
+
+    def state_dict(self) -> dict[str, Any]:
+        """For checkpoints: the unread flag travels as a value, read when the resumed run would have read it."""
+        pending = None if self._pending is None else [self._pending[0], self._pending[1].finite()]
+        return {"unscheduled": self.unscheduled, "pending": pending, "last_skipped": self._last_skipped}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.unscheduled, self._last_skipped = int(state["unscheduled"]), bool(state["last_skipped"])
+        pending = state["pending"]
+        self._pending = None if pending is None else (int(pending[0]), PendingFlag(torch.tensor(float(pending[1]))))
+
+
 class NonFiniteGuard(pl.Callback):
     """Count steps skipped for a non-finite loss; stop with a checkpoint after `max_in_a_row` consecutive ones."""
 
@@ -60,20 +138,26 @@ class NonFiniteGuard(pl.Callback):
         self.skipped = self.in_a_row = 0
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        names = list(getattr(pl_module, "nonfinite", None) or [])
-        if not names:
-            self.in_a_row = 0
-        else:
-            self.skipped += 1
-            self.in_a_row += 1
-            if trainer.is_global_zero and (self.skipped <= _WARNED or self.skipped % 100 == 0):
-                log.warning("step %d: non-finite %s, optimizer step skipped (%d in a row, %d in all)",
-                            trainer.global_step, ", ".join(names), self.in_a_row, self.skipped)
+        reports = getattr(pl_module, "nonfinite_reports", None)
+        if reports is None:  # a module whose skips are known in the batch that has them (the VAE)
+            reports = [(trainer.global_step, list(getattr(pl_module, "nonfinite", None) or []))]
+        for step, names in reports:
+            self._count(trainer, step, names)
         # a CPU tensor: Lightning turns a Python number into a tensor on the module's device, a blocking copy
         # that would make every step wait for the GPU
         pl_module.log("train/skipped_nonfinite", torch.tensor(float(self.skipped)))
         if self.in_a_row >= self.max_in_a_row:
-            self._stop(trainer, names)
+            self._stop(trainer, reports[-1][1])
+
+    def _count(self, trainer: pl.Trainer, step: int, names: list[str]) -> None:
+        if not names:
+            self.in_a_row = 0
+            return
+        self.skipped += 1
+        self.in_a_row += 1
+        if trainer.is_global_zero and (self.skipped <= _WARNED or self.skipped % 100 == 0):
+            log.warning("step %d: non-finite %s, optimizer step skipped (%d in a row, %d in all)",
+                        step, ", ".join(names), self.in_a_row, self.skipped)
 
     def _stop(self, trainer: pl.Trainer, names: list[str]) -> None:
         """Save a checkpoint (the weights are those before the first skipped step) and end the run."""

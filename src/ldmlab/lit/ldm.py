@@ -19,7 +19,7 @@ from pytorch_lightning.utilities import rank_zero_info
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from ldmlab.callbacks.nonfinite import finite_flag
+from ldmlab.callbacks.nonfinite import DeferredSkips, finite_flag
 from ldmlab.diffusion import (
     NoiseSchedule,
     Prediction,
@@ -79,9 +79,11 @@ class LatentDiffusionModule(pl.LightningModule):
         self.optimizer_factory = optimizer or partial(torch.optim.AdamW, lr=1e-4)
         self.scheduler_factory = lr_scheduler
         self.config_yaml: str | None = None  # the run's resolved config, stored in checkpoints for sample.py
-        self.nonfinite: list[str] = []  # the loss whose step this batch skipped (callbacks.nonfinite)
+        self.nonfinite: list[str] = []  # the loss whose update this batch left out on the host (callbacks.nonfinite)
+        self.skips = DeferredSkips()  # skipped steps as the host learns of them, for the guard and the scheduler
+        self.defer_nonfinite: bool | None = None  # read the finite flag a step late; None: on CUDA only
         self._finite: Tensor | None = None  # all-reduced 1/0 flag of the batches since the last optimizer step
-        self._logged: tuple[Tensor, int] | None = None  # (loss, batch size), logged once the step is known finite
+        self._logged: tuple[Tensor, int] | None = None  # (loss, batch size) of the step, for self.log
 
     @staticmethod
     def _load_unet(unet: nn.Module, path: str) -> None:
@@ -162,30 +164,48 @@ class LatentDiffusionModule(pl.LightningModule):
         return weighted_mse(out, target, weight)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        self.nonfinite = []
+        self.nonfinite, self.skips.reports = [], []
         loss = self.diffusion_loss(batch, self._step_generator(0), self.hparams.p_uncond)
-        # read in optimizer_step, after the backward is queued; over accumulated batches, all must be finite
+        # over accumulated batches all must be finite; the flag leaves for the host as soon as it exists
         self._finite = finite_flag(self, loss, self._finite)
+        self.skips.stage(self._finite)
         self._logged = (loss.detach(), self._batch_size(batch))
         return loss  # NaN/Inf too: every rank runs its backward, so DDP's gradient all-reduce stays in step
 
+    @property
+    def nonfinite_reports(self) -> list[tuple[int, list[str]]]:
+        """(global step, skipped losses) of the steps whose flag the host learnt this batch (NonFiniteGuard)."""
+        return self.skips.reports
+
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
-        """Lightning's step, except after a non-finite loss on any rank: no optimizer.step (which would count a
-        global step and move Adam's moments) and no scheduler step, as in the VAE; the loss is not logged."""
+        """Lightning's step, with a non-finite loss on any rank skipped on every rank: no weight, moment or
+        step-count update (callbacks.nonfinite). A fused optimizer skips on the device (`found_inf`) and the
+        step never waits for the GPU; another one needs the flag on the host before its step."""
         if optimizer_closure is None:
             return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         loss = optimizer_closure()  # training_step + backward (clipping and hooks run inside optimizer.step)
         finite, self._finite = self._finite, None
-        if not bool(finite):  # the step's one host sync: the GPU has the whole forward and backward queued
+        inner = getattr(optimizer, "optimizer", optimizer)
+        value, batch_size = self._logged
+        if getattr(inner, "_step_supports_amp_scaling", False):  # fused kernels take found_inf
+            inner.found_inf = 1.0 - finite
+            defer = finite.is_cuda if self.defer_nonfinite is None else self.defer_nonfinite
+            self.skips.commit(self.global_step, defer)
+            self.log("train/loss", value, prog_bar=True, batch_size=batch_size)
+            optimizer.step(closure=lambda: loss)
+            return
+        self.skips.commit(self.global_step, defer=False)  # the step's one host sync, after the forward
+        if self.skips.reports[-1][1]:
             self.nonfinite = ["train/loss"]
             return
-        value, batch_size = self._logged
         self.log("train/loss", value, prog_bar=True, batch_size=batch_size)
         optimizer.step(closure=lambda: loss)
 
     def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
-        if not self.nonfinite:  # a skipped step does not advance the schedule
-            super().lr_scheduler_step(scheduler, metric)
+        if self.skips.unscheduled:  # a skipped step does not advance the schedule
+            self.skips.unscheduled -= 1
+            return
+        super().lr_scheduler_step(scheduler, metric)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         g = torch.Generator(device=self.device).manual_seed(self.hparams.sample_seed + batch_idx)
@@ -269,6 +289,7 @@ class LatentDiffusionModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["unet_config"] = dict(getattr(self.unet, "config", {}))
+        checkpoint["nonfinite_skips"] = self.skips.state_dict()
         if self.vae is not None:
             checkpoint["vae_config"] = dict(self.vae.config)
         if self.config_yaml is not None:
@@ -281,6 +302,8 @@ class LatentDiffusionModule(pl.LightningModule):
                 del checkpoint["state_dict"][key]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "nonfinite_skips" in checkpoint:
+            self.skips.load_state_dict(checkpoint["nonfinite_skips"])
         if self.conditioner is not None:
             checkpoint["state_dict"].update({f"conditioner.{k}": v for k, v in self.conditioner.state_dict().items()})
 
