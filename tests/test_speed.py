@@ -93,6 +93,20 @@ def test_trainer_gpu_turns_the_speed_switches_on(tmp_path: Path) -> None:
     assert "_target_" in compose_train(["trainer=ddp"], tmp_path).callbacks.speed
 
 
+def test_inductor_settings_are_named_and_checked(tmp_path: Path) -> None:
+    """`callbacks.speed.inductor` passes torch._inductor.config settings; a misspelt one fails at construction."""
+    from torch._inductor import config
+
+    cfg = compose_train(["trainer=gpu", "+callbacks.speed.inductor.conv_1x1_as_mm=true"], tmp_path)
+    assert instantiate(cfg.callbacks.speed).inductor == {"conv_1x1_as_mm": True}
+    with pytest.raises(ValueError, match=r"callbacks.speed.inductor: \['conv_1x1_as_nm'\] are not torch._inductor"):
+        GPUSpeed(inductor={"conv_1x1_as_nm": True})
+    assert accel.inductor_settings(["cl", "c1x1", "cdt"]) == {"conv_1x1_as_mm": True, "coordinate_descent_tuning": True}
+    with config.patch({"conv_1x1_as_mm": False}):  # set_inductor writes the process-wide config: restored
+        accel.set_inductor({"conv_1x1_as_mm": True})
+        assert config.conv_1x1_as_mm
+
+
 def ldm(precision_seed: int = 0) -> LatentDiffusionModule:
     return LatentDiffusionModule(unet=tiny_unet(context_dim=None), noise_schedule=scaled_linear(),
                                  prediction=EpsPrediction(), sampler=ddim_sample, latent_scale=1.0, seed=precision_seed,

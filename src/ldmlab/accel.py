@@ -7,12 +7,13 @@
   shape share a compiled graph, and each graph is small: warm-up is a fraction of a whole-model compile
   (diffusers' `compile_repeated_blocks` follows the same idea), the speed is close to it.
 - SDPA backend order: which fused attention kernel `scaled_dot_product_attention` tries first.
+- inductor settings: `torch._inductor.config` names (1x1 convs as matmuls, coordinate-descent tuning, ...).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -27,6 +28,39 @@ SDPA_BACKENDS = {
     "efficient": SDPBackend.EFFICIENT_ATTENTION,
     "math": SDPBackend.MATH,
 }
+
+# torch._inductor settings the benchmarks try by name (variant features c1x1, cdt, freeze): 1x1 convs (SD's
+# proj_in/proj_out, ResBlock skips) lowered as matmuls; coordinate-descent tuning of the generated kernels'
+# launch configs (a longer compile); freezing, inference only: weights folded in as constants
+INDUCTOR_FEATURES: dict[str, dict[str, Any]] = {
+    "c1x1": {"conv_1x1_as_mm": True},
+    "cdt": {"coordinate_descent_tuning": True},
+    "freeze": {"freezing": True},
+}
+
+
+def inductor_settings(features: set[str] | list[str]) -> dict[str, Any]:
+    """The torch._inductor.config values of the named INDUCTOR_FEATURES (others are ignored)."""
+    return {k: v for f in features for k, v in INDUCTOR_FEATURES.get(f, {}).items()}
+
+
+def check_inductor(settings: dict[str, Any]) -> None:
+    """One line naming any key that is not a `torch._inductor.config` setting."""
+    from torch._inductor import config
+
+    unknown = sorted(k for k in settings if not hasattr(config, k))
+    if unknown:
+        raise ValueError(f"callbacks.speed.inductor: {unknown} are not torch._inductor.config settings "
+                         "(e.g. conv_1x1_as_mm, coordinate_descent_tuning)")
+
+
+def set_inductor(settings: dict[str, Any]) -> None:
+    """Set `torch._inductor.config` names for the compilations that follow (process-wide)."""
+    from torch._inductor import config
+
+    check_inductor(settings)
+    for key, value in settings.items():
+        setattr(config, key, value)
 
 
 def repeated_block_types(model: nn.Module) -> tuple[type[nn.Module], ...]:

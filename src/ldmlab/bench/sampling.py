@@ -17,11 +17,6 @@ from ldmlab.bench.unet import build_unet
 from ldmlab.bench.vae import build_vae
 
 GUIDANCE = 7.5
-# inductor settings for inference (features of a variant): 1x1 convs as matmuls (SD's proj_in/proj_out and
-# ResBlock skips), coordinate-descent tuning of the generated kernels' launch configs, and freezing (weights
-# folded in as constants, so their layout is chosen once)
-INDUCTOR = {"c1x1": {"conv_1x1_as_mm": True}, "cdt": {"coordinate_descent_tuning": True},
-            "freeze": {"freezing": True}}
 
 
 def ours_sampler(features: set[str], steps: int) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -81,16 +76,15 @@ def time_sampling(variant: str, pixels: int = 512, batch: int = 8, steps: int = 
                   repeats: int = 2) -> dict[str, float]:
     """Seconds per image of `steps` DDIM steps with CFG + decode for a batch (after one warm-up batch).
     Variant `<ours|diffusers>[+cl][+compile][+ro][+regional][+cudnn_sdpa][+c1x1][+cdt][+freeze]` as in
-    bench.unet, with the INDUCTOR settings."""
+    bench.unet, with accel.INDUCTOR_FEATURES."""
     from ldmlab.bench.unet import reset_sdpa
 
     impl, *features = variant.split("+")
     build = ours_sampler if impl == "ours" else diffusers_sampler
     if "cudnn_sdpa" in features:  # cuDNN attention first: 1.5-1.7x flash at SD's head width 40 (sdpa part)
         accel.set_sdpa_order(["cudnn", "flash"])
-    settings = {k: v for f in features for k, v in INDUCTOR.get(f, {}).items()}
     try:
-        with torch._inductor.config.patch(settings):  # compilation happens in the warm-up call, inside
+        with torch._inductor.config.patch(accel.inductor_settings(features)):  # compilation happens in the warm-up call, inside
             return _time_sampler(build(set(features), steps), pixels, batch, repeats)
     finally:
         reset_sdpa()

@@ -3,7 +3,8 @@
 A variant is `<impl>[+feature...]`: impl `ours` or `diffusers`; features `cl` (channels_last), `compile`
 (whole model), `regional` (each repeated block, ldmlab.accel), `cudnn_sdpa` (cuDNN attention first),
 `ro` (compile mode reduce-overhead: CUDA graphs of the compiled forward and backward), `graph` (the whole
-step — forward, backward, fused AdamW — captured in one CUDA graph by hand). A step is forward +
+step — forward, backward, fused AdamW — captured in one CUDA graph by hand), `c1x1` / `cdt` (inductor
+settings, accel.INDUCTOR_FEATURES). A step is forward +
 MSE + backward + fused AdamW under bf16 autocast with fp32 master weights.
 """
 
@@ -19,7 +20,7 @@ from ldmlab import accel
 from ldmlab.bench.common import cuda_seconds, peak_gib, timed_warmup
 from ldmlab.nn.unet import UNetModel
 
-FEATURES = {"cl", "compile", "regional", "cudnn_sdpa", "ro", "graph"}
+FEATURES = {"cl", "compile", "regional", "cudnn_sdpa", "ro", "graph", "c1x1", "cdt"}
 Forward = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -120,8 +121,9 @@ def reset_sdpa() -> None:
 def time_unet_step(variant: str, pixels: int, batch: int, iters: int) -> dict[str, float]:
     """img/s, forward GFLOP/img, peak GiB and warm-up seconds of one variant's training step."""
     try:
-        step, flops = make_step(variant, pixels, batch)
-        warmup = timed_warmup(step)
+        with torch._inductor.config.patch(accel.inductor_settings(parse_variant(variant)[1])):
+            step, flops = make_step(variant, pixels, batch)
+            warmup = timed_warmup(step)  # compiles here, with the variant's inductor settings
         seconds = cuda_seconds(step, iters, warmup=2)
     finally:
         reset_sdpa()

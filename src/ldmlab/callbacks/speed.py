@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 class GPUSpeed(pl.Callback):
     """channels_last, torch.compile (the whole U-Net/VAE, or regional: each repeated block), the SDPA backend
-    order, TF32.
+    order, TF32, `torch._inductor.config` settings (`inductor`, e.g. {conv_1x1_as_mm: true}).
 
     Applied in `setup` (all networks exist, nothing is wrapped by DDP/FSDP or moved yet): DDP's gradient
     buckets then follow the NHWC parameter layout, and the compiled blocks are the ones every rank runs.
@@ -26,11 +26,13 @@ class GPUSpeed(pl.Callback):
 
     def __init__(self, compile: accel.CompileScope = "regional", channels_last: bool = True,
                  compile_mode: str | None = None, sdpa_backends: list[str] | None = None,
-                 tf32: bool = True) -> None:
+                 tf32: bool = True, inductor: dict[str, Any] | None = None) -> None:
         if compile not in ("none", "regional", "full"):
             raise ValueError(f"callbacks.speed.compile={compile!r}: valid are none, regional, full")
         self.compile, self.channels_last, self.compile_mode = compile, channels_last, compile_mode
         self.sdpa_backends, self.tf32 = sdpa_backends, tf32
+        self.inductor = dict(inductor or {})
+        accel.check_inductor(self.inductor)  # a misspelt name fails before any data or model is built
         self._applied = False
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -43,6 +45,7 @@ class GPUSpeed(pl.Callback):
         if self.tf32:
             accel.enable_tensor_cores()
         accel.set_sdpa_order(self.sdpa_backends)
+        accel.set_inductor(self.inductor)
         if self.channels_last:
             accel.to_channels_last(pl_module)
         compiled = accel.compile_model(pl_module, self.compile, mode=self.compile_mode)
