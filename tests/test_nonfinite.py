@@ -130,15 +130,16 @@ def test_an_unread_flag_travels_in_the_checkpoint() -> None:
     """A checkpoint between a skipped step and the step that reads its flag keeps the flag: the resumed run
     reports the skip (and leaves out its scheduler step) where the uninterrupted run does."""
     skips = DeferredSkips()
-    skips.stage(torch.tensor(0.0))
+    skips.stage(torch.tensor(0.0), torch.tensor(math.nan))
     skips.commit(7, defer=True)
-    assert skips.reports == [] and skips.unscheduled == 0
+    assert skips.reports == [] and skips.unscheduled == 0 and skips.last_loss is None
     resumed = DeferredSkips()
     resumed.load_state_dict(skips.state_dict())
     for ledger in (skips, resumed):
-        ledger.stage(torch.tensor(1.0))
+        ledger.stage(torch.tensor(1.0), torch.tensor(0.25))
         ledger.commit(8, defer=True)
         assert ledger.reports == [(7, ["train/loss"]), (8, [])] and ledger.unscheduled == 1
+        assert ledger.last_loss == 0.25
 
 
 class NaNImages(ImageDicts):

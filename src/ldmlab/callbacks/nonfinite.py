@@ -56,46 +56,50 @@ def skip_nonfinite(module: pl.LightningModule, loss: Tensor, name: str) -> bool:
     return True
 
 
-class PendingFlag:
-    """A step's finite flag on its way to the host: a non-blocking copy into pinned memory and a CUDA event,
-    so reading it later waits for that step's forward only, not for the work queued after it. A CPU flag is
-    already computed (CPU kernels run synchronously) and is read as it is."""
+class PendingStep:
+    """A step's finite flag and loss on their way to the host: a non-blocking copy into pinned memory and a CUDA
+    event, so reading them later waits for that step's forward only, not for the work queued after it. CPU
+    values are already computed (CPU kernels run synchronously) and are read as they are."""
 
-    def __init__(self, flag: Tensor) -> None:
+    def __init__(self, flag: Tensor, loss: Tensor) -> None:
+        values = torch.stack([flag.detach().float(), loss.detach().float()])
         self._event: torch.cuda.Event | None = None
-        if flag.is_cuda:
-            self._host = torch.empty((), dtype=flag.dtype, pin_memory=True)
-            self._host.copy_(flag.detach(), non_blocking=True)
+        if values.is_cuda:
+            self._host = torch.empty(2, pin_memory=True)
+            self._host.copy_(values, non_blocking=True)
             self._event = torch.cuda.Event()
             self._event.record()
         else:
-            self._host = flag.detach().clone()
+            self._host = values
 
-    def finite(self) -> bool:
+    def read(self) -> tuple[bool, float]:
+        """(finite, loss)."""
         if self._event is not None:
             self._event.synchronize()
-        return bool(self._host)
+        return bool(self._host[0]), float(self._host[1])
 
 
 class DeferredSkips:
     """Host-side bookkeeping of the LDM's skipped steps (see the module docstring).
 
-    `stage` the flag once the loss is known; `commit(step, defer)` at the optimizer step reads the previous
-    step's flag (its forward finished long ago: no stall) and holds this one, or reads it at once with
+    `stage` the flag and loss once the loss is known; `commit(step, defer)` at the optimizer step reads the
+    previous step's (its forward finished long ago: no stall) and holds this one, or reads it at once with
     `defer=False` (CPU), and always while steps are being skipped, so the guard stops on the step that reaches
     its limit. `unscheduled` counts skipped steps whose LR-scheduler step is still to be left out: the schedule
-    advances once per step taken, one step late at worst.
+    advances once per step taken, one step late at worst. `last_loss` is the newest loss read, for the progress
+    bar (Lightning turns a GPU value shown there into a host sync at every step).
     """
 
     def __init__(self) -> None:
         self.reports: list[tuple[int, list[str]]] = []
         self.unscheduled = 0
-        self._staged: PendingFlag | None = None
-        self._pending: tuple[int, PendingFlag] | None = None
+        self.last_loss: float | None = None
+        self._staged: PendingStep | None = None
+        self._pending: tuple[int, PendingStep] | None = None
         self._last_skipped = False
 
-    def stage(self, flag: Tensor) -> None:
-        self._staged = PendingFlag(flag)
+    def stage(self, flag: Tensor, loss: Tensor) -> None:
+        self._staged = PendingStep(flag, loss)
 
     def commit(self, step: int, defer: bool) -> None:
         self.reports = []
@@ -106,26 +110,27 @@ class DeferredSkips:
             if not defer or self._last_skipped:
                 self.resolve()
 
-    def report(self, step: int, finite: bool) -> None:
-        """A step whose flag is known on the host (the synchronous path, a resolved pending flag)."""
+    def resolve(self) -> None:
+        if self._pending is None:
+            return
+        (step, pending), self._pending = self._pending, None
+        finite, self.last_loss = pending.read()
         self.reports.append((step, [] if finite else ["train/loss"]))
         self.unscheduled += not finite
         self._last_skipped = not finite
 
-    def resolve(self) -> None:
-        if self._pending is not None:
-            (step, flag), self._pending = self._pending, None
-            self.report(step, flag.finite())
-
     def state_dict(self) -> dict[str, Any]:
-        """For checkpoints: the unread flag travels as a value, read when the resumed run would have read it."""
-        pending = None if self._pending is None else [self._pending[0], self._pending[1].finite()]
+        """For checkpoints: the unread step travels as values, read when the resumed run would have read it."""
+        pending = None if self._pending is None else [self._pending[0], *self._pending[1].read()]
         return {"unscheduled": self.unscheduled, "pending": pending, "last_skipped": self._last_skipped}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.unscheduled, self._last_skipped = int(state["unscheduled"]), bool(state["last_skipped"])
-        pending = state["pending"]
-        self._pending = None if pending is None else (int(pending[0]), PendingFlag(torch.tensor(float(pending[1]))))
+        if (pending := state["pending"]) is not None:
+            step, finite, loss = pending
+            self._pending = int(step), PendingStep(torch.tensor(float(finite)), torch.tensor(loss))
+        else:
+            self._pending = None
 
 
 class NonFiniteGuard(pl.Callback):

@@ -25,6 +25,7 @@ class NoiseSchedule:
     betas: Tensor
     name: str = "custom"
     alphas_cumprod: Tensor = field(init=False, repr=False)
+    _tables: dict[torch.device, Tensor] = field(init=False, repr=False, default_factory=dict)  # ᾱ per device
 
     def __post_init__(self) -> None:
         betas = torch.as_tensor(self.betas, dtype=torch.float64).detach().cpu()
@@ -39,9 +40,11 @@ class NoiseSchedule:
         return self.betas.numel()
 
     def alpha_bar(self, t: Tensor | int) -> Tensor:
-        """ᾱ_t in float64 at integer timesteps t (any shape)."""
+        """ᾱ_t in float64 at integer timesteps t (any shape), looked up on t's device."""
         t = torch.as_tensor(t, dtype=torch.long)
-        return self.alphas_cumprod.to(t.device)[t]
+        if t.device not in self._tables:  # copied once: a copy per call is a blocking host→GPU transfer, which
+            self._tables[t.device] = self.alphas_cumprod.to(t.device)  # stalled every training step 3 times
+        return self._tables[t.device][t]
 
     def snr(self, t: Tensor | int) -> Tensor:
         """Signal-to-noise ratio ᾱ_t / (1 − ᾱ_t) (Kingma et al. 2021, "Variational Diffusion Models"), float64."""

@@ -156,7 +156,7 @@ class LatentDiffusionModule(pl.LightningModule):
         x_t, target = noisy_inputs(z, t, self.schedule, self.prediction, self.hparams.offset_noise,
                                    self.hparams.input_perturbation, generator)
         out = self.unet(x_t, t, **cond)
-        snr = self.schedule.snr(t)  # float64 table indexed on t's device: no host sync
+        snr = self.schedule.snr(t)  # float64 table kept on t's device: no host sync
         if self.hparams.loss_weighting == "min_snr":
             weight = min_snr_weight(snr, self.prediction, self.hparams.min_snr_gamma)
         else:
@@ -168,7 +168,7 @@ class LatentDiffusionModule(pl.LightningModule):
         loss = self.diffusion_loss(batch, self._step_generator(0), self.hparams.p_uncond)
         # over accumulated batches all must be finite; the flag leaves for the host as soon as it exists
         self._finite = finite_flag(self, loss, self._finite)
-        self.skips.stage(self._finite)
+        self.skips.stage(self._finite, loss)
         self._logged = (loss.detach(), self._batch_size(batch))
         return loss  # NaN/Inf too: every rank runs its backward, so DDP's gradient all-reduce stays in step
 
@@ -186,19 +186,18 @@ class LatentDiffusionModule(pl.LightningModule):
         loss = optimizer_closure()  # training_step + backward (clipping and hooks run inside optimizer.step)
         finite, self._finite = self._finite, None
         inner = getattr(optimizer, "optimizer", optimizer)
-        value, batch_size = self._logged
-        if getattr(inner, "_step_supports_amp_scaling", False):  # fused kernels take found_inf
-            inner.found_inf = 1.0 - finite
-            defer = finite.is_cuda if self.defer_nonfinite is None else self.defer_nonfinite
-            self.skips.commit(self.global_step, defer)
-            self.log("train/loss", value, prog_bar=True, batch_size=batch_size)
-            optimizer.step(closure=lambda: loss)
-            return
-        self.skips.commit(self.global_step, defer=False)  # the step's one host sync, after the forward
-        if self.skips.reports[-1][1]:
+        fused = getattr(inner, "_step_supports_amp_scaling", False)  # fused kernels take found_inf
+        defer = finite.is_cuda if self.defer_nonfinite is None else self.defer_nonfinite
+        self.skips.commit(self.global_step, defer=fused and defer)  # not fused: the step's one host sync
+        if self.skips.last_loss is not None:  # a host number: shown in the progress bar without a sync
+            self.log("loss", torch.tensor(self.skips.last_loss), prog_bar=True, logger=False)
+        if not fused and self.skips.reports[-1][1]:
             self.nonfinite = ["train/loss"]
             return
-        self.log("train/loss", value, prog_bar=True, batch_size=batch_size)
+        value, batch_size = self._logged
+        self.log("train/loss", value, batch_size=batch_size)
+        if fused:
+            inner.found_inf = 1.0 - finite  # on the device: the kernel leaves everything as it was
         optimizer.step(closure=lambda: loss)
 
     def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
