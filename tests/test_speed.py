@@ -93,6 +93,23 @@ def test_trainer_gpu_turns_the_speed_switches_on(tmp_path: Path) -> None:
     assert "_target_" in compose_train(["trainer=ddp"], tmp_path).callbacks.speed
 
 
+def test_compile_mode_auto_uses_cuda_graphs_for_the_ldm_in_one_process(tmp_path: Path) -> None:
+    """trainer=gpu's `compile_mode: auto` picks reduce-overhead for a module that declares its step safe for
+    CUDA graphs (the LDM) in a one-process run; the VAE, DDP and an explicit mode keep theirs."""
+    from ldmlab.lit.vae import VAEModule
+
+    speed = instantiate(compose_train(["trainer=gpu"], tmp_path).callbacks.speed)
+    assert speed.compile_mode == "auto"
+    one, two = pl.Trainer(accelerator="cpu", devices=1, logger=False), pl.Trainer(accelerator="cpu", devices=2,
+                                                                                   strategy="ddp", logger=False)
+    assert speed.resolve_mode(one, ldm()) == "reduce-overhead"
+    assert speed.resolve_mode(two, ldm()) is None
+    assert LatentDiffusionModule.cuda_graphs_safe and not getattr(VAEModule, "cuda_graphs_safe", False)
+    assert GPUSpeed(compile_mode=None).resolve_mode(one, ldm()) is None
+    with pytest.raises(ValueError, match="compile_mode='fast': valid are auto, null"):
+        GPUSpeed(compile_mode="fast")
+
+
 def test_inductor_settings_are_named_and_checked(tmp_path: Path) -> None:
     """`callbacks.speed.inductor` passes torch._inductor.config settings; a misspelt one fails at construction."""
     from torch._inductor import config

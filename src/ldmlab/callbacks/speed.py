@@ -29,6 +29,10 @@ class GPUSpeed(pl.Callback):
                  tf32: bool = True, inductor: dict[str, Any] | None = None) -> None:
         if compile not in ("none", "regional", "full"):
             raise ValueError(f"callbacks.speed.compile={compile!r}: valid are none, regional, full")
+        if compile_mode not in (None, "auto", "default", "reduce-overhead", "max-autotune",
+                                "max-autotune-no-cudagraphs"):
+            raise ValueError(f"callbacks.speed.compile_mode={compile_mode!r}: valid are auto, null (default), "
+                             "reduce-overhead, max-autotune, max-autotune-no-cudagraphs")
         self.compile, self.channels_last, self.compile_mode = compile, channels_last, compile_mode
         self.sdpa_backends, self.tf32 = sdpa_backends, tf32
         self.inductor = dict(inductor or {})
@@ -48,9 +52,20 @@ class GPUSpeed(pl.Callback):
         accel.set_inductor(self.inductor)
         if self.channels_last:
             accel.to_channels_last(pl_module)
-        compiled = accel.compile_model(pl_module, self.compile, mode=self.compile_mode)
-        log.info("speed: channels_last=%s, compile=%s (%d modules), sdpa=%s", self.channels_last, self.compile,
-                 compiled, self.sdpa_backends or "torch default")
+        mode = self.resolve_mode(trainer, pl_module)
+        compiled = accel.compile_model(pl_module, self.compile, mode=mode)
+        log.info("speed: channels_last=%s, compile=%s (%d modules, mode %s), sdpa=%s", self.channels_last,
+                 self.compile, compiled, mode or "default", self.sdpa_backends or "torch default")
+
+    def resolve_mode(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str | None:
+        """`compile_mode=auto`: CUDA graphs (reduce-overhead) for a module that declares its step safe for them
+        (`cuda_graphs_safe`, the LDM: checked on an H100 with validation, EMA swaps, checkpoints and a resume)
+        in a one-process run; torch's default mode elsewhere (DDP's gradient hooks and FSDP's gathers are
+        unmeasured under graphs; the VAE's step takes two extra backward passes for its adaptive GAN weight)."""
+        if self.compile_mode != "auto":
+            return self.compile_mode
+        graphs = trainer.world_size == 1 and getattr(pl_module, "cuda_graphs_safe", False)
+        return "reduce-overhead" if graphs else None
 
 
 class StepTimer(pl.Callback):
