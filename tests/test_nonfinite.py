@@ -214,3 +214,22 @@ def test_ddp_ranks_skip_together_and_a_run_of_nans_stops_with_a_checkpoint(tmp_p
     assert states and all(float(s["step"]) == 0 and not s["exp_avg"].any() and not s["exp_avg_sq"].any()
                           for s in states)
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
+
+
+def test_the_guard_waits_for_a_report_before_it_stops() -> None:
+    """Resumed from its own stop checkpoint (in_a_row at the limit), the guard neither stops nor fails on a
+    batch whose flag the host has not read yet; the next finite step ends the streak."""
+
+    class Quiet:
+        nonfinite_reports: list = []
+
+        def log(self, *args, **kwargs) -> None:
+            pass
+
+    guard, module = NonFiniteGuard(max_in_a_row=3), Quiet()
+    guard.load_state_dict({"skipped": 3, "in_a_row": 3})
+    trainer = pl.Trainer(accelerator="cpu", logger=False)
+    guard.on_train_batch_end(trainer, module)
+    module.nonfinite_reports = [(3, [])]
+    guard.on_train_batch_end(trainer, module)
+    assert guard.state_dict() == {"skipped": 3, "in_a_row": 0}

@@ -151,7 +151,7 @@ class NonFiniteGuard(pl.Callback):
         # a CPU tensor: Lightning turns a Python number into a tensor on the module's device, a blocking copy
         # that would make every step wait for the GPU
         pl_module.log("train/skipped_nonfinite", torch.tensor(float(self.skipped)))
-        if self.in_a_row >= self.max_in_a_row:
+        if reports and self.in_a_row >= self.max_in_a_row:  # a batch that reported nothing (yet) cannot stop
             self._stop(trainer, reports[-1][1])
 
     def _count(self, trainer: pl.Trainer, step: int, names: list[str]) -> None:
