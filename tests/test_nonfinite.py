@@ -221,7 +221,8 @@ def test_the_guard_waits_for_a_report_before_it_stops() -> None:
     batch whose flag the host has not read yet; the next finite step ends the streak."""
 
     class Quiet:
-        nonfinite_reports: list = []
+        def __init__(self) -> None:
+            self.nonfinite_reports: list = []
 
         def log(self, *args, **kwargs) -> None:
             pass
