@@ -39,8 +39,9 @@ class NonFiniteLossError(RuntimeError):
 def finite_flag(module: pl.LightningModule, loss: Tensor, so_far: Tensor | None = None) -> Tensor:
     """1.0 on the device when `loss` (and every loss in `so_far`) is finite on every rank, else 0.0.
 
-    A min all-reduce, so every rank takes the same branch later: a rank that skipped its step while the others
-    took theirs would leave DDP's replicas apart. No host sync: read it once the backward is queued.
+    A min all-reduce, so every rank skips together: a rank that skipped its step while the others took theirs
+    would leave DDP's replicas apart. No host sync here: the LDM hands it to the optimizer as `found_inf` and
+    reads it on the host a step later (DeferredSkips); `skip_nonfinite` reads it at once.
     """
     flag = torch.isfinite(loss.detach()).all().float()
     if module._trainer is not None:
