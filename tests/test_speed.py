@@ -50,6 +50,29 @@ def test_channels_last_gives_the_same_prediction() -> None:
     torch.testing.assert_close(fast(x, t, context=c), plain(x, t, context=c), rtol=1e-5, atol=1e-5)
 
 
+def test_fused_qkv_gives_the_same_prediction_and_gradients() -> None:
+    """One GEMM over [W_q; W_k; W_v] (nn.attention.fuse_qkv): same forward and weight gradients as three, the
+    state dict keeps its three names; cross-attention is left as it was."""
+    from ldmlab.nn.attention import SpatialTransformer, fuse_qkv
+
+    plain = tiny_unet(context_dim=None)
+    for block in plain.modules():  # zero-initialised proj_out would hide the attention's output
+        if isinstance(block, SpatialTransformer):
+            torch.nn.init.normal_(block.proj_out.weight, std=0.1)
+    torch.nn.init.normal_(plain.out[2].weight, std=0.1)
+    fused = tiny_unet(context_dim=None)
+    fused.load_state_dict(plain.state_dict())
+    assert fuse_qkv(fused) == 4  # attention at level 1: one down, the middle, two up blocks
+    assert fused.state_dict().keys() == plain.state_dict().keys()
+    x, t, _ = unet_inputs()
+    for model in (plain, fused):
+        model(x, t).square().mean().backward()
+    torch.testing.assert_close(fused(x, t), plain(x, t), rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(plain.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7, msg=name)
+    assert plain.input_blocks[3][1].transformer_blocks[0].attn1.to_k.weight.grad.abs().sum() > 0
+
+
 def test_vae_attention_is_the_same_in_both_layouts() -> None:
     torch.manual_seed(0)
     vae = AutoencoderKL(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, norm_groups=8)

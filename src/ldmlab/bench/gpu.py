@@ -1,7 +1,7 @@
 """GPU benchmark, ours against diffusers in one process: SD1.5 U-Net training step, VAE encode/decode and
 training step, 50-step DDIM with CFG, and the `train.py` path on synthetic latents; writes Markdown.
 
-    python -m ldmlab.bench.gpu [--parts ceiling,sdpa,unet,profile,vae,vae_train,sampling,train]
+    python -m ldmlab.bench.gpu [--parts ceiling,sdpa,unet,profile,vae,vae_train,sampling,sampling_profile,train,train_profile]
                                [--cases 256x64,256x128,512x32] [--variants ours+cl+regional,...]
                                [--iters 20] [--out docs/BENCHMARKS.md]
 
@@ -117,6 +117,13 @@ def sampling_part(variants: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def sampling_profile_part(variant: str) -> str:
+    from ldmlab.bench.sampling import profile_sampling
+
+    r = guarded(f"sampling profile {variant}", lambda: {"text": profile_sampling(variant)})
+    return (r or {}).get("text") or "no profile (see the log)\n"
+
+
 def train_part(steps: int, extras: list[list[str]]) -> str:
     from ldmlab.bench.train_path import time_train_py
 
@@ -159,6 +166,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--vae-cases", default="256x32,512x8")
     parser.add_argument("--vae-variants", default="diffusers,diffusers+cl+compile,ours,ours+cl+regional,ours+cl+compile")
     parser.add_argument("--sampling-variants", default="diffusers,ours,ours+cl+compile")
+    parser.add_argument("--sampling-profile", default="ours+cl+compile+cudnn_sdpa", help="sampling variant to profile")
     parser.add_argument("--out", type=Path, default=None, help="append the tables to this Markdown file")
     args = parser.parse_args(argv)
     parts = args.parts.split(",")
@@ -178,6 +186,8 @@ def main(argv: list[str] | None = None) -> str:
         "vae_train": ("VAE training step through Lightning (G + D, LPIPS, GAN on)", vae_train_part),
         "sampling": ("50 DDIM steps + CFG 7.5 + decode, 512 px, batch 8 (bf16 weights)",
                      lambda: sampling_part(args.sampling_variants.split(","))),
+        "sampling_profile": (f"Profile of sampling, {args.sampling_profile}",
+                             lambda: sampling_profile_part(args.sampling_profile)),
         "train": (train_cmd, lambda: train_part(args.train_steps, extras)),
         "train_profile": (f"Profile of {train_cmd} (the first --train-extras set)",
                           lambda: train_profile_part(args.train_steps, extras[0])),

@@ -8,13 +8,15 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import torch
 
 from ldmlab import accel
 from ldmlab.bench.common import peak_gib
-from ldmlab.bench.unet import build_unet
+from ldmlab.bench.unet import build_unet, compile_mode
 from ldmlab.bench.vae import build_vae
+from ldmlab.nn.attention import fuse_qkv
 
 GUIDANCE = 7.5
 
@@ -30,11 +32,13 @@ def ours_sampler(features: set[str], steps: int) -> Callable[[torch.Tensor, torc
     unet, vae = (m.cuda().eval().to(torch.bfloat16) for m in (unet, vae))
     if "cl" in features:
         accel.to_channels_last(unet), accel.to_channels_last(vae)
+    if "qkv" in features:
+        fuse_qkv(unet)
     unet_call: Callable = unet
     if "regional" in features:
         accel.compile_model(unet, "regional"), accel.compile_model(vae, "regional")
     if "compile" in features:
-        unet_call = torch.compile(unet, mode="reduce-overhead" if "ro" in features else None)
+        unet_call = torch.compile(unet, mode=compile_mode(features))
         vae.decoder = torch.compile(vae.decoder)
     sample = partial(ddim_sample, num_steps=steps, spacing="leading", steps_offset=1, set_alpha_to_one=False)
     schedule, prediction = scaled_linear(), EpsPrediction()
@@ -75,25 +79,50 @@ def diffusers_sampler(features: set[str], steps: int) -> Callable:
 def time_sampling(variant: str, pixels: int = 512, batch: int = 8, steps: int = 50,
                   repeats: int = 2) -> dict[str, float]:
     """Seconds per image of `steps` DDIM steps with CFG + decode for a batch (after one warm-up batch).
-    Variant `<ours|diffusers>[+cl][+compile][+ro][+regional][+cudnn_sdpa][+c1x1][+cdt][+freeze]` as in
-    bench.unet, with accel.INDUCTOR_FEATURES."""
-    from ldmlab.bench.unet import reset_sdpa
+    Variant `<ours|diffusers>[+cl][+compile][+ro][+ma][+regional][+cudnn_sdpa][+bench][+qkv][+c1x1][+cdt]
+    [+freeze]` as in bench.unet, with accel.INDUCTOR_FEATURES."""
+    return _with_variant(variant, steps, partial(_time_sampler, pixels=pixels, batch=batch, repeats=repeats))
 
-    impl, *features = variant.split("+")
+
+def profile_sampling(variant: str, pixels: int = 512, batch: int = 8, steps: int = 50) -> str:
+    """Kernel time of one warm sampling batch (`steps` U-Net calls + decode) by kind (bench.profile)."""
+    from ldmlab.bench import profile
+
+    def measure(run: Callable) -> str:
+        inputs = sampling_inputs(pixels, batch)
+        run(*inputs)  # warm-up: compilation, cuDNN plans
+        by_kind, kernels, wall_ms = profile.profile_step(lambda: run(*inputs), steps=1)
+        return profile.report(f"sampling {variant}, {pixels} px, batch {batch}, {steps} steps", by_kind,
+                              kernels, wall_ms)
+
+    return _with_variant(variant, steps, measure)
+
+
+def _with_variant(variant: str, steps: int, measure: Callable[[Callable], Any]) -> Any:
+    """Build the variant's sampler with its SDPA order, cudnn.benchmark and inductor settings, then measure."""
+    from ldmlab.bench.unet import parse_variant, reset_sdpa
+
+    impl, features = parse_variant(variant)
     build = ours_sampler if impl == "ours" else diffusers_sampler
     if "cudnn_sdpa" in features:  # cuDNN attention first: 1.5-1.7x flash at SD's head width 40 (sdpa part)
         accel.set_sdpa_order(["cudnn", "flash"])
+    torch.backends.cudnn.benchmark = "bench" in features
     try:
         with torch._inductor.config.patch(accel.inductor_settings(features)):  # compilation happens in the warm-up call, inside
-            return _time_sampler(build(set(features), steps), pixels, batch, repeats)
+            return measure(build(features, steps))
     finally:
         reset_sdpa()
 
 
-def _time_sampler(run: Callable, pixels: int, batch: int, repeats: int) -> dict[str, float]:
-    latent = pixels // 8
-    x_T = torch.randn(batch, 4, latent, latent, device="cuda", dtype=torch.bfloat16)
+def sampling_inputs(pixels: int, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x_T, cond, uncond in bf16 on the GPU."""
+    x_T = torch.randn(batch, 4, pixels // 8, pixels // 8, device="cuda", dtype=torch.bfloat16)
     cond, uncond = (torch.randn(batch, 77, 768, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    return x_T, cond, uncond
+
+
+def _time_sampler(run: Callable, pixels: int, batch: int, repeats: int) -> dict[str, float]:
+    x_T, cond, uncond = sampling_inputs(pixels, batch)
     t0 = time.perf_counter()
     run(x_T, cond, uncond)  # warm-up: compilation, cuDNN plans
     torch.cuda.synchronize()

@@ -4,8 +4,11 @@ A variant is `<impl>[+feature...]`: impl `ours` or `diffusers`; features `cl` (c
 (whole model), `regional` (each repeated block, ldmlab.accel), `cudnn_sdpa` (cuDNN attention first),
 `ro` (compile mode reduce-overhead: CUDA graphs of the compiled forward and backward), `graph` (the whole
 step — forward, backward, fused AdamW — captured in one CUDA graph by hand), `c1x1` / `cdt` (inductor
-settings, accel.INDUCTOR_FEATURES). A step is forward +
-MSE + backward + fused AdamW under bf16 autocast with fp32 master weights.
+settings, accel.INDUCTOR_FEATURES), `ma` (compile mode max-autotune: Triton GEMM/conv templates
+autotuned against cuBLAS/cuDNN, CUDA graphs only with `ro`), `bench` (cudnn.benchmark: cuDNN times its
+convolution algorithms instead of taking its heuristic's first), `qkv` (ours: self-attention's q, k, v from
+one GEMM, nn.attention.fuse_qkv). A step is forward + MSE + backward + fused AdamW under bf16 autocast with
+fp32 master weights.
 """
 
 from __future__ import annotations
@@ -18,9 +21,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ldmlab import accel
 from ldmlab.bench.common import cuda_seconds, peak_gib, timed_warmup
+from ldmlab.nn.attention import fuse_qkv
 from ldmlab.nn.unet import UNetModel
 
-FEATURES = {"cl", "compile", "regional", "cudnn_sdpa", "ro", "graph", "c1x1", "cdt"}
+FEATURES = {"cl", "compile", "regional", "cudnn_sdpa", "ro", "graph", "c1x1", "cdt", "freeze", "ma", "bench", "qkv"}
 Forward = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -64,14 +68,23 @@ def prepare(model: torch.nn.Module, features: set[str]) -> torch.nn.Module:
     """Apply the variant's layout and compilation; returns the module to call."""
     if "cl" in features:
         accel.to_channels_last(model)
+    if "qkv" in features and not fuse_qkv(model):
+        raise ValueError("feature qkv: the model has no ldmlab CrossAttention (ours only)")
     if "regional" in features:
         if isinstance(model, UNetModel):
             accel.compile_model(model, "regional")
         else:  # diffusers' own regional compilation (ModelMixin.compile_repeated_blocks)
             model.compile_repeated_blocks(fullgraph=True)
     if "compile" in features:
-        model = torch.compile(model, mode="reduce-overhead" if "ro" in features else None)
+        model = torch.compile(model, mode=compile_mode(features))
     return model
+
+
+def compile_mode(features: set[str]) -> str | None:
+    """torch.compile's mode for the variant's features `ro` (CUDA graphs) and `ma` (max-autotune)."""
+    if "ma" in features:
+        return "max-autotune" if "ro" in features else "max-autotune-no-cudagraphs"
+    return "reduce-overhead" if "ro" in features else None
 
 
 def train_step_fn(model: torch.nn.Module, fwd: Forward, batch: int, latent: int, graph: bool) -> Callable[[], None]:
@@ -110,12 +123,15 @@ def make_step(variant: str, pixels: int, batch: int) -> tuple[Callable[[], None]
     flops = forward_flops(model, fwd, pixels // 8)
     if "cudnn_sdpa" in features:
         accel.set_sdpa_order(["cudnn"])
+    torch.backends.cudnn.benchmark = "bench" in features
     model = prepare(model, features)
     return train_step_fn(model, fwd, batch, pixels // 8, graph="graph" in features), flops
 
 
 def reset_sdpa() -> None:
-    accel.set_sdpa_order(["flash", "efficient", "math", "cudnn"])  # torch's default order
+    """torch's defaults for what variants change process-wide: the SDPA order and cudnn.benchmark."""
+    accel.set_sdpa_order(["flash", "efficient", "math", "cudnn"])
+    torch.backends.cudnn.benchmark = False
 
 
 def time_unet_step(variant: str, pixels: int, batch: int, iters: int) -> dict[str, float]:
