@@ -57,9 +57,13 @@ def time_vae(variant: str, pixels: int, batch: int, iters: int) -> dict[str, flo
 
 
 def time_vae_training(pixels: int, batch: int, steps: int, compile_scope: str = "regional") -> dict[str, float]:
-    """img/s of VAEModule's real training step (G + D with LPIPS, GAN active) under a Lightning Trainer."""
+    """img/s of VAEModule's real training step (G + D with LPIPS, GAN active) under a Lightning Trainer with
+    trainer=gpu's settings; "syncs" lists the host syncs of steps 4-8 (bench.train_path.SyncReport)."""
+    import tempfile
+
     import pytorch_lightning as pl
 
+    from ldmlab.bench.train_path import SyncReport
     from ldmlab.callbacks.speed import GPUSpeed, StepTimer
     from ldmlab.data.synthetic import SyntheticDataModule
     from ldmlab.lit.vae import VAEModule
@@ -70,12 +74,15 @@ def time_vae_training(pixels: int, batch: int, steps: int, compile_scope: str = 
     module = VAEModule(AutoencoderKL(), NLayerDiscriminator(), lpips=lambda: LPIPS(backbone="random"),
                        disc_start=0)  # random VGG: same cost as the real weights, which cannot be loaded here
     data = SyntheticDataModule(kind="image", shape=(3, pixels, pixels), batch_size=batch, num_workers=2)
-    timer = StepTimer(skip=3)
-    trainer = pl.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=steps,
-                         callbacks=[GPUSpeed(compile=compile_scope), timer], logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0,
-                         enable_model_summary=False)
-    t0 = time.perf_counter()
-    trainer.fit(module, datamodule=data)
+    timer = StepTimer(skip=10)
+    with tempfile.TemporaryDirectory() as tmp:
+        syncs = SyncReport(f"{tmp}/syncs.txt")
+        trainer = pl.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=steps,
+                             benchmark=True, callbacks=[GPUSpeed(compile=compile_scope), timer, syncs],
+                             logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                             limit_val_batches=0, enable_model_summary=False)
+        t0 = time.perf_counter()
+        trainer.fit(module, datamodule=data)
+        listed = syncs.out.read_text() if syncs.out.exists() else ""
     return {"img_s": batch / timer.seconds_per_step, "peak_gib": peak_gib(),
-            "warmup_s": timer.warmup_seconds(t0)}
+            "warmup_s": timer.warmup_seconds(t0), "syncs": listed}
