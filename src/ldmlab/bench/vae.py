@@ -56,10 +56,14 @@ def time_vae(variant: str, pixels: int, batch: int, iters: int) -> dict[str, flo
             "peak_gib": peak_gib(), "warmup_s": warmup}
 
 
-def time_vae_training(pixels: int, batch: int, steps: int, compile_scope: str = "regional") -> dict[str, float]:
+def time_vae_training(pixels: int, batch: int, steps: int, compile_scope: str = "regional",
+                      fused: bool = True) -> dict[str, float]:
     """img/s of VAEModule's real training step (G + D with LPIPS, GAN active) under a Lightning Trainer with
-    trainer=gpu's settings; "syncs" lists the host syncs of steps 4-8 (bench.train_path.SyncReport)."""
+    trainer=gpu's settings; "syncs" lists the host syncs of steps 4-8 (bench.train_path.SyncReport). `fused`:
+    Adam's fused kernels, which skip non-finite steps on the device; False: foreach Adam, whose skips are
+    decided on the host (one sync per loss)."""
     import tempfile
+    from functools import partial
 
     import pytorch_lightning as pl
 
@@ -72,6 +76,7 @@ def time_vae_training(pixels: int, batch: int, steps: int, compile_scope: str = 
 
     torch.manual_seed(0)
     module = VAEModule(AutoencoderKL(), NLayerDiscriminator(), lpips=lambda: LPIPS(backbone="random"),
+                       optimizer=partial(torch.optim.Adam, lr=4.5e-6, betas=(0.5, 0.9), fused=fused),
                        disc_start=0)  # random VGG: same cost as the real weights, which cannot be loaded here
     data = SyntheticDataModule(kind="image", shape=(3, pixels, pixels), batch_size=batch, num_workers=2)
     timer = StepTimer(skip=10)

@@ -1,20 +1,22 @@
 """Non-finite losses: the optimizer step is skipped on every rank, counted and logged; many in a row stop the run.
 
 One bad batch (a NaN latent, an overflow) must not poison the weights, the optimizer moments or the EMA; a run
-whose every step is NaN must not burn its allocation either. The VAE checks each loss before its backward with
-`skip_nonfinite` (the generator and the discriminator loss; one host sync each). The LDM never waits for the
-GPU: its all-reduced `finite_flag` goes to the optimizer as `found_inf` (the fused Adam/AdamW/SGD kernels
-then leave the weights, both moments and the step count as they were, on the device) and to the host
-through `DeferredSkips`, which reads it one step later. An optimizer without `found_inf` support makes the
-LDM read the flag after the backward and leave `optimizer.step` out (one host sync per step).
+whose every step is NaN must not burn its allocation either. On a GPU with fused optimizers (the default
+configs) no step waits for the GPU: each all-reduced `finite_flag` goes to its optimizer as `found_inf` (the
+fused Adam/AdamW/SGD kernels then leave the weights, both moments and the step count as they were, on the
+device) and to the host through `DeferredSkips`, which reads it a step later. The LDM has one flag; the VAE
+one for the generator loss and one for the discriminator loss (a non-finite G loss skips both updates).
+Otherwise, and on the CPU, the flag is read before the step and the step is left out: the LDM's after its
+backward, the VAE's each loss before its backward with `skip_nonfinite` (one host sync each).
 
 Modules record the losses whose update this batch left out on the host in `module.nonfinite` (the EMA then
-leaves the batch out too); the LDM lists what became known this batch as `module.nonfinite_reports`, (global
-step, losses) pairs, since a device-side skip is known a step late. `NonFiniteGuard` counts skipped steps
+leaves the batch out too) and list what became known this batch as `module.nonfinite_reports`, (global step,
+losses) pairs, since a device-side skip is known a step late. `NonFiniteGuard` counts skipped steps
 (`train/skipped_nonfinite`) and after `max_in_a_row` consecutive ones saves a checkpoint and stops with one
 line saying which loss, where, and what to try. `trainer.global_step` counts a skipped batch in the LDM
-(Lightning's automatic optimisation counts every batch that reaches the optimizer step) but not in the VAE
-(manual optimisation counts generator steps taken).
+(Lightning's automatic optimisation counts every batch that reaches the optimizer step) and in a VAE that
+skips on the device (its generator's `step` ran), but not in a VAE that skips on the host (manual
+optimisation counts generator steps taken).
 """
 
 from __future__ import annotations
@@ -58,49 +60,52 @@ def skip_nonfinite(module: pl.LightningModule, loss: Tensor, name: str) -> bool:
 
 
 class PendingStep:
-    """A step's finite flag and loss on their way to the host: a non-blocking copy into pinned memory and a CUDA
+    """A step's finite flags and loss on their way to the host: a non-blocking copy into pinned memory and a CUDA
     event, so reading them later waits for that step's forward only, not for the work queued after it. CPU
     values are already computed (CPU kernels run synchronously) and are read as they are."""
 
-    def __init__(self, flag: Tensor, loss: Tensor) -> None:
-        values = torch.stack([flag.detach().float(), loss.detach().float()])
+    def __init__(self, flags: Tensor, loss: Tensor) -> None:
+        values = torch.cat([flags.detach().float().reshape(-1), loss.detach().float().reshape(1)])
         self._event: torch.cuda.Event | None = None
         if values.is_cuda:
-            self._host = torch.empty(2, pin_memory=True)
+            self._host = torch.empty(len(values), pin_memory=True)
             self._host.copy_(values, non_blocking=True)
             self._event = torch.cuda.Event()
             self._event.record()
         else:
             self._host = values
 
-    def read(self) -> tuple[bool, float]:
-        """(finite, loss)."""
+    def read(self) -> tuple[list[bool], float]:
+        """(finite per flag, loss)."""
         if self._event is not None:
             self._event.synchronize()
-        return bool(self._host[0]), float(self._host[1])
+        return [bool(f) for f in self._host[:-1]], float(self._host[-1])
 
 
 class DeferredSkips:
-    """Host-side bookkeeping of the LDM's skipped steps (see the module docstring).
+    """Host-side bookkeeping of steps skipped on the device (see the module docstring), one flag per optimizer
+    step of a batch, named by the loss it guards (`names`: the LDM has one, the VAE two).
 
-    `stage` the flag and loss once the loss is known; `commit(step, defer)` at the optimizer step reads the
-    previous step's (its forward finished long ago: no stall) and holds this one, or reads it at once with
-    `defer=False` (CPU), and always while steps are being skipped, so the guard stops on the step that reaches
-    its limit. `unscheduled` counts skipped steps whose LR-scheduler step is still to be left out: the schedule
-    advances once per step taken, one step late at worst. `last_loss` is the newest loss read, for the progress
-    bar (Lightning turns a GPU value shown there into a host sync at every step).
+    `stage` the flags and loss once they are known; `commit(step, defer)` reads the previous step's (its
+    forward finished long ago: no stall) and holds this one, or reads it at once with `defer=False` (CPU), and
+    always while steps are being skipped, so the guard stops on the step that reaches its limit.
+    `unscheduled[name]` counts skipped steps whose LR-scheduler step is still to be left out (`take_unscheduled`):
+    the schedule advances once per step taken, a step or two late. `last_loss` is the newest loss read, for the
+    progress bar (Lightning turns a GPU value shown there into a host sync at every step).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, names: tuple[str, ...] = ("train/loss",)) -> None:
+        self.names = names
         self.reports: list[tuple[int, list[str]]] = []
-        self.unscheduled = 0
+        self.unscheduled = dict.fromkeys(names, 0)
         self.last_loss: float | None = None
         self._staged: PendingStep | None = None
         self._pending: tuple[int, PendingStep] | None = None
         self._last_skipped = False
 
-    def stage(self, flag: Tensor, loss: Tensor) -> None:
-        self._staged = PendingStep(flag, loss)
+    def stage(self, flags: Tensor, loss: Tensor) -> None:
+        """`flags`: one 0/1 value per name (a 0-d tensor for a single name)."""
+        self._staged = PendingStep(flags, loss)
 
     def commit(self, step: int, defer: bool) -> None:
         self.reports = []
@@ -116,20 +121,35 @@ class DeferredSkips:
             return
         (step, pending), self._pending = self._pending, None
         finite, self.last_loss = pending.read()
-        self.reports.append((step, [] if finite else ["train/loss"]))
-        self.unscheduled += not finite
-        self._last_skipped = not finite
+        skipped = [name for name, ok in zip(self.names, finite) if not ok]
+        self.reports.append((step, skipped))
+        for name in skipped:
+            self.unscheduled[name] += 1
+        self._last_skipped = bool(skipped)
+
+    def take_unscheduled(self, name: str | None = None) -> bool:
+        """True (and one debt paid) when `name`'s next scheduler step is to be left out."""
+        name = name or self.names[0]
+        if self.unscheduled[name] == 0:
+            return False
+        self.unscheduled[name] -= 1
+        return True
 
     def state_dict(self) -> dict[str, Any]:
         """For checkpoints: the unread step travels as values, read when the resumed run would have read it."""
         pending = None if self._pending is None else [self._pending[0], *self._pending[1].read()]
-        return {"unscheduled": self.unscheduled, "pending": pending, "last_skipped": self._last_skipped}
+        return {"unscheduled": dict(self.unscheduled), "pending": pending, "last_skipped": self._last_skipped}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.unscheduled, self._last_skipped = int(state["unscheduled"]), bool(state["last_skipped"])
+        unscheduled = state["unscheduled"]
+        if isinstance(unscheduled, int):  # checkpoints of one-flag ledgers before names existed
+            unscheduled = {self.names[0]: unscheduled}
+        self.unscheduled = {name: int(unscheduled.get(name, 0)) for name in self.names}
+        self._last_skipped = bool(state["last_skipped"])
         if (pending := state["pending"]) is not None:
             step, finite, loss = pending
-            self._pending = int(step), PendingStep(torch.tensor(float(finite)), torch.tensor(loss))
+            finite = finite if isinstance(finite, list) else [finite]
+            self._pending = int(step), PendingStep(torch.tensor([float(f) for f in finite]), torch.tensor(loss))
         else:
             self._pending = None
 
@@ -145,7 +165,7 @@ class NonFiniteGuard(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         reports = getattr(pl_module, "nonfinite_reports", None)
-        if reports is None:  # a module whose skips are known in the batch that has them (the VAE)
+        if reports is None:  # any other module: its skips are known in the batch that has them
             reports = [(trainer.global_step, list(getattr(pl_module, "nonfinite", None) or []))]
         for step, names in reports:
             self._count(trainer, step, names)

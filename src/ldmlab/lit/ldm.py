@@ -204,8 +204,7 @@ class LatentDiffusionModule(pl.LightningModule):
         optimizer.step(closure=lambda: loss)
 
     def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
-        if self.skips.unscheduled:  # a skipped step does not advance the schedule
-            self.skips.unscheduled -= 1
+        if self.skips.take_unscheduled():  # a skipped step does not advance the schedule
             return
         super().lr_scheduler_step(scheduler, metric)
 

@@ -21,11 +21,12 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
-from ldmlab.callbacks.nonfinite import skip_nonfinite
+from ldmlab.callbacks.nonfinite import DeferredSkips, finite_flag, skip_nonfinite
 from ldmlab.losses import vae as losses
 from ldmlab.nn.autoencoder import AutoencoderKL
 
 OptimizerFactory = Callable[..., Optimizer]
+G_LOSS, D_LOSS = "generator loss train/total_loss", "discriminator loss train/d_loss"
 SchedulerFactory = Callable[[Optimizer], Any]
 
 
@@ -67,37 +68,84 @@ class VAEModule(pl.LightningModule):
         self.lpips = lpips() if (lpips is not None and perceptual_weight > 0) else None
         # LDM's learned log-variance of the Laplace likelihood; LDM never optimises it (learn_logvar=False)
         self.logvar = nn.Parameter(torch.full((), float(logvar_init)), requires_grad=learn_logvar)
-        self.optimizer_factory = optimizer or partial(torch.optim.Adam, lr=4.5e-6, betas=(0.5, 0.9))
+        self.optimizer_factory = optimizer or partial(torch.optim.Adam, lr=4.5e-6, betas=(0.5, 0.9), fused=True)
         self.scheduler_factory = lr_scheduler
         self.d_loss_fn = losses.get_d_loss(disc_loss)
         self.val_psnr = PeakSignalNoiseRatio(data_range=1.0)
         self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
-        self.nonfinite: list[str] = []  # losses whose step this batch skipped (callbacks.nonfinite)
+        self.nonfinite: list[str] = []  # losses whose step this batch skipped on the host (callbacks.nonfinite)
+        self.skips = DeferredSkips((G_LOSS, D_LOSS))  # steps skipped on the device, as the host learns of them
+        self.defer_nonfinite: bool | None = None  # fused optimizers: skip on the device; None: on CUDA only
+        self._reports: list[tuple[int, list[str]]] = []
 
     # ------------------------------------------------------------------ training
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         x = batch["image"]
         opt_g, opt_d = self.optimizers()
-        sched_g, sched_d = self._schedulers()
         gan_active = losses.disc_factor(self.global_step, self.hparams.disc_start, self.hparams.disc_factor) > 0
-        self.nonfinite = []
+        self.nonfinite, self.skips.reports, step = [], [], self.global_step
+        if self._skip_on_device(opt_g, opt_d, x):
+            logs = self._steps_skipped_on_device(x, opt_g, opt_d, gan_active)
+            self._reports = self.skips.reports
+        else:
+            logs = self._steps_checked_on_host(x, opt_g, opt_d, gan_active)
+            self._reports = [(step, list(self.nonfinite))]
+        if logs is not None:
+            self.log_dict(logs)
 
+    @property
+    def nonfinite_reports(self) -> list[tuple[int, list[str]]]:
+        """(global step, skipped losses) of the steps the host learnt of this batch (NonFiniteGuard)."""
+        return self._reports
+
+    def _skip_on_device(self, opt_g: Any, opt_d: Any, x: Tensor) -> bool:
+        """Fused optimizers take the finite flag as `found_inf` and skip in their kernel: on a GPU the step then
+        never waits for it (callbacks.nonfinite). Otherwise, and on the CPU, each loss is read before its step."""
+        fused = all(getattr(o.optimizer, "_step_supports_amp_scaling", False) for o in (opt_g, opt_d))
+        return fused and (x.is_cuda if self.defer_nonfinite is None else self.defer_nonfinite)
+
+    def _steps_checked_on_host(self, x: Tensor, opt_g: Any, opt_d: Any, gan_active: bool) -> dict | None:
+        """G step, then D step, each left out when its loss is non-finite on any rank (one host sync each)."""
+        sched_g, sched_d = self._schedulers()
         with self.toggled_optimizer(opt_g):
             rec, posterior = self.autoencoder(x, sample_posterior=self.hparams.sample_posterior)
             g_total, logs = self._generator_loss(x, rec, posterior, gan_active)
-            if skip_nonfinite(self, g_total, "generator loss train/total_loss"):
-                return  # no G step, and no D step against a non-finite reconstruction
+            if skip_nonfinite(self, g_total, G_LOSS):
+                return None  # no G step, and no D step against a non-finite reconstruction
             self._optimizer_step(opt_g, g_total, sched_g, counted=True)
-
         if gan_active:  # before disc_start the discriminator never runs nor steps
             with self.toggled_optimizer(opt_d):
                 d_total, d_logs = self._discriminator_loss(x, rec.detach())
-                if not skip_nonfinite(self, d_total, "discriminator loss train/d_loss"):
+                if not skip_nonfinite(self, d_total, D_LOSS):
                     self._optimizer_step(opt_d, d_total, sched_d, counted=False)
             logs.update(d_logs)
         self.log("train/rec_loss", logs.pop("train/rec_loss"), prog_bar=True)
-        self.log_dict(logs)
+        return logs
+
+    def _steps_skipped_on_device(self, x: Tensor, opt_g: Any, opt_d: Any, gan_active: bool) -> dict:
+        """G step, then D step, with no host sync: a non-finite G loss leaves both updates out in the fused
+        kernels, a non-finite D loss the D update; the host reads the flags a step later (DeferredSkips), and a
+        skipped batch counts as a global step (opt_g.step ran), as in the LDM."""
+        sched_g, sched_d = self._schedulers()
+        step = self.global_step
+        with self.toggled_optimizer(opt_g):
+            rec, posterior = self.autoencoder(x, sample_posterior=self.hparams.sample_posterior)
+            g_total, logs = self._generator_loss(x, rec, posterior, gan_active)
+            finite_g = finite_flag(self, g_total)
+            self._optimizer_step(opt_g, g_total, sched_g, counted=True, finite=finite_g, name=G_LOSS)
+        finite_d = finite_g
+        if gan_active:
+            with self.toggled_optimizer(opt_d):
+                d_total, d_logs = self._discriminator_loss(x, rec.detach())
+                finite_d = finite_flag(self, d_total, finite_g)
+                self._optimizer_step(opt_d, d_total, sched_d, counted=False, finite=finite_d, name=D_LOSS)
+            logs.update(d_logs)
+        self.skips.stage(torch.stack([finite_g, finite_d]), logs["train/rec_loss"])
+        self.skips.commit(step, defer=True)
+        if self.skips.last_loss is not None:  # a host number: shown in the progress bar without a sync
+            self.log("rec_loss", torch.tensor(self.skips.last_loss), prog_bar=True, logger=False)
+        return logs
 
     def _generator_loss(self, x: Tensor, rec: Tensor, posterior: Any, gan_active: bool) -> tuple[Tensor, dict]:
         """LDM contperceptual, optimizer_idx 0: nll + kl_weight·KL + d_weight·disc_factor·g_loss."""
@@ -130,8 +178,9 @@ class VAEModule(pl.LightningModule):
                 "train/logits_fake": logits_fake.mean().detach()}
         return d_loss, logs
 
-    def _optimizer_step(self, opt: Any, loss: Tensor, scheduler: Any, counted: bool) -> None:
-        """zero_grad → backward → clip → step → scheduler.step.
+    def _optimizer_step(self, opt: Any, loss: Tensor, scheduler: Any, counted: bool,
+                        finite: Tensor | None = None, name: str = G_LOSS) -> None:
+        """zero_grad → backward → clip → step → scheduler.step; with `finite`, a fused optimizer's `found_inf`.
 
         Lightning 2 counts every LightningOptimizer.step as a global step in manual optimisation, which
         would make one G+D iteration count twice; the D step goes through the strategy directly (same
@@ -141,11 +190,13 @@ class VAEModule(pl.LightningModule):
         self.manual_backward(loss)
         if self.hparams.grad_clip:
             self.clip_gradients(opt, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
+        if finite is not None:
+            opt.optimizer.found_inf = 1.0 - finite  # on the device: the kernel leaves everything as it was
         if counted:
             opt.step()
         else:
             self.trainer.strategy.optimizer_step(opt.optimizer, closure=lambda: None, model=self)
-        if scheduler is not None:
+        if scheduler is not None and not self.skips.take_unscheduled(name):  # a skipped step: no LR step
             scheduler.step()
 
     def _schedulers(self) -> tuple[Any, Any]:
@@ -207,6 +258,7 @@ class VAEModule(pl.LightningModule):
                        f"= {optimizers[0].param_groups[0]['lr']:.3g}")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["nonfinite_skips"] = self.skips.state_dict()
         # the architecture travels with the weights so ldmlab.convert.load.load_vae can rebuild it
         checkpoint["autoencoder_config"] = dict(self.autoencoder.config)
         # the frozen LPIPS network is rebuilt from its own files: keep its 58 MB out of every checkpoint
@@ -215,6 +267,8 @@ class VAEModule(pl.LightningModule):
             del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "nonfinite_skips" in checkpoint:
+            self.skips.load_state_dict(checkpoint["nonfinite_skips"])
         if self.lpips is not None:
             checkpoint["state_dict"].update({f"lpips.{k}": v for k, v in self.lpips.state_dict().items()})
 
