@@ -94,6 +94,26 @@ def test_compile_targets_regional_and_full() -> None:
         accel.compile_model(tiny_unet(), "fast")  # type: ignore[arg-type]
 
 
+def test_full_compile_of_the_vae_leaves_the_last_layer_outside() -> None:
+    """compile=full compiles the encoder and the decoder's trunk; the output conv, whose weight the GAN's adaptive
+    weight differentiates twice a step, stays eager, and the reconstruction and that gradient are unchanged
+    (the "eager" backend runs the captured graphs without inductor)."""
+    torch.manual_seed(0)
+    vae = AutoencoderKL(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, norm_groups=8)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+
+    def rec_and_grad() -> tuple[torch.Tensor, torch.Tensor]:
+        rec = vae.decode(vae.encode(x).mean)
+        return rec, torch.autograd.grad(rec.abs().mean(), vae.last_layer)[0]
+
+    expected = rec_and_grad()
+    assert accel.compile_model(vae, "full") == 2  # the real path compiles with inductor (a GPU run)
+    assert vae.decoder._compiled_trunk is not None and vae.encoder._compiled_call_impl is not None
+    vae.encoder.compile(backend="eager")
+    vae.decoder.compile_trunk(backend="eager")
+    torch.testing.assert_close(rec_and_grad(), expected)
+
+
 def test_sdpa_order_names_unknown_backends() -> None:
     before = torch._C._get_sdp_priority_order()
     try:

@@ -76,7 +76,8 @@ def compile_model(model: nn.Module, scope: CompileScope = "regional", mode: str 
     """Compile `model` in place; returns how many modules were compiled.
 
     regional: each repeated block (nested ones inside a compiled block are left to it); full: every top-level
-    model that declares `_repeated_blocks` (the U-Net, the VAE), as one graph each.
+    model that declares `_repeated_blocks` (the U-Net, the VAE), as one graph each, or as its `compile_whole`
+    says (the VAE: encoder and decoder trunk).
     """
     if scope == "none":
         return 0
@@ -92,9 +93,14 @@ def compile_model(model: nn.Module, scope: CompileScope = "regional", mode: str 
     # instances of one block class share Dynamo's cache entry, one graph per distinct shape (SD1.5's U-Net has
     # ~15 ResBlock shapes): past the default limit of 8 the rest would silently run eagerly
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    count = 0
     for module in targets:
-        module.compile(mode=mode, fullgraph=fullgraph, dynamic=False)
-    return len(targets)
+        if scope == "full" and hasattr(module, "compile_whole"):  # a model that says what "whole" means (the VAE)
+            count += module.compile_whole(mode=mode, fullgraph=fullgraph, dynamic=False)
+        else:
+            module.compile(mode=mode, fullgraph=fullgraph, dynamic=False)
+            count += 1
+    return count
 
 
 def _outermost(modules: list[nn.Module]) -> list[nn.Module]:

@@ -95,11 +95,12 @@ def vae_part(iters: int, cases: list[str], variants: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def vae_train_part() -> str:
+def vae_train_part(rows: list[str]) -> str:
+    """rows: `<compile scope>:<fused|foreach>`."""
     from ldmlab.bench.vae import time_vae_training
 
     lines = ["| pixels | batch | compile | Adam | img/s | peak GiB | warm-up s |", "|---|---|---|---|---|---|---|"]
-    for scope, fused in (("none", False), ("none", True), ("full", False), ("full", True)):
+    for scope, fused in ((row.split(":")[0], row.split(":")[1] == "fused") for row in rows):
         name = "fused (skips on the device)" if fused else "foreach (skips checked on the host)"
         if (r := guarded(f"vae train {scope} {name}",
                          lambda s=scope, f=fused: time_vae_training(256, 16, steps=40, compile_scope=s, fused=f))):
@@ -168,6 +169,8 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--train-extras", default=";speed=none", help="';'-separated override sets for train.py")
     parser.add_argument("--vae-cases", default="256x32,512x8")
     parser.add_argument("--vae-variants", default="diffusers,diffusers+cl+compile,ours,ours+cl+regional,ours+cl+compile")
+    parser.add_argument("--vae-train-rows", default="none:foreach,none:fused,regional:fused,full:fused",
+                        help="compile scope:Adam kind of each VAE training row")
     parser.add_argument("--sampling-variants", default="diffusers,ours,ours+cl+compile")
     parser.add_argument("--sampling-profile", default="ours+cl+compile+cudnn_sdpa", help="sampling variant to profile")
     parser.add_argument("--out", type=Path, default=None, help="append the tables to this Markdown file")
@@ -186,7 +189,8 @@ def main(argv: list[str] | None = None) -> str:
         "profile": ("Profile", lambda: profile_part(*args.profile.split("@"))),
         "vae": ("kl-f8 VAE encode / decode (bf16 autocast, no grad)",
                 lambda: vae_part(args.iters, args.vae_cases.split(","), args.vae_variants.split(","))),
-        "vae_train": ("VAE training step through Lightning (G + D, LPIPS, GAN on)", vae_train_part),
+        "vae_train": ("VAE training step through Lightning (G + D, LPIPS, GAN on)",
+                      lambda: vae_train_part(args.vae_train_rows.split(","))),
         "sampling": ("50 DDIM steps + CFG 7.5 + decode, 512 px, batch 8 (bf16 weights)",
                      lambda: sampling_part(args.sampling_variants.split(","))),
         "sampling_profile": (f"Profile of sampling, {args.sampling_profile}",

@@ -9,8 +9,8 @@ Defaults are SD's kl-f8 (LDM `autoencoder_kl_32x32x4`).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -148,13 +148,22 @@ class Decoder(nn.Module):
         self.up = nn.ModuleList(levels)
         self.norm_out = group_norm(block_in, norm_groups)
         self.conv_out = nn.Conv2d(block_in, out_channels, 3, padding=1)
+        self._compiled_trunk: Callable[[Tensor], Tensor] | None = None
 
-    def forward(self, z: Tensor) -> Tensor:
-        """(B, z, h, w) -> (B, C_out, h*f, w*f)."""
+    def trunk(self, z: Tensor) -> Tensor:
+        """Everything before the output conv: (B, z, h, w) -> (B, C, h*f, w*f) features."""
         h = self.mid(self.conv_in(z))
         for level in reversed(self.up):
             h = level(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return F.silu(self.norm_out(h))
+
+    def compile_trunk(self, **compile_kwargs: Any) -> None:
+        """torch.compile the trunk as one graph and leave `conv_out` eager (AutoencoderKL.compile_whole says why)."""
+        self._compiled_trunk = torch.compile(self.trunk, **compile_kwargs)
+
+    def forward(self, z: Tensor) -> Tensor:
+        """(B, z, h, w) -> (B, C_out, h*f, w*f)."""
+        return self.conv_out((self._compiled_trunk or self.trunk)(z))
 
 
 class DiagonalGaussian:
@@ -274,10 +283,10 @@ class AutoencoderKL(nn.Module):
         )
         self.in_channels, self.embed_dim, self.channel_mult = in_channels, embed_dim, channel_mult
         # constructor arguments, written into exported weights so a file rebuilds its own architecture
-        self.config = dict(in_channels=in_channels, out_channels=out_channels, base_channels=base_channels,
-                           channel_mult=list(channel_mult), num_res_blocks=num_res_blocks, z_channels=z_channels,
-                           embed_dim=embed_dim, attn_levels=list(attn_levels), mid_attention=mid_attention,
-                           dropout=dropout, norm_groups=norm_groups)
+        self.config = {"in_channels": in_channels, "out_channels": out_channels, "base_channels": base_channels,
+                       "channel_mult": list(channel_mult), "num_res_blocks": num_res_blocks,
+                       "z_channels": z_channels, "embed_dim": embed_dim, "attn_levels": list(attn_levels),
+                       "mid_attention": mid_attention, "dropout": dropout, "norm_groups": norm_groups}
         body = (base_channels, channel_mult, num_res_blocks, z_channels)
         extras = (attn_levels, mid_attention, dropout, norm_groups)
         self.encoder = Encoder(in_channels, *body, True, *extras)  # double_z: moments are [mean, logvar]
@@ -297,6 +306,18 @@ class AutoencoderKL(nn.Module):
     def downsample_factor(self) -> int:
         """Spatial reduction f between image and latent (8 for kl-f8)."""
         return 2 ** (len(self.channel_mult) - 1)
+
+    def compile_whole(self, **compile_kwargs: Any) -> int:
+        """`compile=full` (ldmlab.accel): the encoder and the decoder's trunk as one graph each; returns 2.
+
+        The decoder's output conv stays outside: the GAN's adaptive weight (VQGAN eq. 7) takes the gradients of
+        two losses w.r.t. its weight every step, and a compiled graph is one autograd node, so each of those
+        would run the whole graph's backward (the VAE step ran at 33 img/s compiled that way, 44 eager; H100,
+        docs/BENCHMARKS.md session 5).
+        """
+        self.encoder.compile(**compile_kwargs)
+        self.decoder.compile_trunk(**compile_kwargs)
+        return 2
 
     @property
     def last_layer(self) -> Tensor:
