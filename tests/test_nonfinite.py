@@ -202,6 +202,22 @@ def test_vae_with_fused_adam_skips_on_the_device_and_learns_a_step_late(tmp_path
     assert module.skips.unscheduled == {both[0]: 0, both[1]: 1}
 
 
+def test_vae_before_disc_start_reports_and_unschedules_the_generator_only(tmp_path: Path) -> None:
+    """Device-side skips before the GAN starts: the discriminator neither steps nor owes a scheduler step."""
+    fused_adam = partial(torch.optim.Adam, lr=1e-3, betas=(0.5, 0.9), fused=True)
+    module = tiny_module(disc_start=100, optimizer=fused_adam, lr_scheduler=partial(warmup_cosine, warmup_steps=10))
+    module.defer_nonfinite = True
+    trace, reports = ParamTrace(), Reports()
+    trainer = pl.Trainer(accelerator="cpu", max_steps=4, logger=False, enable_progress_bar=False,
+                         enable_checkpointing=False, default_root_dir=tmp_path, callbacks=[trace, reports],
+                         limit_val_batches=0, enable_model_summary=False)
+    trainer.fit(module, DataLoader(NaNImages(), batch_size=4))
+    assert trace.changed == [(True, False), (False, False), (True, False), (True, False)]
+    assert reports.rows == [[], [(0, [])], [(1, ["generator loss train/total_loss"]), (2, [])], []]
+    g_sched, d_sched = (config.scheduler for config in trainer.lr_scheduler_configs)
+    assert (g_sched.last_epoch, d_sched.last_epoch) == (3, 0)
+
+
 # ---------------------------------------------------------------- a run that keeps failing, under DDP
 
 

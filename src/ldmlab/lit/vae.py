@@ -26,8 +26,8 @@ from ldmlab.losses import vae as losses
 from ldmlab.nn.autoencoder import AutoencoderKL
 
 OptimizerFactory = Callable[..., Optimizer]
-G_LOSS, D_LOSS = "generator loss train/total_loss", "discriminator loss train/d_loss"
 SchedulerFactory = Callable[[Optimizer], Any]
+G_LOSS, D_LOSS = "generator loss train/total_loss", "discriminator loss train/d_loss"  # as NonFiniteGuard names them
 
 
 def _to_unit(x: Tensor) -> Tensor:
@@ -86,7 +86,7 @@ class VAEModule(pl.LightningModule):
         gan_active = losses.disc_factor(self.global_step, self.hparams.disc_start, self.hparams.disc_factor) > 0
         self.nonfinite, self.skips.reports, step = [], [], self.global_step
         if self._skip_on_device(opt_g, opt_d, x):
-            logs = self._steps_skipped_on_device(x, opt_g, opt_d, gan_active)
+            logs = self._steps_skipped_on_device(x, opt_g, opt_d, gan_active, step)
             self._reports = self.skips.reports
         else:
             logs = self._steps_checked_on_host(x, opt_g, opt_d, gan_active)
@@ -123,18 +123,17 @@ class VAEModule(pl.LightningModule):
         self.log("train/rec_loss", logs.pop("train/rec_loss"), prog_bar=True)
         return logs
 
-    def _steps_skipped_on_device(self, x: Tensor, opt_g: Any, opt_d: Any, gan_active: bool) -> dict:
+    def _steps_skipped_on_device(self, x: Tensor, opt_g: Any, opt_d: Any, gan_active: bool, step: int) -> dict:
         """G step, then D step, with no host sync: a non-finite G loss leaves both updates out in the fused
         kernels, a non-finite D loss the D update; the host reads the flags a step later (DeferredSkips), and a
         skipped batch counts as a global step (opt_g.step ran), as in the LDM."""
         sched_g, sched_d = self._schedulers()
-        step = self.global_step
         with self.toggled_optimizer(opt_g):
             rec, posterior = self.autoencoder(x, sample_posterior=self.hparams.sample_posterior)
             g_total, logs = self._generator_loss(x, rec, posterior, gan_active)
             finite_g = finite_flag(self, g_total)
             self._optimizer_step(opt_g, g_total, sched_g, counted=True, finite=finite_g, name=G_LOSS)
-        finite_d = finite_g
+        finite_d = torch.ones_like(finite_g)  # before disc_start D neither runs nor steps: nothing to skip
         if gan_active:
             with self.toggled_optimizer(opt_d):
                 d_total, d_logs = self._discriminator_loss(x, rec.detach())
