@@ -130,7 +130,7 @@ def test_trainer_gpu_turns_the_speed_switches_on(tmp_path: Path) -> None:
     on = compose_train(["trainer=gpu"], tmp_path)
     assert on.callbacks.speed._target_ == "ldmlab.callbacks.speed.GPUSpeed"
     speed = instantiate(on.callbacks.speed)
-    assert (speed.compile, speed.channels_last, speed.sdpa_backends[0]) == ("full", True, "cudnn")
+    assert (speed.compile, speed.channels_last, speed.sdpa_backends[0]) == ("auto", True, "cudnn")
     for overrides in (["trainer=gpu", "speed=none"], ["trainer=cpu"], []):
         assert "_target_" not in compose_train(overrides, tmp_path).callbacks.speed, overrides
     assert "_target_" in compose_train(["trainer=ddp"], tmp_path).callbacks.speed
@@ -138,7 +138,8 @@ def test_trainer_gpu_turns_the_speed_switches_on(tmp_path: Path) -> None:
 
 def test_compile_mode_auto_uses_cuda_graphs_for_the_ldm_in_one_process(tmp_path: Path) -> None:
     """trainer=gpu's `compile_mode: auto` picks reduce-overhead for a module that declares its step safe for
-    CUDA graphs (the LDM) in a one-process run; the VAE, DDP and an explicit mode keep theirs."""
+    CUDA graphs (the LDM) in a one-process run; the VAE, DDP and an explicit mode keep theirs. `compile: auto`
+    compiles the LDM whole and the VAE block by block."""
     from ldmlab.lit.vae import VAEModule
 
     speed = instantiate(compose_train(["trainer=gpu"], tmp_path).callbacks.speed)
@@ -149,6 +150,9 @@ def test_compile_mode_auto_uses_cuda_graphs_for_the_ldm_in_one_process(tmp_path:
     assert speed.resolve_mode(two, ldm()) is None
     assert LatentDiffusionModule.cuda_graphs_safe and not getattr(VAEModule, "cuda_graphs_safe", False)
     assert GPUSpeed(compile_mode=None).resolve_mode(one, ldm()) is None
+    assert (speed.resolve_scope(ldm()), speed.resolve_scope(VAEModule(AutoencoderKL(), torch.nn.Identity()))) \
+        == ("full", "regional")  # compile=auto: the scope each module measured fastest
+    assert GPUSpeed(compile="full").resolve_scope(VAEModule(AutoencoderKL(), torch.nn.Identity())) == "full"
     with pytest.raises(ValueError, match="compile_mode='fast': valid are auto, null"):
         GPUSpeed(compile_mode="fast")
 
