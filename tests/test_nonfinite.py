@@ -44,6 +44,16 @@ class Latents(Dataset):
         return {"latent": z * math.nan if i // 4 in NAN_BATCHES else z, "label": 0}
 
 
+def fit_on_cpu(module: pl.LightningModule, data: Dataset, max_steps: int, tmp_path: Path,
+               callbacks: list[pl.Callback]) -> pl.Trainer:
+    """Train on batches of 4 in order, no validation, logging or checkpoints."""
+    trainer = pl.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False,
+                         enable_checkpointing=False, default_root_dir=tmp_path, limit_val_batches=0,
+                         enable_model_summary=False, callbacks=callbacks)
+    trainer.fit(module, DataLoader(data, batch_size=4))
+    return trainer
+
+
 class StepTrace(pl.Callback):
     """Per batch: whether the U-Net, Adam's state, the LR schedule and the EMA changed, and the global step."""
 
@@ -73,10 +83,7 @@ def test_ldm_skips_nonfinite_steps_without_any_update(tmp_path: Path) -> None:
                                    lr_scheduler=partial(warmup_cosine, warmup_steps=10))
     ema = EMA(decay=0.9, warmup=False)
     trace, guard = StepTrace(ema), NonFiniteGuard(max_in_a_row=3)
-    trainer = pl.Trainer(accelerator="cpu", max_steps=5, logger=False, enable_progress_bar=False,
-                         enable_checkpointing=False, default_root_dir=tmp_path, limit_val_batches=0,
-                         enable_model_summary=False, callbacks=[ema, trace, guard])
-    trainer.fit(module, DataLoader(Latents(), batch_size=4))
+    trainer = fit_on_cpu(module, Latents(), 5, tmp_path, [ema, trace, guard])
     # Lightning's automatic optimisation counts a skipped batch as a global step: 5 steps, 3 of them taken
     updated, skipped = (True, True, True, True, 1, []), (False, False, False, False, 1, ["train/loss"])
     assert trace.rows == [updated, updated, skipped, skipped, updated]
@@ -108,10 +115,7 @@ def test_fused_adamw_skips_on_the_device_and_the_host_learns_a_step_late(tmp_pat
     module.defer_nonfinite = defer
     ema = EMA(decay=0.9, warmup=False)
     trace, reports, guard = StepTrace(ema), Reports(), NonFiniteGuard(max_in_a_row=3)
-    trainer = pl.Trainer(accelerator="cpu", max_steps=5, logger=False, enable_progress_bar=False,
-                         enable_checkpointing=False, default_root_dir=tmp_path, limit_val_batches=0,
-                         enable_model_summary=False, callbacks=[ema, trace, reports, guard])
-    trainer.fit(module, DataLoader(Latents(), batch_size=4))
+    trainer = fit_on_cpu(module, Latents(), 5, tmp_path, [ema, trace, reports, guard])
     weights, moments, schedule, shadow, steps, _ = zip(*trace.rows)
     assert weights == moments == (True, True, False, False, True) and shadow == (True,) * 5 and steps == (1,) * 5
     skipped = ["train/loss"]
@@ -150,9 +154,8 @@ class NaNImages(ImageDicts):
         return {**item, "image": item["image"] * math.nan} if i == 5 else item
 
 
-def test_vae_skips_the_generator_and_the_discriminator_step(tmp_path: Path) -> None:
-    """Batch 1: NaN image → no G and no D step; batch 3: the D loss is NaN (injected) → G steps, D does not."""
-    module = tiny_module(disc_start=0)
+def nan_d_loss_at_batch_3(module: pl.LightningModule) -> None:
+    """Fault injection: the discriminator loss of batch 3 is NaN."""
     d_loss = module._discriminator_loss
 
     def nan_at_batch_3(x, rec):
@@ -160,11 +163,14 @@ def test_vae_skips_the_generator_and_the_discriminator_step(tmp_path: Path) -> N
         return (loss * math.nan if module.trainer.fit_loop.epoch_loop.batch_idx == 3 else loss), logs
 
     module._discriminator_loss = nan_at_batch_3
+
+
+def test_vae_skips_the_generator_and_the_discriminator_step(tmp_path: Path) -> None:
+    """Batch 1: NaN image → no G and no D step; batch 3: the D loss is NaN (injected) → G steps, D does not."""
+    module = tiny_module(disc_start=0)
+    nan_d_loss_at_batch_3(module)
     trace, guard = ParamTrace(), NonFiniteGuard()
-    trainer = pl.Trainer(accelerator="cpu", max_steps=4, logger=False, enable_progress_bar=False,
-                         enable_checkpointing=False, default_root_dir=tmp_path, callbacks=[trace, guard],
-                         limit_val_batches=0, enable_model_summary=False)
-    trainer.fit(module, DataLoader(NaNImages(), batch_size=4))
+    fit_on_cpu(module, NaNImages(), 4, tmp_path, [trace, guard])
     assert trace.changed == [(True, True), (False, False), (True, True), (True, False), (True, True)]
     assert trace.steps == [1, 1, 2, 3, 4]  # a skipped generator step is no step
     assert guard.skipped == 2
@@ -178,18 +184,9 @@ def test_vae_with_fused_adam_skips_on_the_device_and_learns_a_step_late(tmp_path
     fused_adam = partial(torch.optim.Adam, lr=1e-3, betas=(0.5, 0.9), fused=True)
     module = tiny_module(disc_start=0, optimizer=fused_adam, lr_scheduler=partial(warmup_cosine, warmup_steps=10))
     module.defer_nonfinite = True
-    d_loss = module._discriminator_loss
-
-    def nan_at_batch_3(x, rec):
-        loss, logs = d_loss(x, rec)
-        return (loss * math.nan if module.trainer.fit_loop.epoch_loop.batch_idx == 3 else loss), logs
-
-    module._discriminator_loss = nan_at_batch_3
+    nan_d_loss_at_batch_3(module)
     trace, reports, guard = ParamTrace(), Reports(), NonFiniteGuard()
-    trainer = pl.Trainer(accelerator="cpu", max_steps=5, logger=False, enable_progress_bar=False,
-                         enable_checkpointing=False, default_root_dir=tmp_path, callbacks=[trace, reports, guard],
-                         limit_val_batches=0, enable_model_summary=False)
-    trainer.fit(module, DataLoader(NaNImages(), batch_size=4))
+    trainer = fit_on_cpu(module, NaNImages(), 5, tmp_path, [trace, reports, guard])
     assert trace.changed == [(True, True), (False, False), (True, True), (True, False), (True, True)]
     assert trace.steps == [1, 2, 3, 4, 5]
     both = ["generator loss train/total_loss", "discriminator loss train/d_loss"]
@@ -208,10 +205,7 @@ def test_vae_before_disc_start_reports_and_unschedules_the_generator_only(tmp_pa
     module = tiny_module(disc_start=100, optimizer=fused_adam, lr_scheduler=partial(warmup_cosine, warmup_steps=10))
     module.defer_nonfinite = True
     trace, reports = ParamTrace(), Reports()
-    trainer = pl.Trainer(accelerator="cpu", max_steps=4, logger=False, enable_progress_bar=False,
-                         enable_checkpointing=False, default_root_dir=tmp_path, callbacks=[trace, reports],
-                         limit_val_batches=0, enable_model_summary=False)
-    trainer.fit(module, DataLoader(NaNImages(), batch_size=4))
+    trainer = fit_on_cpu(module, NaNImages(), 4, tmp_path, [trace, reports])
     assert trace.changed == [(True, False), (False, False), (True, False), (True, False)]
     assert reports.rows == [[], [(0, [])], [(1, ["generator loss train/total_loss"]), (2, [])], []]
     g_sched, d_sched = (config.scheduler for config in trainer.lr_scheduler_configs)
