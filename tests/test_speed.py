@@ -96,22 +96,25 @@ def test_compile_targets_regional_and_full() -> None:
 
 def test_full_compile_of_the_vae_leaves_the_last_layer_outside() -> None:
     """compile=full compiles the encoder and the decoder's trunk; the output conv, whose weight the GAN's adaptive
-    weight differentiates twice a step, stays eager, and the reconstruction and that gradient are unchanged
-    (the "eager" backend runs the captured graphs without inductor)."""
+    weight differentiates twice a step, stays an eager autograd node after the compiled one (a whole compiled
+    decoder would be one node, whose backward runs in full for each of those gradients). The reconstruction
+    and that gradient are unchanged. `aot_eager` traces as the GPU path does, without inductor."""
     torch.manual_seed(0)
     vae = AutoencoderKL(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, norm_groups=8)
     x = torch.rand(2, 3, 16, 16) * 2 - 1
 
-    def rec_and_grad() -> tuple[torch.Tensor, torch.Tensor]:
+    def reconstruct() -> tuple[torch.Tensor, torch.Tensor]:
         rec = vae.decode(vae.encode(x).mean)
-        return rec, torch.autograd.grad(rec.abs().mean(), vae.last_layer)[0]
+        return rec, torch.autograd.grad(rec.abs().mean(), vae.last_layer, retain_graph=True)[0]
 
-    expected = rec_and_grad()
+    expected = reconstruct()
     assert accel.compile_model(vae, "full") == 2  # the real path compiles with inductor (a GPU run)
     assert vae.decoder._compiled_trunk is not None and vae.encoder._compiled_call_impl is not None
-    vae.encoder.compile(backend="eager")
-    vae.decoder.compile_trunk(backend="eager")
-    torch.testing.assert_close(rec_and_grad(), expected)
+    vae.compile_whole(backend="aot_eager")
+    rec, grad = reconstruct()
+    assert rec.grad_fn.name() == "ConvolutionBackward0"
+    assert rec.grad_fn.next_functions[0][0].name() == "CompiledFunctionBackward"
+    torch.testing.assert_close((rec, grad), expected)
 
 
 def test_sdpa_order_names_unknown_backends() -> None:
