@@ -197,6 +197,7 @@ def test_vae_with_fused_adam_skips_on_the_device_and_learns_a_step_late(tmp_path
     g_sched, d_sched = (config.scheduler for config in trainer.lr_scheduler_configs)
     assert (g_sched.last_epoch, d_sched.last_epoch) == (4, 4)
     assert module.skips.unscheduled == {both[0]: 0, both[1]: 1}
+    assert trainer.progress_bar_metrics["rec_loss"] == module.skips.last_loss  # read from the host copy
 
 
 def test_vae_before_disc_start_reports_and_unschedules_the_generator_only(tmp_path: Path) -> None:

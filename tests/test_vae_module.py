@@ -89,6 +89,7 @@ def test_gan_logs_after_start(tmp_path: Path) -> None:
     for key in ["train/rec_loss", "train/kl", "train/perceptual", "train/g_loss", "train/d_loss",
                 "train/d_weight", "train/logits_real", "train/logits_fake"]:
         assert key in logged, f"{key} not logged: {sorted(logged)}"
+    assert "rec_loss" in trainer.progress_bar_metrics  # the name the device path shows too
     assert 0 <= float(trainer.callback_metrics["train/d_weight"]) <= 0.5 * 1e4
 
 

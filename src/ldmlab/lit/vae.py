@@ -125,7 +125,7 @@ class VAEModule(pl.LightningModule):
                 if not skip_nonfinite(self, d_total, D_LOSS):
                     self._optimizer_step(opt_d, d_total, sched_d, counted=False)
             logs.update(d_logs)
-        self.log("train/rec_loss", logs.pop("train/rec_loss"), prog_bar=True)
+        self.log("rec_loss", logs["train/rec_loss"], prog_bar=True, logger=False)  # this path syncs anyway
         return logs
 
     def _steps_skipped_on_device(self, x: Tensor, opt_g: Any, opt_d: Any, gan_active: bool, step: int) -> dict:
