@@ -82,6 +82,45 @@ def test_vae_attention_is_the_same_in_both_layouts() -> None:
     torch.testing.assert_close(vae.decode(vae.encode(x).mean), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_matmul_weights_cast_ahead_give_autocasts_numbers() -> None:
+    """sample.py on a GPU stores the conv and linear weights in bf16 once instead of letting autocast cast them on
+    every U-Net call: the kernels see the same operands, so the outputs are bit-identical (CPU autocast here)."""
+    unet = tiny_unet()
+    torch.nn.init.normal_(unet.out[2].weight, std=0.02)  # a zero-initialised output conv would hide differences
+    vae = AutoencoderKL(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, norm_groups=8)
+    x, t, c = unet_inputs()
+    z = torch.randn(2, 4, 8, 8)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = unet(x, t, context=c), vae.decode(z)
+        layers = accel.cast_matmul_weights(unet) + accel.cast_matmul_weights(vae)
+        got = unet(x, t, context=c), vae.decode(z)
+    matmuls = [m for m in (*unet.modules(), *vae.modules()) if isinstance(m, torch.nn.Linear | torch.nn.Conv2d)]
+    assert layers == len(matmuls) and all(p.dtype == torch.bfloat16 for m in matmuls for p in m.parameters())
+    norms = [m for m in unet.modules() if isinstance(m, torch.nn.GroupNorm | torch.nn.LayerNorm)]
+    assert norms and all(p.dtype == torch.float32 for m in norms for p in m.parameters())  # autocast: fp32 ops
+    for a, b in zip(got, expected, strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_sample_py_compiles_on_the_gpu_only_by_default() -> None:
+    """prepare_for_sampling (sample.py): compile=auto compiles nothing on the CPU and leaves the weights fp32;
+    an explicit scope compiles the U-Net and the VAE (their first call would trace; not run here)."""
+    from ldmlab.sample import prepare_for_sampling
+
+    def ldm() -> LatentDiffusionModule:
+        vae = AutoencoderKL(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, norm_groups=8)
+        return LatentDiffusionModule(tiny_unet(context_dim=None), scaled_linear(), EpsPrediction(), ddim_sample,
+                                     vae=vae)
+
+    module = ldm()
+    prepare_for_sampling(module, bf16=True, compile="auto")
+    assert module.unet._compiled_call_impl is None and module.vae.decoder._compiled_trunk is None
+    assert all(p.dtype == torch.float32 for p in module.parameters())  # the CPU runs without autocast
+    module = ldm()
+    prepare_for_sampling(module, bf16=True, compile="full")
+    assert module.unet._compiled_call_impl is not None and module.vae.decoder._compiled_trunk is not None
+
+
 def test_compile_targets_regional_and_full() -> None:
     unet = tiny_unet()
     blocks = [m for m in unet.modules() if isinstance(m, accel.repeated_block_types(unet))]

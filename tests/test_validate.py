@@ -212,12 +212,13 @@ def test_sample_guidance_needs_a_model_trained_with_dropout(tmp_path: Path) -> N
     assert sample_problems(cfg) == []
 
 
-def test_sample_mandatory_ckpt_and_sampler(tmp_path: Path) -> None:
+def test_sample_mandatory_ckpt_sampler_and_compile(tmp_path: Path) -> None:
     cfg = OmegaConf.load(REPO / "conf" / "sample.yaml")
-    cfg.sampler = "bogus"
+    cfg.sampler, cfg.compile = "bogus", "fast"
     found = sample_problems(cfg)
     assert "python sample.py ckpt=<value>" in one(found, "ckpt is mandatory (???)")
     assert "ddim" in one(found, "sampler=bogus is unknown")
+    assert "valid are auto, none, regional, full" in one(found, "compile=fast is unknown")
 
 
 # ---------------------------------------------------------------- the real train.py

@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> str:
                 lambda: vae_part(args.iters, args.vae_cases.split(","), args.vae_variants.split(","))),
         "vae_train": ("VAE training step through Lightning (G + D, LPIPS, GAN on)",
                       lambda: vae_train_part(args.vae_train_rows.split(","))),
-        "sampling": ("50 DDIM steps + CFG 7.5 + decode, 512 px, batch 8 (bf16 weights)",
+        "sampling": ("50 DDIM steps + CFG 7.5 + decode, 512 px, batch 8 (bf16)",
                      lambda: sampling_part(args.sampling_variants.split(","))),
         "sampling_profile": (f"Profile of sampling, {args.sampling_profile}",
                              lambda: sampling_profile_part(args.sampling_profile)),

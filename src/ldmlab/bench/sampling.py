@@ -51,6 +51,39 @@ def ours_sampler(features: set[str], steps: int) -> Callable[[torch.Tensor, torc
     return run
 
 
+def sample_py_sampler(features: set[str], steps: int) -> Callable:
+    """What `python sample.py` runs on a GPU: a LatentDiffusionModule in fp32 (SD1.5 U-Net, kl-f8 VAE, a 2-layer
+    CLIP stand-in of width 768: prompts are encoded once per batch, not the cost measured here), set up by
+    `sample.prepare_for_sampling` (compile=full with feature `compile`, none without), then its `sample()`."""
+    import tempfile
+    from pathlib import Path
+
+    from ldmlab.diffusion.parameterization import EpsPrediction
+    from ldmlab.diffusion.samplers import ddim_sample
+    from ldmlab.diffusion.schedules import scaled_linear
+    from ldmlab.lit.conditioning import TextConditioner
+    from ldmlab.lit.ldm import LatentDiffusionModule
+    from ldmlab.sample import prepare_for_sampling
+    from ldmlab.utils.stand_ins import make_tiny_clip
+
+    unet, _ = build_unet("ours")
+    vae, _, _ = build_vae("ours")
+    with tempfile.TemporaryDirectory() as tmp:
+        conditioner = TextConditioner(make_tiny_clip(Path(tmp) / "clip", hidden_size=768))
+    sampler = partial(ddim_sample, num_steps=steps, spacing="leading", steps_offset=1, set_alpha_to_one=False)
+    module = LatentDiffusionModule(unet, scaled_linear(), EpsPrediction(), sampler, vae=vae,
+                                   conditioner=conditioner).cuda().eval()
+    autocast = prepare_for_sampling(module, bf16=True, compile="full" if "compile" in features else "none")
+
+    @torch.no_grad()
+    def run(x_T: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x_T.shape
+        with autocast:
+            return module.sample(["a photograph"] * n, n, GUIDANCE, latent_shape=(4, h, w))
+
+    return run
+
+
 def diffusers_sampler(features: set[str], steps: int) -> Callable:
     from diffusers import DDIMScheduler
 
@@ -80,7 +113,7 @@ def time_sampling(variant: str, pixels: int = 512, batch: int = 8, steps: int = 
                   repeats: int = 2) -> dict[str, float]:
     """Seconds per image of `steps` DDIM steps with CFG + decode for a batch (after one warm-up batch).
     Variant `<ours|diffusers>[+cl][+compile][+ro][+ma][+regional][+cudnn_sdpa][+bench][+qkv][+c1x1][+cdt]
-    [+freeze]` as in bench.unet, with accel.INDUCTOR_FEATURES."""
+    [+freeze][+mag]` as in bench.unet, with accel.INDUCTOR_FEATURES, or `sample_py[+compile]`: sample.py's path."""
     return _with_variant(variant, steps, partial(_time_sampler, pixels=pixels, batch=batch, repeats=repeats))
 
 
@@ -102,8 +135,13 @@ def _with_variant(variant: str, steps: int, measure: Callable[[Callable], Any]) 
     """Build the variant's sampler with its SDPA order, cudnn.benchmark and inductor settings, then measure."""
     from ldmlab.bench.unet import parse_variant, reset_sdpa
 
-    impl, features = parse_variant(variant)
-    build = ours_sampler if impl == "ours" else diffusers_sampler
+    if variant.split("+")[0] == "sample_py":
+        impl, features = "sample_py", set(variant.split("+")[1:])
+        if features - {"compile"}:
+            raise ValueError(f"variant {variant!r}: sample_py takes only +compile (it sets up the rest itself)")
+    else:
+        impl, features = parse_variant(variant)
+    build = {"ours": ours_sampler, "diffusers": diffusers_sampler, "sample_py": sample_py_sampler}[impl]
     if "cudnn_sdpa" in features:  # cuDNN attention first: 1.5-1.7x flash at SD's head width 40 (sdpa part)
         accel.set_sdpa_order(["cudnn", "flash"])
     torch.backends.cudnn.benchmark = "bench" in features

@@ -3,8 +3,8 @@
 A variant is `<impl>[+feature...]`: impl `ours` or `diffusers`; features `cl` (channels_last), `compile`
 (whole model), `regional` (each repeated block, ldmlab.accel), `cudnn_sdpa` (cuDNN attention first),
 `ro` (compile mode reduce-overhead: CUDA graphs of the compiled forward and backward), `graph` (the whole
-step — forward, backward, fused AdamW — captured in one CUDA graph by hand), `c1x1` / `cdt` (inductor
-settings, accel.INDUCTOR_FEATURES), `ma` (compile mode max-autotune: Triton GEMM/conv templates
+step — forward, backward, fused AdamW — captured in one CUDA graph by hand), `c1x1` / `cdt` / `freeze` /
+`mag` (inductor settings, accel.INDUCTOR_FEATURES; `mag` autotunes the GEMMs only), `ma` (compile mode max-autotune: Triton GEMM/conv templates
 autotuned against cuBLAS/cuDNN, CUDA graphs only with `ro`), `bench` (cudnn.benchmark: cuDNN times its
 convolution algorithms instead of taking its heuristic's first), `qkv` (ours: self-attention's q, k, v from
 one GEMM, nn.attention.fuse_qkv). A step is forward + MSE + backward + fused AdamW under bf16 autocast with
@@ -24,7 +24,8 @@ from ldmlab.bench.common import cuda_seconds, peak_gib, timed_warmup
 from ldmlab.nn.attention import fuse_qkv
 from ldmlab.nn.unet import UNetModel
 
-FEATURES = {"cl", "compile", "regional", "cudnn_sdpa", "ro", "graph", "c1x1", "cdt", "freeze", "ma", "bench", "qkv"}
+FEATURES = {"cl", "compile", "regional", "cudnn_sdpa", "ro", "graph", "c1x1", "cdt", "freeze", "ma", "mag", "bench",
+            "qkv"}
 Forward = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 

@@ -153,6 +153,8 @@ def sample_problems(cfg: DictConfig) -> list[str]:
     samplers = sorted(p.stem for p in (CONF / "model" / "sampler").glob("*.yaml"))
     if cfg.get("sampler") is not None and cfg.sampler not in samplers:
         problems.append(f"sampler={cfg.sampler} is unknown: valid are {', '.join(samplers)} (or null)")
+    if cfg.get("compile", "auto") not in ("auto", "none", "regional", "full"):
+        problems.append(f"compile={cfg.compile} is unknown: valid are auto, none, regional, full")
     ckpt = get(cfg, "ckpt")
     if ckpt is None:
         return problems
