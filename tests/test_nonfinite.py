@@ -10,6 +10,7 @@ import math
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import webdataset as wds
 from conftest import REPO, shared_data_dir
 from test_ldm_module import small_unet
 from test_vae_module import ImageDicts, ParamTrace, tiny_module
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ldmlab.callbacks.ema import EMA
 from ldmlab.callbacks.nonfinite import DeferredSkips, NonFiniteGuard
@@ -257,6 +258,57 @@ def test_ddp_ranks_skip_together_and_a_run_of_nans_stops_with_a_checkpoint(tmp_p
     assert states and all(float(s["step"]) == 0 and not s["exp_avg"].any() and not s["exp_avg_sq"].any()
                           for s in states)
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
+
+
+class RankInterleaved(Sampler):
+    """Rank r of 2 reads items r, r + 2, r + 4, ... in order (a DistributedSampler without its shuffle)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(torch.distributed.get_rank(), self.n, 2))
+
+    def __len__(self) -> int:
+        return self.n // 2
+
+
+class SaveReplica(pl.Callback):
+    """Each rank writes its autoencoder and discriminator weights at the end of training."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+
+    def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        torch.save([p.detach().clone() for p in module.parameters()], self.out / f"rank{trainer.global_rank}.pt")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("defer", [False, True], ids=["host-check", "device-skip"])
+def test_vae_ranks_skip_together_under_ddp(tmp_path: Path, defer: bool) -> None:
+    """2 CPU ranks (gloo), batches of 2 in order: rank 1's batch 1 holds the NaN image, rank 0's is clean. Both
+    skip G and D there (the finite flag is all-reduced before either optimizer steps): neither waits forever in
+    DDP's gradient all-reduce, the replicas end equal, and rank 0's checkpoint counts the skip its own loss did
+    not have. The host check takes 5 batches for 4 steps; the GPU's path (fused Adam's found_inf, read a step
+    late; forced here) counts the skipped batch as a step, so each optimizer stepped 3 times in 4 batches."""
+    fused_adam = partial(torch.optim.Adam, lr=1e-3, betas=(0.5, 0.9), fused=True)
+    module = tiny_module(disc_start=0, optimizer=fused_adam)
+    module.defer_nonfinite = defer
+    last = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn_find_unused_parameters_true",
+                         max_steps=4, logger=False, enable_progress_bar=False, limit_val_batches=0,
+                         enable_model_summary=False, default_root_dir=tmp_path, use_distributed_sampler=False,
+                         callbacks=[NonFiniteGuard(), last, SaveReplica(tmp_path)])
+    images = NaNImages()  # item 5: rank 1's batch 1 is [5, 7]
+    trainer.fit(module, DataLoader(images, batch_size=2, sampler=RankInterleaved(len(images))))
+    ckpt = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert ckpt["callbacks"]["NonFiniteGuard"] == {"skipped": 1, "in_a_row": 0}
+    batches = ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["completed"]
+    assert (batches, ckpt["global_step"]) == ((4, 4) if defer else (5, 4))
+    for opt_state in ckpt["optimizer_states"]:  # G, then D
+        assert {float(s["step"]) for s in opt_state["state"].values()} == {3.0 if defer else 4.0}
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert all(torch.equal(a, b) and torch.isfinite(a).all() for a, b in zip(rank0, rank1, strict=True))
 
 
 def test_the_guard_waits_for_a_report_before_it_stops() -> None:
