@@ -32,8 +32,8 @@ SDPA_BACKENDS = {
 
 # torch._inductor settings the benchmarks try by name (variant features c1x1, cdt, freeze, mag): 1x1 convs (SD's
 # proj_in/proj_out, ResBlock skips) lowered as matmuls; coordinate-descent tuning of the generated kernels'
-# launch configs (a longer compile); freezing, inference only: weights folded in as constants; GEMMs only
-# autotuned, Triton templates (which can take the following pointwise ops as epilogues) against cuBLAS
+# launch configs (a longer compile); freezing, inference only: weights folded in as constants; GEMMs and convs
+# autotuned, Triton templates (which can take the following pointwise ops as epilogues) against cuBLAS/cuDNN
 INDUCTOR_FEATURES: dict[str, dict[str, Any]] = {
     "c1x1": {"conv_1x1_as_mm": True},
     "cdt": {"coordinate_descent_tuning": True},

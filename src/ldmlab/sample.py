@@ -75,16 +75,17 @@ def prepare_for_sampling(module: LatentDiffusionModule, bf16: bool = True, compi
     to bf16 once (bit-identical to autocast's per-call casts), and the U-Net and VAE compiled (`compile`: none |
     regional | full | auto = full on a GPU, none on the CPU). Returns the autocast context to sample in."""
     scope = ("full" if module.device.type == "cuda" else "none") if compile == "auto" else compile
-    accel.compile_model(module.unet, scope)
-    if module.vae is not None:
-        accel.compile_model(module.vae, scope)  # only the decoder runs here; the encoder's compile stays lazy
+    models = [m for m in (module.unet, module.vae) if m is not None]
+    for model in models:
+        accel.compile_model(model, scope)  # lazy: the VAE's encoder, never called here, is never traced
     if module.device.type != "cuda":
         return contextlib.nullcontext()
     accel.enable_tensor_cores()
     accel.set_sdpa_order(["cudnn", "flash"])
     accel.to_channels_last(module)
-    if bf16:
-        accel.cast_matmul_weights(module.unet), accel.cast_matmul_weights(module.vae or torch.nn.Identity())
+    for model in models:
+        if bf16:
+            accel.cast_matmul_weights(model)
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=bool(bf16))
 
 

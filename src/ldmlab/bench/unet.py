@@ -4,7 +4,8 @@ A variant is `<impl>[+feature...]`: impl `ours` or `diffusers`; features `cl` (c
 (whole model), `regional` (each repeated block, ldmlab.accel), `cudnn_sdpa` (cuDNN attention first),
 `ro` (compile mode reduce-overhead: CUDA graphs of the compiled forward and backward), `graph` (the whole
 step — forward, backward, fused AdamW — captured in one CUDA graph by hand), `c1x1` / `cdt` / `freeze` /
-`mag` (inductor settings, accel.INDUCTOR_FEATURES; `mag` autotunes the GEMMs only), `ma` (compile mode max-autotune: Triton GEMM/conv templates
+`mag` (inductor settings, accel.INDUCTOR_FEATURES; `mag` is `ma`'s template autotuning in the variant's own
+compile mode), `ma` (compile mode max-autotune: Triton GEMM/conv templates
 autotuned against cuBLAS/cuDNN, CUDA graphs only with `ro`), `bench` (cudnn.benchmark: cuDNN times its
 convolution algorithms instead of taking its heuristic's first), `qkv` (ours: self-attention's q, k, v from
 one GEMM, nn.attention.fuse_qkv). A step is forward + MSE + backward + fused AdamW under bf16 autocast with
