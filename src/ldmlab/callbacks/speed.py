@@ -16,15 +16,16 @@ log = logging.getLogger(__name__)
 
 
 class GPUSpeed(pl.Callback):
-    """channels_last, torch.compile (the whole U-Net/VAE, or regional: each repeated block), the SDPA backend
-    order, TF32, `torch._inductor.config` settings (`inductor`, e.g. {conv_1x1_as_mm: true}).
+    """channels_last, torch.compile (the whole U-Net/VAE, or regional: each repeated block; auto, the default as
+    in conf/speed/gpu.yaml: the scope the module measured fastest), the SDPA backend order, TF32,
+    `torch._inductor.config` settings (`inductor`, e.g. {conv_1x1_as_mm: true}).
 
     Applied in `setup` (all networks exist, nothing is wrapped by DDP/FSDP or moved yet): DDP's gradient
     buckets then follow the NHWC parameter layout, and the compiled blocks are the ones every rank runs.
     Layers are changed in place: state-dict names, checkpoints and exports are those of the plain model.
     """
 
-    def __init__(self, compile: str = "regional", channels_last: bool = True,
+    def __init__(self, compile: str = "auto", channels_last: bool = True,
                  compile_mode: str | None = None, sdpa_backends: list[str] | None = None,
                  tf32: bool = True, inductor: dict[str, Any] | None = None) -> None:
         if compile not in ("none", "regional", "full", "auto"):
