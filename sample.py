@@ -6,7 +6,7 @@ from omegaconf import DictConfig
 from ldmlab.sample import sample
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="sample")
+@hydra.main(version_base="1.3", config_path="pkg://ldmlab.conf", config_name="sample")
 def main(cfg: DictConfig) -> None:
     sample(cfg)
 

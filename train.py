@@ -1,6 +1,5 @@
 """Train a model: `python train.py [group=option ...] [key=value ...]` (see `python train.py --help`)."""
 
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -9,11 +8,11 @@ from ldmlab.run import train
 from ldmlab.validate import exit_on_bad_overrides
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+@hydra.main(version_base="1.3", config_path="pkg://ldmlab.conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     return train(cfg)
 
 
 if __name__ == "__main__":
-    exit_on_bad_overrides(Path(__file__).parent / "conf")  # `model=unet_foo`: one line naming the valid options
+    exit_on_bad_overrides()  # `model=unet_foo`: one line naming the valid options
     main()

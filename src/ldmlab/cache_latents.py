@@ -33,6 +33,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
+from ldmlab.configs import CONF_DIR
 from ldmlab.data.cli import parse_args, split_args
 from ldmlab.data.decoders import ImageDecoder
 from ldmlab.data.filters import BadSample, SampleCounter
@@ -45,7 +46,6 @@ from ldmlab.validate import ConfigError
 from ldmlab.validate.files import checkpoint_problems
 
 log = logging.getLogger("ldmlab.cache_latents")
-CONF_DIR = Path(os.environ.get("LDMLAB_CONF", Path(__file__).resolve().parents[2] / "conf"))
 PLAN = "plan.json"
 
 

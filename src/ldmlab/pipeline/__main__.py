@@ -8,9 +8,9 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from ldmlab.configs import CONF_DIR
 from ldmlab.pipeline.run import run_pipeline
 
-CONF_DIR = Path(os.environ.get("LDMLAB_CONF", Path(__file__).resolve().parents[3] / "conf"))
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="pipeline")

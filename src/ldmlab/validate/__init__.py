@@ -19,11 +19,11 @@ from typing import Any
 from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
 
+from ldmlab.configs import CONF_DIR as CONF
 from ldmlab.validate.fields import get, target, world_size
 from ldmlab.validate.files import checkpoint_problems, data_problems, weight_problems
 from ldmlab.validate.shapes import latent_problems, vae_problems
 
-CONF = Path(__file__).resolve().parents[3] / "conf"
 # Hydra flags that choose another config tree: the override check then stands aside
 CONFIG_FLAGS = ("-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir")
 
