@@ -11,13 +11,12 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ldmlab.configs import CONF_DIR as CONF
 from ldmlab import accel
+from ldmlab.configs import CONF_DIR as CONF
 from ldmlab.lit.ldm import LatentDiffusionModule
 from ldmlab.nn.safe_load import load_weights_only
 from ldmlab.utils.images import make_grid, save_png
 from ldmlab.validate import validate_sample
-
 
 
 def load_ldm(ckpt_path: str | Path, use_ema: bool = True) -> LatentDiffusionModule:

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import hydra
 from omegaconf import DictConfig
 
 from ldmlab.configs import CONF_DIR
 from ldmlab.pipeline.run import run_pipeline
-
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="pipeline")
