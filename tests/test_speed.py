@@ -15,11 +15,14 @@ from conftest import compose_train
 from hydra.utils import instantiate
 
 from ldmlab import accel
-from ldmlab.callbacks.speed import GPUSpeed, StepTimer
+from ldmlab.callbacks.speed import GPUSpeed, StepTimer, resolve_compile
 from ldmlab.data.synthetic import SyntheticDataModule
 from ldmlab.diffusion import EpsPrediction, ddim_sample, scaled_linear
 from ldmlab.lit.ldm import LatentDiffusionModule
+from ldmlab.lit.vae import VAEModule
+from ldmlab.nn.attention import SpatialTransformer
 from ldmlab.nn.autoencoder import AutoencoderKL
+from ldmlab.nn.autoencoder_blocks import AttnBlock, ResnetBlock
 from ldmlab.nn.unet import UNetModel
 from ldmlab.nn.unet_blocks import ResBlock
 
@@ -48,29 +51,6 @@ def test_channels_last_gives_the_same_prediction() -> None:
     assert fast.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)
     x, t, c = unet_inputs()
     torch.testing.assert_close(fast(x, t, context=c), plain(x, t, context=c), rtol=1e-5, atol=1e-5)
-
-
-def test_fused_qkv_gives_the_same_prediction_and_gradients() -> None:
-    """One GEMM over [W_q; W_k; W_v] (nn.attention.fuse_qkv): same forward and weight gradients as three, the
-    state dict keeps its three names; cross-attention is left as it was."""
-    from ldmlab.nn.attention import SpatialTransformer, fuse_qkv
-
-    plain = tiny_unet(context_dim=None)
-    for block in plain.modules():  # zero-initialised proj_out would hide the attention's output
-        if isinstance(block, SpatialTransformer):
-            torch.nn.init.normal_(block.proj_out.weight, std=0.1)
-    torch.nn.init.normal_(plain.out[2].weight, std=0.1)
-    fused = tiny_unet(context_dim=None)
-    fused.load_state_dict(plain.state_dict())
-    assert fuse_qkv(fused) == 4  # attention at level 1: one down, the middle, two up blocks
-    assert fused.state_dict().keys() == plain.state_dict().keys()
-    x, t, _ = unet_inputs()
-    for model in (plain, fused):
-        model(x, t).square().mean().backward()
-    torch.testing.assert_close(fused(x, t), plain(x, t), rtol=1e-5, atol=1e-6)
-    for (name, p), q in zip(plain.named_parameters(), fused.parameters()):
-        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7, msg=name)
-    assert plain.input_blocks[3][1].transformer_blocks[0].attn1.to_k.weight.grad.abs().sum() > 0
 
 
 def test_vae_attention_is_the_same_in_both_layouts() -> None:
@@ -107,27 +87,34 @@ def test_sample_py_compiles_on_the_gpu_only_by_default() -> None:
     an explicit scope compiles the U-Net and the VAE (their first call would trace; not run here)."""
     from ldmlab.sample import prepare_for_sampling
 
-    def ldm() -> LatentDiffusionModule:
-        vae = AutoencoderKL(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, norm_groups=8)
-        return LatentDiffusionModule(tiny_unet(context_dim=None), scaled_linear(), EpsPrediction(), ddim_sample,
-                                     vae=vae)
-
-    module = ldm()
+    module = ldm_with_vae()
     prepare_for_sampling(module, bf16=True, compile="auto")
-    assert module.unet._compiled_call_impl is None and module.vae.decoder._compiled_trunk is None
+    assert module.unet._compiled_call_impl is None and "trunk" not in vars(module.vae.decoder)
     assert all(p.dtype == torch.float32 for p in module.parameters())  # the CPU runs without autocast
-    module = ldm()
+    module = ldm_with_vae()
     prepare_for_sampling(module, bf16=True, compile="full")
-    assert module.unet._compiled_call_impl is not None and module.vae.decoder._compiled_trunk is not None
+    assert module.unet._compiled_call_impl is not None and module.vae.encoder._compiled_call_impl is not None
+    assert "trunk" in vars(module.vae.decoder)  # accel.WHOLE: the decoder's trunk, compiled, in the method's place
 
 
 def test_compile_targets_regional_and_full() -> None:
+    """The policy's tables by network type (accel.REPEATED_BLOCKS, accel.WHOLE) pick the compiled modules."""
     unet = tiny_unet()
+    assert accel.repeated_block_types(unet) == (ResBlock, SpatialTransformer)
     blocks = [m for m in unet.modules() if isinstance(m, accel.repeated_block_types(unet))]
     # ResBlocks: in 1+1, middle 2, out 2+2; transformers (level 1 and middle): in 1, middle 1, out 2
     assert len(blocks) == 8 + 4
-    assert accel.compile_model(tiny_unet(), "regional") == len(blocks)
-    assert accel.compile_model(tiny_unet(), "full") == 1
+    assert accel.compile_model(unet, "regional") == len(blocks)
+    assert all(b._compiled_call_impl is not None for b in blocks) and unet._compiled_call_impl is None
+    whole = tiny_unet()
+    assert accel.compile_model(whole, "full") == 1 and whole._compiled_call_impl is not None
+    vae = AutoencoderKL(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, norm_groups=8)
+    assert accel.repeated_block_types(vae) == (ResnetBlock, AttnBlock)
+    # ResnetBlocks: encoder 1+1, middle 2; decoder 2+2, middle 2; AttnBlocks: one middle each
+    assert accel.compile_model(vae, "regional") == 10 + 2
+    module = ldm_with_vae()  # the LDM's U-Net and its frozen VAE, each whole; the conditioner is no network
+    assert accel.networks(module) == [module.unet, module.vae]
+    assert accel.compile_model(module, "full") == 1 + 2
     assert accel.compile_model(tiny_unet(), "none") == 0
     with pytest.raises(ValueError, match="compile='fast': valid are none, regional, full"):
         accel.compile_model(tiny_unet(), "fast")  # type: ignore[arg-type]
@@ -147,9 +134,8 @@ def test_full_compile_of_the_vae_leaves_the_last_layer_outside() -> None:
         return rec, torch.autograd.grad(rec.abs().mean(), vae.last_layer, retain_graph=True)[0]
 
     expected = reconstruct()
-    assert accel.compile_model(vae, "full") == 2  # the real path compiles with inductor (a GPU run)
-    assert vae.decoder._compiled_trunk is not None and vae.encoder._compiled_call_impl is not None
-    vae.compile_whole(backend="aot_eager")
+    assert accel.compile_model(vae, "full", backend="aot_eager") == 2  # a GPU run compiles with inductor
+    assert vae.encoder._compiled_call_impl is not None and vae.decoder._compiled_call_impl is None
     rec, grad = reconstruct()
     assert rec.grad_fn.name() == "ConvolutionBackward0"
     assert rec.grad_fn.next_functions[0][0].name() == "CompiledFunctionBackward"
@@ -178,25 +164,37 @@ def test_trainer_gpu_turns_the_speed_switches_on(tmp_path: Path) -> None:
     assert "_target_" in compose_train(["trainer=ddp"], tmp_path).callbacks.speed
 
 
-def test_compile_mode_auto_uses_cuda_graphs_for_the_ldm_in_one_process(tmp_path: Path) -> None:
-    """trainer=gpu's `compile_mode: auto` picks reduce-overhead for a module that declares its step safe for
-    CUDA graphs (the LDM) in a one-process run; the VAE, DDP and an explicit mode keep theirs. `compile: auto`
-    compiles the LDM whole and the VAE block by block."""
-    from ldmlab.lit.vae import VAEModule
-
+def test_compile_auto_follows_the_policy_table(tmp_path: Path) -> None:
+    """trainer=gpu's `compile: auto` / `compile_mode: auto` resolve by what the module is (callbacks.speed.AUTO):
+    the LDM whole, with CUDA graphs (reduce-overhead) only in a one-process run; the VAE block by block in
+    torch's default mode at every world size; any other module whole in the default mode. Explicit settings win."""
     speed = instantiate(compose_train(["trainer=gpu"], tmp_path).callbacks.speed)
-    assert speed.compile_mode == "auto"
-    one, two = pl.Trainer(accelerator="cpu", devices=1, logger=False), pl.Trainer(accelerator="cpu", devices=2,
-                                                                                   strategy="ddp", logger=False)
-    assert speed.resolve_mode(one, ldm()) == "reduce-overhead"
-    assert speed.resolve_mode(two, ldm()) is None
-    assert LatentDiffusionModule.cuda_graphs_safe and not getattr(VAEModule, "cuda_graphs_safe", False)
-    assert GPUSpeed(compile_mode=None).resolve_mode(one, ldm()) is None
-    assert (speed.resolve_scope(ldm()), speed.resolve_scope(VAEModule(AutoencoderKL(), torch.nn.Identity()))) \
-        == ("full", "regional")  # compile=auto: the scope each module measured fastest
-    assert GPUSpeed(compile="full").resolve_scope(VAEModule(AutoencoderKL(), torch.nn.Identity())) == "full"
+    assert (speed.compile, speed.compile_mode) == ("auto", "auto")
+    vae = VAEModule(AutoencoderKL(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, norm_groups=8),
+                    torch.nn.Identity())
+    other = pl.LightningModule()
+    for module, one, many in [(ldm(), ("full", "reduce-overhead"), ("full", None)),
+                              (vae, ("regional", None), ("regional", None)),
+                              (other, ("full", None), ("full", None))]:
+        assert speed.resolve(module, world_size=1) == one, type(module)
+        for world_size in (2, 8):  # DDP, FSDP
+            assert speed.resolve(module, world_size) == many, (type(module), world_size)
+    assert resolve_compile("auto", None, ldm(), 1) == ("full", None)  # compile_mode: null is torch's default
+    assert resolve_compile("regional", "auto", ldm(), 1) == ("regional", "reduce-overhead")
+    assert resolve_compile("full", "max-autotune", vae, 4) == ("full", "max-autotune")
+    assert resolve_compile("none", "auto", vae, 1) == ("none", None)
     with pytest.raises(ValueError, match="compile_mode='fast': valid are auto, null"):
         GPUSpeed(compile_mode="fast")
+    with pytest.raises(ValueError, match="callbacks.speed.compile='fast': valid are auto, none, regional, full"):
+        GPUSpeed(compile="fast")
+
+
+def test_gpu_speed_resolves_with_the_trainers_world_size(tmp_path: Path) -> None:
+    """The world size GPUSpeed passes to the policy is the real Trainer's (1 process, or 2 DDP ranks)."""
+    speed = GPUSpeed(compile_mode="auto")
+    one = pl.Trainer(accelerator="cpu", devices=1, logger=False, default_root_dir=tmp_path)
+    two = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, default_root_dir=tmp_path)
+    assert [speed.resolve(ldm(), t.world_size) for t in (one, two)] == [("full", "reduce-overhead"), ("full", None)]
 
 
 def test_inductor_settings_are_named_and_checked(tmp_path: Path) -> None:
@@ -217,6 +215,11 @@ def ldm(precision_seed: int = 0) -> LatentDiffusionModule:
     return LatentDiffusionModule(unet=tiny_unet(context_dim=None), noise_schedule=scaled_linear(),
                                  prediction=EpsPrediction(), sampler=ddim_sample, latent_scale=1.0, seed=precision_seed,
                                  optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3))
+
+
+def ldm_with_vae() -> LatentDiffusionModule:
+    vae = AutoencoderKL(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, norm_groups=8)
+    return LatentDiffusionModule(tiny_unet(context_dim=None), scaled_linear(), EpsPrediction(), ddim_sample, vae=vae)
 
 
 def train_losses(precision: str, callbacks: list[pl.Callback], tmp_path: Path, steps: int = 40,

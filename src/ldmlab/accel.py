@@ -1,24 +1,35 @@
-"""GPU speed switches shared by the training path (callbacks.speed.GPUSpeed) and the benchmark (bench.gpu).
+"""GPU speed switches applied to the networks from outside (torchtitan's `parallelize`/`apply_compile` idea): the
+training path (callbacks.speed.GPUSpeed), sample.py and the benchmarks (bench.gpu) call these; no network class
+carries a speed flag.
 
 - channels_last: cuDNN's convolutions and the compiler's GroupNorm+SiLU kernels run on NHWC without the
   NCHW↔NHWC transposes an NCHW model pays around every conv on tensor cores.
-- regional compilation: `torch.compile` of every block a model lists in `_repeated_blocks` (U-Net: ResBlock,
-  SpatialTransformer; VAE: ResnetBlock, AttnBlock), in place, so state-dict names do not change. Blocks of one
-  shape share a compiled graph, and each graph is small: warm-up is a fraction of a whole-model compile
-  (diffusers' `compile_repeated_blocks` follows the same idea), the speed is close to it.
+- compilation, by network type (REPEATED_BLOCKS, WHOLE): regional = `torch.compile` of every repeated block in
+  place, so state-dict names do not change; blocks of one shape share a compiled graph and each graph is small,
+  so warm-up is a fraction of a whole-model compile (diffusers' `compile_repeated_blocks` follows the same
+  idea). full = each network as one graph, or the parts WHOLE names for it.
 - SDPA backend order: which fused attention kernel `scaled_dot_product_attention` tries first.
 - inductor settings: `torch._inductor.config` names (1x1 convs as matmuls, coordinate-descent tuning, ...).
 - matmul weights in bf16 for inference under autocast: the casts autocast would repeat on every call, done once.
+
+What each choice bought is measured in docs/BENCHMARKS.md, not restated here.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend
+
+from ldmlab.nn.attention import SpatialTransformer
+from ldmlab.nn.autoencoder import AutoencoderKL
+from ldmlab.nn.autoencoder_blocks import AttnBlock, ResnetBlock
+from ldmlab.nn.unet import UNetModel
+from ldmlab.nn.unet_blocks import ResBlock
 
 log = logging.getLogger(__name__)
 
@@ -66,43 +77,77 @@ def set_inductor(settings: dict[str, Any]) -> None:
         setattr(config, key, value)
 
 
+def _compile_vae_whole(vae: AutoencoderKL, **compile_kwargs: Any) -> int:
+    """The encoder and the decoder's trunk as one graph each, the decoder's output conv left eager; returns 2.
+
+    The GAN's adaptive weight (VQGAN eq. 7) takes the gradients of two losses w.r.t. that conv's weight every
+    step; a compiled graph is one autograd node, so with the conv inside it each of those gradients would run the
+    whole decoder's backward. The compiled trunk is an instance attribute that `Decoder.forward` calls in place
+    of the method; parameters and state-dict names are untouched.
+    """
+    vae.encoder.compile(**compile_kwargs)
+    vae.decoder.trunk = torch.compile(vae.decoder.trunk, **compile_kwargs)  # type: ignore[method-assign]
+    return 2
+
+
+def _compile_as_one_graph(network: nn.Module, **compile_kwargs: Any) -> int:
+    network.compile(**compile_kwargs)
+    return 1
+
+
+# The policy's tables, by network type (the networks carry no speed flags).
+# regional: the blocks that repeat through each network; instances of one class share Dynamo's cache entry,
+# one compiled graph per distinct shape
+REPEATED_BLOCKS: dict[type[nn.Module], tuple[type[nn.Module], ...]] = {
+    UNetModel: (ResBlock, SpatialTransformer),
+    AutoencoderKL: (ResnetBlock, AttnBlock),
+}
+# full: what "whole" means for a network; one not listed is compiled as one graph
+WHOLE: dict[type[nn.Module], Callable[..., int]] = {AutoencoderKL: _compile_vae_whole}
+
+
+def _lookup(table: dict[type[nn.Module], Any], module: nn.Module, default: Any = None) -> Any:
+    """The entry of the first table type `module` is an instance of."""
+    return next((value for kind, value in table.items() if isinstance(module, kind)), default)
+
+
+def networks(model: nn.Module) -> list[nn.Module]:
+    """The networks in `model` that REPEATED_BLOCKS knows (the U-Net, the VAE), not those nested in another."""
+    return _outermost([m for m in model.modules() if isinstance(m, tuple(REPEATED_BLOCKS))])
+
+
 def repeated_block_types(model: nn.Module) -> tuple[type[nn.Module], ...]:
-    """The block classes every submodule of `model` declares in `_repeated_blocks`."""
+    """The block classes regional compilation compiles in `model` (REPEATED_BLOCKS of its networks)."""
     found: list[type[nn.Module]] = []
-    for module in model.modules():
-        found += [t for t in getattr(module, "_repeated_blocks", ()) if t not in found]
+    for network in networks(model):
+        found += [t for t in _lookup(REPEATED_BLOCKS, network) if t not in found]
     return tuple(found)
 
 
 def compile_model(model: nn.Module, scope: CompileScope = "regional", mode: str | None = None,
-                  fullgraph: bool = True) -> int:
-    """Compile `model` in place; returns how many modules were compiled.
+                  fullgraph: bool = True, backend: str = "inductor") -> int:
+    """Compile the networks in `model` in place; returns how many modules (or trunks) were compiled.
 
-    regional: each repeated block (nested ones inside a compiled block are left to it); full: every top-level
-    model that declares `_repeated_blocks` (the U-Net, the VAE), as one graph each, or as its `compile_whole`
-    says (the VAE: encoder and decoder trunk).
+    regional: each REPEATED_BLOCKS block of each network (nested ones inside a compiled block are left to it);
+    full: each network as one graph, or the parts its WHOLE entry names (the VAE: encoder and decoder trunk).
     """
     if scope == "none":
         return 0
     if scope not in ("regional", "full"):
         raise ValueError(f"compile={scope!r}: valid are none, regional, full")
-    if scope == "full":
-        targets = [m for m in model.modules() if getattr(m, "_repeated_blocks", None)]
-        fullgraph = False  # a whole U-Net graph breaks on its input checks; the blocks do not
-    else:
-        types = repeated_block_types(model)
-        targets = [m for m in model.modules() if isinstance(m, types)]
-    targets = _outermost(targets)
-    # instances of one block class share Dynamo's cache entry, one graph per distinct shape (SD1.5's U-Net has
-    # ~15 ResBlock shapes): past the default limit of 8 the rest would silently run eagerly
+    # SD1.5's U-Net has ~15 ResBlock shapes: past Dynamo's default limit of 8 graphs per cache entry the rest
+    # would silently run eagerly
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    kwargs: dict[str, Any] = {"mode": mode, "dynamic": False, "backend": backend}
     count = 0
-    for module in targets:
-        if scope == "full" and hasattr(module, "compile_whole"):  # a model that says what "whole" means (the VAE)
-            count += module.compile_whole(mode=mode, fullgraph=fullgraph, dynamic=False)
-        else:
-            module.compile(mode=mode, fullgraph=fullgraph, dynamic=False)
-            count += 1
+    for network in networks(model):
+        if scope == "full":  # a whole U-Net graph breaks on its input checks; the blocks do not
+            count += _lookup(WHOLE, network, _compile_as_one_graph)(network, fullgraph=False, **kwargs)
+            continue
+        blocks = _outermost([m for m in network.modules() if isinstance(m, _lookup(REPEATED_BLOCKS, network))])
+        for block in blocks:
+            block.compile(fullgraph=fullgraph, **kwargs)
+        count += len(blocks)
     return count
 
 

@@ -16,7 +16,6 @@ from ldmlab import accel
 from ldmlab.bench.common import peak_gib
 from ldmlab.bench.unet import build_unet, compile_mode
 from ldmlab.bench.vae import build_vae
-from ldmlab.nn.attention import fuse_qkv
 
 GUIDANCE = 7.5
 
@@ -32,8 +31,6 @@ def ours_sampler(features: set[str], steps: int) -> Callable[[torch.Tensor, torc
     unet, vae = (m.cuda().eval().to(torch.bfloat16) for m in (unet, vae))
     if "cl" in features:
         accel.to_channels_last(unet), accel.to_channels_last(vae)
-    if "qkv" in features:
-        fuse_qkv(unet)
     unet_call: Callable = unet
     if "regional" in features:
         accel.compile_model(unet, "regional"), accel.compile_model(vae, "regional")
@@ -112,7 +109,7 @@ def diffusers_sampler(features: set[str], steps: int) -> Callable:
 def time_sampling(variant: str, pixels: int = 512, batch: int = 8, steps: int = 50,
                   repeats: int = 2) -> dict[str, float]:
     """Seconds per image of `steps` DDIM steps with CFG + decode for a batch (after one warm-up batch).
-    Variant `<ours|diffusers>[+cl][+compile][+ro][+ma][+regional][+cudnn_sdpa][+bench][+qkv][+c1x1][+cdt]
+    Variant `<ours|diffusers>[+cl][+compile][+ro][+ma][+regional][+cudnn_sdpa][+bench][+c1x1][+cdt]
     [+freeze][+mag]` as in bench.unet, with accel.INDUCTOR_FEATURES, or `sample_py[+compile]`: sample.py's path."""
     return _with_variant(variant, steps, partial(_time_sampler, pixels=pixels, batch=batch, repeats=repeats))
 

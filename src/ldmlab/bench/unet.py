@@ -7,9 +7,9 @@ step — forward, backward, fused AdamW — captured in one CUDA graph by hand),
 `mag` (inductor settings, accel.INDUCTOR_FEATURES; `mag` is `ma`'s template autotuning in the variant's own
 compile mode), `ma` (compile mode max-autotune: Triton GEMM/conv templates
 autotuned against cuBLAS/cuDNN, CUDA graphs only with `ro`), `bench` (cudnn.benchmark: cuDNN times its
-convolution algorithms instead of taking its heuristic's first), `qkv` (ours: self-attention's q, k, v from
-one GEMM, nn.attention.fuse_qkv). A step is forward + MSE + backward + fused AdamW under bf16 autocast with
-fp32 master weights.
+convolution algorithms instead of taking its heuristic's first). A step is forward + MSE + backward + fused
+AdamW under bf16 autocast with fp32 master weights. (`qkv`, self-attention's q, k, v from one GEMM, was measured
+without effect in sessions 5-6 of docs/BENCHMARKS.md and removed with its option.)
 """
 
 from __future__ import annotations
@@ -22,11 +22,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ldmlab import accel
 from ldmlab.bench.common import cuda_seconds, peak_gib, timed_warmup
-from ldmlab.nn.attention import fuse_qkv
 from ldmlab.nn.unet import UNetModel
 
-FEATURES = {"cl", "compile", "regional", "cudnn_sdpa", "ro", "graph", "c1x1", "cdt", "freeze", "ma", "mag", "bench",
-            "qkv"}
+FEATURES = {"cl", "compile", "regional", "cudnn_sdpa", "ro", "graph", "c1x1", "cdt", "freeze", "ma", "mag", "bench"}
 Forward = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -70,8 +68,6 @@ def prepare(model: torch.nn.Module, features: set[str]) -> torch.nn.Module:
     """Apply the variant's layout and compilation; returns the module to call."""
     if "cl" in features:
         accel.to_channels_last(model)
-    if "qkv" in features and not fuse_qkv(model):
-        raise ValueError("feature qkv: the model has no ldmlab CrossAttention (ours only)")
     if "regional" in features:
         if isinstance(model, UNetModel):
             accel.compile_model(model, "regional")

@@ -1,24 +1,62 @@
-"""GPUSpeed: the speed switches of `trainer=gpu` (conf/callbacks/speed), applied before the strategy wraps the
-model; StepTimer: steady-state seconds per step, for the benchmarks and for `train.py` runs that want it."""
+"""GPUSpeed: the speed switches of `trainer=gpu` (conf/speed/gpu.yaml), applied to the model from outside before
+the strategy wraps it, with what `compile: auto` / `compile_mode: auto` mean for each kind of module (AUTO);
+StepTimer: steady-state seconds per step, for the benchmarks and for `train.py` runs that want it."""
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 
 from ldmlab import accel
+from ldmlab.lit.ldm import LatentDiffusionModule
+from ldmlab.lit.vae import VAEModule
 
 log = logging.getLogger(__name__)
+COMPILE_MODES = (None, "auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+@dataclass(frozen=True)
+class AutoCompile:
+    """What `compile: auto` and `compile_mode: auto` resolve to for one kind of LightningModule."""
+
+    scope: accel.CompileScope
+    cuda_graphs: bool  # in a one-process run: compile mode reduce-overhead (the compiled step replayed as graphs)
+
+
+# The speed policy by what the module is; the modules carry no speed flags. Each choice was measured against the
+# others on a GPU (docs/BENCHMARKS.md, issue 7 sessions 4-5).
+AUTO: dict[type[pl.LightningModule], AutoCompile] = {
+    # one forward, one backward and one optimizer per step, no host syncs in the step (bench.train_path's
+    # SyncReport), static shapes: the whole step can be captured in CUDA graphs, which removes the launch cost
+    # that leaves the compiled step host-bound; checked with validation, EMA swaps, checkpoints and a resume
+    LatentDiffusionModule: AutoCompile("full", cuda_graphs=True),
+    # G and D steps, and the adaptive GAN weight differentiates two losses w.r.t. the decoder's last conv every
+    # step: per-block graphs beat the encoder + decoder-trunk graphs (accel.WHOLE); not measured under CUDA graphs
+    VAEModule: AutoCompile("regional", cuda_graphs=False),
+}
+OTHER = AutoCompile("full", cuda_graphs=False)  # a module not in AUTO: one graph per network, torch's default mode
+
+
+def resolve_compile(compile: str, compile_mode: str | None, module: pl.LightningModule,
+                    world_size: int) -> tuple[accel.CompileScope, str | None]:
+    """(scope, mode) for `module`: an explicit setting as given, `auto` from AUTO. CUDA graphs only in a
+    one-process run: DDP's gradient hooks and FSDP's gathers have not been checked under them."""
+    policy = next((p for kind, p in AUTO.items() if isinstance(module, kind)), OTHER)
+    scope = policy.scope if compile == "auto" else compile
+    if compile_mode != "auto":
+        return scope, compile_mode  # type: ignore[return-value]
+    return scope, "reduce-overhead" if policy.cuda_graphs and world_size == 1 else None  # type: ignore[return-value]
 
 
 class GPUSpeed(pl.Callback):
-    """channels_last, torch.compile (the whole U-Net/VAE, or regional: each repeated block; auto, the default as
-    in conf/speed/gpu.yaml: the scope the module measured fastest), the SDPA backend order, TF32,
-    `torch._inductor.config` settings (`inductor`, e.g. {conv_1x1_as_mm: true}).
+    """channels_last, torch.compile (`compile`: none | regional: each repeated block | full: each network whole
+    | auto: AUTO's scope for the module; `compile_mode`: a torch.compile mode or auto: AUTO's), the SDPA backend
+    order, TF32, `torch._inductor.config` settings (`inductor`, e.g. {conv_1x1_as_mm: true}).
 
     Applied in `setup` (all networks exist, nothing is wrapped by DDP/FSDP or moved yet): DDP's gradient
     buckets then follow the NHWC parameter layout, and the compiled blocks are the ones every rank runs.
@@ -30,8 +68,7 @@ class GPUSpeed(pl.Callback):
                  tf32: bool = True, inductor: dict[str, Any] | None = None) -> None:
         if compile not in ("none", "regional", "full", "auto"):
             raise ValueError(f"callbacks.speed.compile={compile!r}: valid are auto, none, regional, full")
-        if compile_mode not in (None, "auto", "default", "reduce-overhead", "max-autotune",
-                                "max-autotune-no-cudagraphs"):
+        if compile_mode not in COMPILE_MODES:
             raise ValueError(f"callbacks.speed.compile_mode={compile_mode!r}: valid are auto, null (default), "
                              "reduce-overhead, max-autotune, max-autotune-no-cudagraphs")
         self.compile, self.channels_last, self.compile_mode = compile, channels_last, compile_mode
@@ -53,27 +90,14 @@ class GPUSpeed(pl.Callback):
         accel.set_inductor(self.inductor)
         if self.channels_last:
             accel.to_channels_last(pl_module)
-        mode, scope = self.resolve_mode(trainer, pl_module), self.resolve_scope(pl_module)
+        scope, mode = self.resolve(pl_module, trainer.world_size)
         compiled = accel.compile_model(pl_module, scope, mode=mode)
         log.info("speed: channels_last=%s, compile=%s (%d modules, mode %s), sdpa=%s", self.channels_last,
                  scope, compiled, mode or "default", self.sdpa_backends or "torch default")
 
-    def resolve_scope(self, pl_module: pl.LightningModule) -> accel.CompileScope:
-        """`compile=auto`: the scope the module declares as its fastest (`compile_scope`; the VAE: regional,
-        measured on an H100), else full."""
-        if self.compile != "auto":
-            return self.compile  # type: ignore[return-value]
-        return getattr(pl_module, "compile_scope", "full")
-
-    def resolve_mode(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str | None:
-        """`compile_mode=auto`: CUDA graphs (reduce-overhead) for a module that declares its step safe for them
-        (`cuda_graphs_safe`, the LDM: checked on an H100 with validation, EMA swaps, checkpoints and a resume)
-        in a one-process run; torch's default mode elsewhere (DDP's gradient hooks and FSDP's gathers are
-        unmeasured under graphs; the VAE's step takes two extra backward passes for its adaptive GAN weight)."""
-        if self.compile_mode != "auto":
-            return self.compile_mode
-        graphs = trainer.world_size == 1 and getattr(pl_module, "cuda_graphs_safe", False)
-        return "reduce-overhead" if graphs else None
+    def resolve(self, pl_module: pl.LightningModule, world_size: int) -> tuple[accel.CompileScope, str | None]:
+        """The compile scope and mode this callback applies to `pl_module` (resolve_compile)."""
+        return resolve_compile(self.compile, self.compile_mode, pl_module, world_size)
 
 
 class StepTimer(pl.Callback):

@@ -33,7 +33,6 @@ class CrossAttention(nn.Module):
         super().__init__()
         inner, kv_dim = num_heads * head_dim, context_dim or dim
         self.num_heads = num_heads
-        self.fused_qkv = False  # self-attention: q, k, v from one GEMM over [W_q; W_k; W_v] (fuse_qkv)
         self.to_q = nn.Linear(dim, inner, bias=False)
         self.to_k = nn.Linear(kv_dim, inner, bias=False)
         self.to_v = nn.Linear(kv_dim, inner, bias=False)
@@ -46,13 +45,6 @@ class CrossAttention(nn.Module):
 
     def _project(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         """q, k, v as (B, heads, L or S, d)."""
-        if context is None and self.fused_qkv:
-            # one (dim → 3·inner) GEMM reads x once instead of three times; the weights stay three
-            # parameters (state-dict names unchanged) and are concatenated per call (a copy of 3·dim·inner)
-            weight = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])
-            b, n, _ = x.shape
-            qkv = F.linear(x, weight).view(b, n, 3, self.num_heads, -1)
-            return qkv.permute(2, 0, 3, 1, 4).unbind(0)
         kv = x if context is None else context
         return self._heads(self.to_q(x)), self._heads(self.to_k(kv)), self._heads(self.to_v(kv))
 
@@ -111,15 +103,6 @@ class BasicTransformerBlock(nn.Module):
         if self.attn2 is not None and self.norm2 is not None:
             x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
-
-
-def fuse_qkv(model: nn.Module, fused: bool = True) -> int:
-    """Turn the one-GEMM q/k/v projection of every self-attention (`attn1`) in `model` on or off; returns how
-    many layers it set."""
-    layers = [m.attn1 for m in model.modules() if isinstance(m, BasicTransformerBlock)]
-    for layer in layers:
-        layer.fused_qkv = fused
-    return len(layers)
 
 
 class SpatialTransformer(nn.Module):
