@@ -5,8 +5,16 @@ training step, 50-step DDIM with CFG, and the `train.py` path on synthetic laten
                                [--cases 256x64,256x128,512x32] [--variants ours+cl+regional,...]
                                [--iters 20] [--out docs/BENCHMARKS.md]
 
+The training path against the bare step in one call (train.py model=unet_sd15 trainer=gpu
+data=synthetic_latents: 256 px, batch 64, on synthetic latents, with trainer=gpu's speed settings; the bare step:
+forward + backward + fused AdamW of the same U-Net at 256 px, batch 64, with the same settings). The train table's
+"× bare" column is the ratio (issue 18's goal: within 3 %):
+
+    python -m ldmlab.bench.gpu --parts unet,train --cases 256x64 --variants ours+cl+compile+ro+cudnn_sdpa \\
+        --train-extras "" --out docs/BENCHMARKS.md
+
 U-Net cases are `<pixels>x<batch>` (latents pixels/8); variants are `<ours|diffusers>[+cl][+compile|+regional]
-[+cudnn_sdpa][+graph]` (bench.unet). MFU uses the forward FLOPs counted by torch's FlopCounterMode (×3 for a
+[+cudnn_sdpa][+ro][+graph]` (bench.unet). MFU uses the forward FLOPs counted by torch's FlopCounterMode (×3 for a
 training step) against the 989 TF/s datasheet and against a bf16 matmul ceiling measured in the same run.
 diffusers is optional: its rows are skipped without it. Every part prints its table as soon as it is done.
 """
@@ -25,9 +33,14 @@ from ldmlab.bench import common, unet
 DEFAULT_VARIANTS = ("diffusers", "diffusers+cl+compile", "ours", "ours+cl+compile+cudnn_sdpa",
                     "ours+cl+compile+ro+cudnn_sdpa", "ours+cl+compile+graph+cudnn_sdpa")
 DEFAULT_PARTS = "ceiling,sdpa,unet,profile,vae,vae_train,sampling,train"
+# what `train.py ... trainer=gpu` runs on one GPU, as a bare step: whole-model compile with CUDA graphs
+# (callbacks.speed.AUTO), channels_last, cuDNN attention first (conf/speed/gpu.yaml)
+BARE = "ours+cl+compile+ro+cudnn_sdpa@256x64"
 
 
-def unet_part(cases: list[str], variants: list[str], iters: int, ceiling: float) -> str:
+def unet_part(cases: list[str], variants: list[str], iters: int, ceiling: float,
+              measured: dict[str, float] | None = None) -> str:
+    """The U-Net step table; each variant's img/s also goes to `measured` as `variant@case`."""
     lines = [("| pixels | batch | variant | img/s | × diffusers best | × diffusers eager | MFU vs 989 | "
               "MFU vs ceiling | peak GiB | warm-up s |"), "|---|---|---|---|---|---|---|---|---|---|"]
     for case in cases:
@@ -37,6 +50,8 @@ def unet_part(cases: list[str], variants: list[str], iters: int, ceiling: float)
             result = guarded(f"unet {variant} {case}", partial(unet.time_unet_step, variant, pixels, batch, iters))
             if result:
                 results[variant] = result
+                if measured is not None:
+                    measured[f"{variant}@{case}"] = result["img_s"]
                 print(f"  {variant:28s} {case:8s} {result['img_s']:8.1f} img/s  warm-up {result['warmup_s']:.0f} s",
                       flush=True)
         peer = [r["img_s"] for v, r in results.items() if v.startswith("diffusers")]
@@ -128,15 +143,22 @@ def sampling_profile_part(variant: str) -> str:
     return (r or {}).get("text") or "no profile (see the log)\n"
 
 
-def train_part(steps: int, extras: list[list[str]]) -> str:
+def train_part(steps: int, extras: list[list[str]], bare: float | None = None) -> str:
+    """The train.py rows; `bare`: the bare step's img/s measured in this call, for the × bare column."""
     from ldmlab.bench.train_path import time_train_py
 
-    lines = ["| command | img/s | s/step | warm-up s |", "|---|---|---|---|"]
+    lines = ["| command | img/s | × bare | s/step | warm-up s |", "|---|---|---|---|---|"]
     for extra in extras:
         if (r := guarded(f"train.py {extra}", lambda e=extra: time_train_py(e, steps))):
-            lines.append(f"| `{r['command']}` | {r['img_s']:.1f} | {r['s_per_step']:.4f} | {r['warmup_s']:.0f} |")
+            lines.append(train_row(r, bare))
             print("  " + lines[-1], "\n" + r["syncs"], flush=True)
     return "\n".join(lines) + "\n"
+
+
+def train_row(r: dict, bare: float | None) -> str:
+    """One Markdown row of the train table (`–` in × bare when the bare step did not run in this call)."""
+    ratio = f"{r['img_s'] / bare:.3f}" if bare else "–"
+    return f"| `{r['command']}` | {r['img_s']:.1f} | {ratio} | {r['s_per_step']:.4f} | {r['warmup_s']:.0f} |"
 
 
 def train_profile_part(steps: int, extra: list[str]) -> str:
@@ -166,7 +188,9 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--profile", default="ours+cl+compile+graph+cudnn_sdpa@256x64", help="variant@case to profile")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--train-steps", type=int, default=60)
-    parser.add_argument("--train-extras", default=";speed=none", help="';'-separated override sets for train.py")
+    parser.add_argument("--train-extras", default=";speed=none",
+                        help="';'-separated override sets for train.py, one row each (\"\": the defaults only)")
+    parser.add_argument("--bare", default=BARE, help="variant@case of the unet part the train rows are compared with")
     parser.add_argument("--vae-cases", default="256x32,512x8")
     parser.add_argument("--vae-variants", default="diffusers,diffusers+cl+compile,ours,ours+cl+regional,ours+cl+compile")
     parser.add_argument("--vae-train-rows", default="none:foreach,none:fused,regional:fused,full:fused",
@@ -181,11 +205,12 @@ def main(argv: list[str] | None = None) -> str:
     sections = [f"### GPU benchmark ({common.environment()})", "",
                 f"Measured bf16 matmul ceiling: {ceiling:.0f} TF/s.", ""]
     extras = [e.split() for e in args.train_extras.split(";")]
+    measured: dict[str, float] = {}
     train_cmd = "`train.py model=unet_sd15 trainer=gpu data=synthetic_latents`"
     runners = {
         "sdpa": ("SDPA backends, forward + backward", sdpa_part),
         "unet": ("SD1.5 U-Net training step (bf16 autocast, fused AdamW)",
-                 lambda: unet_part(args.cases.split(","), args.variants.split(","), args.iters, ceiling)),
+                 lambda: unet_part(args.cases.split(","), args.variants.split(","), args.iters, ceiling, measured)),
         "profile": ("Profile", lambda: profile_part(*args.profile.split("@"))),
         "vae": ("kl-f8 VAE encode / decode (bf16 autocast, no grad)",
                 lambda: vae_part(args.iters, args.vae_cases.split(","), args.vae_variants.split(","))),
@@ -195,7 +220,7 @@ def main(argv: list[str] | None = None) -> str:
                      lambda: sampling_part(args.sampling_variants.split(","))),
         "sampling_profile": (f"Profile of sampling, {args.sampling_profile}",
                              lambda: sampling_profile_part(args.sampling_profile)),
-        "train": (train_cmd, lambda: train_part(args.train_steps, extras)),
+        "train": (train_cmd, lambda: train_part(args.train_steps, extras, measured.get(args.bare))),
         "train_profile": (f"Profile of {train_cmd} (the first --train-extras set)",
                           lambda: train_profile_part(args.train_steps, extras[0])),
     }

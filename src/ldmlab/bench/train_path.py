@@ -117,6 +117,27 @@ class SyncReport(pl.Callback):
         self.sites["\n".join(f"  {Path(f.filename).name}:{f.lineno} {f.name}" for f in frames[-self.frames:])] += 1
 
 
+def train_overrides(tmp: Path, clip: Path, extra: list[str], steps: int = 60, batch: int = 64, skip: int = 10,
+                    profile_steps: int = 0, sync_report: bool = True) -> list[str]:
+    """The `train.py` overrides time_train_py runs: SD1.5 on synthetic 4×32×32 latents (256 px) with trainer=gpu's
+    speed settings, StepTimer after `skip` steps, and the optional profile and sync report written under `tmp`."""
+    overrides = ["model=unet_sd15", "trainer=gpu", "data=synthetic_latents", "model.vae=null",
+                 f"model.conditioner.path={clip}", f"data.batch_size={batch}", f"trainer.max_steps={steps}",
+                 "trainer.limit_val_batches=0", "callbacks.export_weights=null", "callbacks.image_grids=null",
+                 "+callbacks.step_timer._target_=ldmlab.callbacks.speed.StepTimer",
+                 f"+callbacks.step_timer.skip={skip}", f"hydra.run.dir={tmp}/run", *extra]
+    if profile_steps:
+        overrides += ["+callbacks.step_profile._target_=ldmlab.bench.train_path.StepProfile",
+                      "+trainer.profiler._target_=ldmlab.bench.train_path.HookRanges",
+                      f"+callbacks.step_profile.out={tmp}/profile.md",
+                      f"+callbacks.step_profile.steps={profile_steps}",
+                      f"+callbacks.step_profile.skip={steps - profile_steps - 5}"]
+    if sync_report:
+        overrides += ["+callbacks.sync_report._target_=ldmlab.bench.train_path.SyncReport",
+                      f"+callbacks.sync_report.out={tmp}/syncs.txt"]
+    return overrides
+
+
 def time_train_py(extra: list[str], steps: int = 60, batch: int = 64, skip: int = 10,
                   profile_steps: int = 0, sync_report: bool = True) -> dict:
     """img/s of the real entry point; the text encoder is a random CLIP of SD's width (batches carry
@@ -125,20 +146,7 @@ def time_train_py(extra: list[str], steps: int = 60, batch: int = 64, skip: int 
     `sync_report`: the result's "syncs" lists the host syncs of steps 4-8, before the timed steps."""
     with tempfile.TemporaryDirectory() as tmp:
         clip = make_tiny_clip(Path(tmp) / "clip768", hidden_size=768)
-        overrides = ["model=unet_sd15", "trainer=gpu", "data=synthetic_latents", "model.vae=null",
-                     f"model.conditioner.path={clip}", f"data.batch_size={batch}", f"trainer.max_steps={steps}",
-                     "trainer.limit_val_batches=0", "callbacks.export_weights=null", "callbacks.image_grids=null",
-                     "+callbacks.step_timer._target_=ldmlab.callbacks.speed.StepTimer",
-                     f"+callbacks.step_timer.skip={skip}", f"hydra.run.dir={tmp}/run", *extra]
-        if profile_steps:
-            overrides += ["+callbacks.step_profile._target_=ldmlab.bench.train_path.StepProfile",
-                          "+trainer.profiler._target_=ldmlab.bench.train_path.HookRanges",
-                          f"+callbacks.step_profile.out={tmp}/profile.md",
-                          f"+callbacks.step_profile.steps={profile_steps}",
-                          f"+callbacks.step_profile.skip={steps - profile_steps - 5}"]
-        if sync_report:
-            overrides += ["+callbacks.sync_report._target_=ldmlab.bench.train_path.SyncReport",
-                          f"+callbacks.sync_report.out={tmp}/syncs.txt"]
+        overrides = train_overrides(Path(tmp), clip, extra, steps, batch, skip, profile_steps, sync_report)
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, str(REPO / "train.py"), *overrides], capture_output=True, text=True,
                               cwd=REPO, check=False)
