@@ -250,7 +250,7 @@ def validate_autoencoder_args(
 class AutoencoderKL(nn.Module):
     """KL-regularised autoencoder (LDM / SD first stage); defaults are SD's kl-f8 (latents (4, H/8, W/8))."""
 
-    _repeated_blocks = (ResnetBlock, AttnBlock)  # compiled one by one by ldmlab.accel (regional compilation)
+    _repeated_blocks = (ResnetBlock, AttnBlock)  # not read by ldmlab.accel (its REPEATED_BLOCKS table decides)
 
     def __init__(
         self,
@@ -308,13 +308,8 @@ class AutoencoderKL(nn.Module):
         return 2 ** (len(self.channel_mult) - 1)
 
     def compile_whole(self, **compile_kwargs: Any) -> int:
-        """`compile=full` (ldmlab.accel): the encoder and the decoder's trunk as one graph each; returns 2.
-
-        The decoder's output conv stays outside: the GAN's adaptive weight (VQGAN eq. 7) takes the gradients of
-        two losses w.r.t. its weight every step, and a compiled graph is one autograd node, so each of those
-        would run the whole graph's backward (the VAE step ran at 33 img/s compiled that way, 44 eager; H100,
-        docs/BENCHMARKS.md session 5).
-        """
+        """The encoder and the decoder's trunk as one graph each; returns 2. ldmlab.accel no longer calls this: its
+        WHOLE table compiles the same parts from outside (and says why the output conv stays eager)."""
         self.encoder.compile(**compile_kwargs)
         self.decoder.compile_trunk(**compile_kwargs)
         return 2
