@@ -118,7 +118,7 @@ def vae_train_part(rows: list[str]) -> str:
     for scope, fused in ((row.split(":")[0], row.split(":")[1] == "fused") for row in rows):
         name = "fused (skips on the device)" if fused else "foreach (skips checked on the host)"
         if (r := guarded(f"vae train {scope} {name}",
-                         lambda s=scope, f=fused: time_vae_training(256, 16, steps=40, compile_scope=s, fused=f))):
+                         lambda s=scope, f=fused: time_vae_training(256, 16, steps=40, scope=s, fused=f))):
             lines.append(f"| 256 | 16 | {scope} | {name} | {r['img_s']:.1f} | {r['peak_gib']:.1f} | "
                          f"{r['warmup_s']:.0f} |")
             print("  " + lines[-1], "\n" + r["syncs"], flush=True)

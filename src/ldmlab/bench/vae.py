@@ -56,12 +56,12 @@ def time_vae(variant: str, pixels: int, batch: int, iters: int) -> dict[str, flo
             "peak_gib": peak_gib(), "warmup_s": warmup}
 
 
-def time_vae_training(pixels: int, batch: int, steps: int, compile_scope: str = "regional",
+def time_vae_training(pixels: int, batch: int, steps: int, scope: str = "regional",
                       fused: bool = True) -> dict[str, float]:
     """img/s of VAEModule's real training step (G + D with LPIPS, GAN active) under a Lightning Trainer with
-    trainer=gpu's settings; "syncs" lists the host syncs of steps 4-8 (bench.train_path.SyncReport). `fused`:
-    Adam's fused kernels, which skip non-finite steps on the device; False: foreach Adam, whose skips are
-    decided on the host (one sync per loss)."""
+    trainer=gpu's settings (`scope`: callbacks.speed.compile); "syncs" lists the host syncs of steps 4-8
+    (bench.train_path.SyncReport). `fused`: Adam's fused kernels, which skip non-finite steps on the device;
+    False: foreach Adam, whose skips are decided on the host (one sync per loss)."""
     import tempfile
     from functools import partial
 
@@ -83,7 +83,7 @@ def time_vae_training(pixels: int, batch: int, steps: int, compile_scope: str = 
     with tempfile.TemporaryDirectory() as tmp:
         syncs = SyncReport(f"{tmp}/syncs.txt")
         trainer = pl.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=steps,
-                             benchmark=True, callbacks=[GPUSpeed(compile=compile_scope), timer, syncs],
+                             benchmark=True, callbacks=[GPUSpeed(compile=scope), timer, syncs],
                              logger=False, enable_checkpointing=False, enable_progress_bar=False,
                              limit_val_batches=0, enable_model_summary=False)
         t0 = time.perf_counter()
