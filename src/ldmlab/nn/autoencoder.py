@@ -9,8 +9,8 @@ Defaults are SD's kl-f8 (LDM `autoencoder_kl_32x32x4`).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -148,7 +148,6 @@ class Decoder(nn.Module):
         self.up = nn.ModuleList(levels)
         self.norm_out = group_norm(block_in, norm_groups)
         self.conv_out = nn.Conv2d(block_in, out_channels, 3, padding=1)
-        self._compiled_trunk: Callable[[Tensor], Tensor] | None = None
 
     def trunk(self, z: Tensor) -> Tensor:
         """Everything before the output conv: (B, z, h, w) -> (B, C, h*f, w*f) features."""
@@ -157,13 +156,9 @@ class Decoder(nn.Module):
             h = level(h)
         return F.silu(self.norm_out(h))
 
-    def compile_trunk(self, **compile_kwargs: Any) -> None:
-        """torch.compile the trunk as one graph and leave `conv_out` eager (AutoencoderKL.compile_whole says why)."""
-        self._compiled_trunk = torch.compile(self.trunk, **compile_kwargs)
-
     def forward(self, z: Tensor) -> Tensor:
         """(B, z, h, w) -> (B, C_out, h*f, w*f)."""
-        return self.conv_out((self._compiled_trunk or self.trunk)(z))
+        return self.conv_out(self.trunk(z))  # ldmlab.accel may compile `trunk` alone (accel.WHOLE says why)
 
 
 class DiagonalGaussian:
@@ -250,8 +245,6 @@ def validate_autoencoder_args(
 class AutoencoderKL(nn.Module):
     """KL-regularised autoencoder (LDM / SD first stage); defaults are SD's kl-f8 (latents (4, H/8, W/8))."""
 
-    _repeated_blocks = (ResnetBlock, AttnBlock)  # not read by ldmlab.accel (its REPEATED_BLOCKS table decides)
-
     def __init__(
         self,
         in_channels: int = 3,
@@ -306,13 +299,6 @@ class AutoencoderKL(nn.Module):
     def downsample_factor(self) -> int:
         """Spatial reduction f between image and latent (8 for kl-f8)."""
         return 2 ** (len(self.channel_mult) - 1)
-
-    def compile_whole(self, **compile_kwargs: Any) -> int:
-        """The encoder and the decoder's trunk as one graph each; returns 2. ldmlab.accel no longer calls this: its
-        WHOLE table compiles the same parts from outside (and says why the output conv stays eager)."""
-        self.encoder.compile(**compile_kwargs)
-        self.decoder.compile_trunk(**compile_kwargs)
-        return 2
 
     @property
     def last_layer(self) -> Tensor:

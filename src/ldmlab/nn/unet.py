@@ -117,9 +117,6 @@ def validate_unet_args(config: dict[str, Any]) -> None:
 class UNetModel(nn.Module):
     """Text-, class- or unconditional latent U-Net (LDM / SD); defaults are SD1.5's 859.52 M-param U-Net."""
 
-    # diffusers' ModelMixin convention; ldmlab.accel does not read it (its REPEATED_BLOCKS table decides)
-    _repeated_blocks = (ResBlock, SpatialTransformer)
-
     def __init__(
         self,
         in_channels: int = 4,
