@@ -101,10 +101,13 @@ def test_meta_build_of_sd15_is_fast(tmp_path: Path, vae: Path) -> None:
     clip.mkdir()
     (clip / "config.json").write_text("{}")
     cfg = compose_train(["model=unet_sd15", f"model.vae.path={vae}", f"model.conditioner.path={clip}"], tmp_path)
-    check_config(cfg)  # imports and first-call warm-up
-    start = time.perf_counter()
-    assert check_config(cfg) == []
-    assert time.perf_counter() - start < 1.0
+    assert check_config(cfg) == []  # imports and first-call warm-up
+    seconds = []
+    for _ in range(3):  # the best of three: the machine may be shared
+        start = time.perf_counter()
+        check_config(cfg)
+        seconds.append(time.perf_counter() - start)
+    assert min(seconds) < 1.0, seconds
 
 
 def _vae_files(root: Path) -> dict[str, Path]:
@@ -218,6 +221,15 @@ def test_batch_must_fit_the_epoch_on_every_rank(tmp_path: Path) -> None:
     assert problems(["trainer.devices=4", "trainer.num_nodes=2", "data.batch_size=625"], tmp_path) == []
     one(problems(["data.samples_per_epoch=64", "trainer.devices=2", "data.batch_size=64"], tmp_path), "128")
     one(problems(["data.batch_size=0"], tmp_path), "data.batch_size=0 must be a positive integer")
+
+
+def test_world_size_reads_every_devices_form(tmp_path: Path) -> None:
+    from ldmlab.validate.fields import world_size
+
+    cases = {"4": 8, "'\"4\"'": 8, "[0,1,2]": 6, "'\"0,1\"'": 4, "[3]": 2, "auto": None, "-1": None}
+    for devices, world in cases.items():
+        cfg = compose_train([f"trainer.devices={devices}", "trainer.num_nodes=2"], tmp_path)
+        assert world_size(cfg) == world, (devices, cfg.trainer.devices)
 
 
 def test_validate_config_raises_all_lines(tmp_path: Path) -> None:

@@ -22,8 +22,8 @@ from torch import nn
 from ldmlab.validate.fields import get, image_size, target
 from ldmlab.validate.files import vae_file_config
 
-# plain networks, whose construction reads no file (STYLE 1); LPIPS is partial and loads its backbone when called
-NETWORKS = "ldmlab.nn."
+# plain networks (STYLE 1), built here; LPIPS reads its backbone file when built (a files rule checks it instead)
+NETWORKS, READS_FILES = "ldmlab.nn.", ("ldmlab.nn.lpips.",)
 
 
 def _first_line(error: BaseException) -> str:
@@ -55,7 +55,9 @@ def build_networks(cfg: DictConfig) -> tuple[dict[str, nn.Module], list[str]]:
     for name in model:
         key = f"model.{name}"
         node = get(cfg, key)
-        if not isinstance(node, DictConfig) or not target(cfg, key).startswith(NETWORKS) or node.get("_partial_"):
+        kind = target(cfg, key)
+        if (not isinstance(node, DictConfig) or not kind.startswith(NETWORKS) or kind.startswith(READS_FILES)
+                or node.get("_partial_")):
             continue
         module, refused = meta_build(cfg, key)
         problems += refused
