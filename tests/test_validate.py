@@ -226,7 +226,7 @@ def test_batch_must_fit_the_epoch_on_every_rank(tmp_path: Path) -> None:
 def test_world_size_reads_every_devices_form(tmp_path: Path) -> None:
     from ldmlab.validate.fields import world_size
 
-    cases = {"4": 8, "'\"4\"'": 8, "[0,1,2]": 6, "'\"0,1\"'": 4, "[3]": 2, "auto": None, "-1": None}
+    cases = {"4": 8, '"4"': 8, "[0,1,2]": 6, '"0,1"': 4, "[3]": 2, "auto": None, "-1": None}
     for devices, world in cases.items():
         cfg = compose_train([f"trainer.devices={devices}", "trainer.num_nodes=2"], tmp_path)
         assert world_size(cfg) == world, (devices, cfg.trainer.devices)
