@@ -19,6 +19,8 @@ from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from torch import nn
 
+from ldmlab.nn.autoencoder import AutoencoderKL
+from ldmlab.nn.unet import UNetModel
 from ldmlab.validate.fields import get, image_size, target
 from ldmlab.validate.files import vae_file_config
 
@@ -69,7 +71,7 @@ def build_networks(cfg: DictConfig) -> tuple[dict[str, nn.Module], list[str]]:
 # ---------------------------------------------------------------- across groups: sizes and latents
 
 
-def size_problems(key: str, net: Any, side: Any, what: str, fix: str) -> list[str]:
+def size_problems(key: str, net: UNetModel | AutoencoderKL, side: Any, what: str, fix: str) -> list[str]:
     """`side` (an image or latent side) divides by the network's downsampling factor."""
     factor = net.downsample_factor
     if not isinstance(side, int) or side % factor == 0:
@@ -79,10 +81,8 @@ def size_problems(key: str, net: Any, side: Any, what: str, fix: str) -> list[st
     return [line]
 
 
-def file_vae(cfg: DictConfig) -> tuple[nn.Module | None, list[str]]:
+def file_vae(cfg: DictConfig) -> tuple[AutoencoderKL | None, list[str]]:
     """The VAE that model.vae.path names, built on the meta device from its stored or inferred architecture."""
-    from ldmlab.nn.autoencoder import AutoencoderKL
-
     path = get(cfg, "model.vae.path")
     if not target(cfg, "model.vae").endswith("load_vae") or path is None or not Path(path).exists():
         return None, []  # absent: weight_problems names the file
@@ -109,7 +109,7 @@ def latent_manifest(cfg: DictConfig) -> list[int] | None:
     return json.loads(manifest.read_text()).get("latent_shape") if manifest.is_file() else None
 
 
-def latent_problems(cfg: DictConfig, unet: Any, vae: Any, source: str) -> list[str]:
+def latent_problems(cfg: DictConfig, unet: UNetModel, vae: AutoencoderKL | None, source: str) -> list[str]:
     """The U-Net's in/out channels match the latents; the latent side divides by the U-Net's factor."""
     shape = latent_manifest(cfg)
     if shape:
