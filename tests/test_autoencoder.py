@@ -221,14 +221,15 @@ def test_sample_is_reproducible_and_mode_is_mean() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"channel_mult": ()}, r"channel_mult=\(\) is empty"),
+        ({"channel_mult": ()}, r"channel_mult=\[\] is empty"),
         ({"channel_mult": (1, 0)}, r"channel_mult\[1\]=0"),
         ({"base_channels": 48}, r"base_channels=48 is not divisible by norm_groups=32"),
         ({"num_res_blocks": 0}, r"num_res_blocks=0"),
         ({"z_channels": 0}, r"z_channels=0"),
         ({"embed_dim": -1}, r"embed_dim=-1"),
         ({"norm_groups": 0}, r"norm_groups=0"),
-        ({"attn_levels": (4,)}, r"attn_levels contains 4.*\[0, 3\]"),
+        ({"attn_levels": (4,)}, r"attn_levels=\[4\] contains 4.*0\.\.3"),
+        ({"base_channels": "128"}, r"base_channels=128 must be a positive integer"),
         ({"dropout": 1.0}, r"dropout=1.0"),
     ],
 )

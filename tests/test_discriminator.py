@@ -56,3 +56,12 @@ def test_actnorm_no_init_in_eval() -> None:
     an = ActNorm(3).eval()
     x = torch.randn(2, 3, 4, 4)
     assert torch.equal(an(x), x) and an.initialized.item() == 0
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [({"n_layers": 0}, "n_layers=0 must be a positive integer"),
+                                               ({"base_channels": 0}, "base_channels=0 must be a positive"),
+                                               ({"in_channels": 2.5}, "in_channels=2.5 must be a positive")])
+def test_invalid_sizes_raise_one_line(kwargs: dict[str, object], match: str) -> None:
+    with torch.device("meta"), pytest.raises(ValueError, match=match) as info:
+        NLayerDiscriminator(**kwargs)  # type: ignore[arg-type]
+    assert "\n" not in str(info.value)

@@ -240,12 +240,17 @@ def test_gradient_checkpointing_gives_same_gradients() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"channel_mult": ()}, r"channel_mult=\(\) is empty"),
+        ({"channel_mult": ()}, r"channel_mult=\[\] is empty"),
         ({"channel_mult": (1, 0)}, r"channel_mult\[1\]=0"),
-        ({"model_channels": 48}, r"model_channels\*channel_mult\[0\]=48 is not divisible by norm_groups=32"),
-        ({"num_heads": 3}, r"not divisible by num_heads=3"),
-        ({"head_dim": 48}, r"not divisible by head_dim=48"),
-        ({"attention_levels": (4,)}, r"attention_levels contains 4.*\[0, 3\]"),
+        ({"model_channels": 48}, r"model_channels=48 is not divisible by norm_groups=32"),
+        ({"norm_groups": 0}, r"norm_groups=0 must be a positive integer"),
+        ({"num_heads": 3}, r"num_heads=3 does not divide the attention width 320 \(model_channels x channel_m"),
+        ({"head_dim": 48}, r"head_dim=48 does not divide the attention width 320"),
+        # no attention level: the middle block's transformer still runs at the deepest width
+        ({"attention_levels": (), "num_heads": 3, "model_channels": 64, "channel_mult": (1, 2)},
+         r"num_heads=3 does not divide the attention width 128 \(model_channels x channel_mult\[1\]\)"),
+        ({"attention_levels": (4,)}, r"attention_levels=\[4\] contains 4.*0\.\.3"),
+        ({"model_channels": "64"}, r"model_channels=64 must be a positive integer"),
         ({"num_classes": 0}, r"num_classes=0 must be a positive integer"),
         ({"num_res_blocks": 0}, r"num_res_blocks=0"),
         ({"context_dim": 0}, r"context_dim=0"),
@@ -285,3 +290,11 @@ def test_invalid_inputs_raise(kw: dict[str, Any], inputs: dict[str, tuple[int, .
     with pytest.raises(ValueError, match=match) as info:
         model(**args)
     assert "\n" not in str(info.value)
+
+
+def test_first_level_wider_than_model_channels() -> None:
+    """channel_mult[0] > 1: the output head normalises level 0's width (it assumed model_channels before)."""
+    model = small(context_dim=None, channel_mult=(2, 2), attention_levels=(1,))
+    out = model(torch.randn(1, 4, 8, 8), torch.tensor([3]))
+    assert out.shape == (1, 4, 8, 8)
+    assert model.out[0].num_channels == model.out[2].in_channels == 2 * SMALL["model_channels"]

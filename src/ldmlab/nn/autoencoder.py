@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ldmlab.nn.autoencoder_blocks import AttnBlock, Downsample, ResnetBlock, Upsample, group_norm
+from ldmlab.nn.checks import check_dropout, check_groups, check_levels, check_positive
 
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0  # LDM `DiagonalGaussianDistribution` clamp: keeps exp(logvar) finite
 
@@ -188,58 +189,15 @@ class DiagonalGaussian:
         return kl.flatten(1).sum(dim=1)
 
 
-def _check_positive(**values: int) -> None:
-    """Raise ValueError naming the first argument that is not a positive integer."""
-    for name, value in values.items():
-        if value <= 0:
-            raise ValueError(f"{name}={value} must be a positive integer: choose {name} >= 1")
-
-
-def validate_autoencoder_args(
-    in_channels: int,
-    out_channels: int,
-    base_channels: int,
-    channel_mult: Sequence[int],
-    num_res_blocks: int,
-    z_channels: int,
-    embed_dim: int,
-    attn_levels: Sequence[int],
-    dropout: float,
-    norm_groups: int,
-) -> None:
-    """Raise a one-line ValueError naming the offending argument and the fix."""
-    _check_positive(
-        in_channels=in_channels,
-        out_channels=out_channels,
-        base_channels=base_channels,
-        num_res_blocks=num_res_blocks,
-        z_channels=z_channels,
-        embed_dim=embed_dim,
-        norm_groups=norm_groups,
-    )
-    if len(channel_mult) == 0:
-        raise ValueError(
-            "channel_mult=() is empty: give one multiplier per resolution level, e.g. (1, 2, 4, 4)"
-        )
-    for i, m in enumerate(channel_mult):
-        if not isinstance(m, int) or m <= 0:
-            raise ValueError(
-                f"channel_mult[{i}]={m} must be a positive integer: use multipliers such as 1, 2, 4"
-            )
-    # Every level has base_channels * (integer multiplier) channels, so checking base_channels covers them all.
-    if base_channels % norm_groups != 0:
-        raise ValueError(
-            f"base_channels={base_channels} is not divisible by norm_groups={norm_groups}: "
-            "choose channels that are multiples of norm_groups"
-        )
-    for level in attn_levels:
-        if not 0 <= level < len(channel_mult):
-            raise ValueError(
-                f"attn_levels contains {level}, out of range for {len(channel_mult)} levels: "
-                f"use level indices in [0, {len(channel_mult) - 1}]"
-            )
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout={dropout} is outside [0, 1): use a probability such as 0.0 or 0.1")
+def validate_autoencoder_args(config: dict[str, Any]) -> None:
+    """Raise a one-line ValueError naming the offending constructor argument and the fix."""
+    c = config
+    check_positive(**{k: c[k] for k in ("in_channels", "out_channels", "base_channels", "num_res_blocks",
+                                        "z_channels", "embed_dim", "norm_groups")})
+    check_levels(c["channel_mult"], "attn_levels", c["attn_levels"])
+    # every level's width is base_channels x an integer multiplier: base_channels dividing covers them all
+    check_groups({"base_channels": c["base_channels"]}, c["norm_groups"])
+    check_dropout(c["dropout"])
 
 
 class AutoencoderKL(nn.Module):
@@ -262,24 +220,13 @@ class AutoencoderKL(nn.Module):
     ) -> None:
         super().__init__()
         channel_mult, attn_levels = tuple(channel_mult), tuple(attn_levels)
-        validate_autoencoder_args(
-            in_channels,
-            out_channels,
-            base_channels,
-            channel_mult,
-            num_res_blocks,
-            z_channels,
-            embed_dim,
-            attn_levels,
-            dropout,
-            norm_groups,
-        )
-        self.in_channels, self.embed_dim, self.channel_mult = in_channels, embed_dim, channel_mult
         # constructor arguments, written into exported weights so a file rebuilds its own architecture
         self.config = {"in_channels": in_channels, "out_channels": out_channels, "base_channels": base_channels,
                        "channel_mult": list(channel_mult), "num_res_blocks": num_res_blocks,
                        "z_channels": z_channels, "embed_dim": embed_dim, "attn_levels": list(attn_levels),
                        "mid_attention": mid_attention, "dropout": dropout, "norm_groups": norm_groups}
+        validate_autoencoder_args(self.config)
+        self.in_channels, self.embed_dim, self.channel_mult = in_channels, embed_dim, channel_mult
         body = (base_channels, channel_mult, num_res_blocks, z_channels)
         extras = (attn_levels, mid_attention, dropout, norm_groups)
         self.encoder = Encoder(in_channels, *body, True, *extras)  # double_z: moments are [mean, logvar]

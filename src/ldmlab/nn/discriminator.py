@@ -11,6 +11,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ldmlab.nn.checks import check_positive
+
 NORMS = ("batch", "actnorm", "group", "none")
 
 
@@ -73,8 +75,7 @@ class NLayerDiscriminator(nn.Module):
         super().__init__()
         if norm not in NORMS:
             raise ValueError(f"unknown discriminator norm {norm!r}; valid: {', '.join(NORMS)}")
-        if n_layers < 1:
-            raise ValueError(f"n_layers must be >= 1, got {n_layers}")
+        check_positive(in_channels=in_channels, base_channels=base_channels, n_layers=n_layers)
         bias = norm == "none"  # a conv bias right before a norm layer is redundant (its shift absorbs it)
         kw, pad = 4, 1
         layers: list[nn.Module] = [nn.Conv2d(in_channels, base_channels, kw, stride=2, padding=pad),

@@ -15,6 +15,7 @@ Layout for L = len(channel_mult) levels and n = num_res_blocks:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,96 +23,40 @@ import torch
 from torch import Tensor, nn
 
 from ldmlab.nn.attention import SpatialTransformer, zero_module
+from ldmlab.nn.checks import check_dropout, check_groups, check_levels, check_positive
 from ldmlab.nn.embeddings import timestep_embedding
 from ldmlab.nn.unet_blocks import Downsample, EmbedSequential, ResBlock, Upsample, group_norm
 
 TIME_EMBED_MULT = 4  # LDM: time_embed_dim = 4 * model_channels (320 -> 1280 in SD)
+POSITIVE_ARGS = ("in_channels", "out_channels", "model_channels", "num_res_blocks", "num_heads", "head_dim",
+                 "transformer_depth", "context_dim", "num_classes", "norm_groups")
 
 
-def _check_positive(**values: int | None) -> None:
-    """Raise a ValueError naming the first argument that is set but not a positive integer."""
-    for name, value in values.items():
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name}={value} must be a positive integer: choose {name} >= 1")
-
-
-def _check_levels(channel_mult: Sequence[int], attention_levels: Sequence[int]) -> None:
-    """Channel multipliers are positive integers and attention levels index them."""
-    if len(channel_mult) == 0:
-        raise ValueError(
-            "channel_mult=() is empty: give one multiplier per resolution level, e.g. (1, 2, 4, 4)"
-        )
-    for i, m in enumerate(channel_mult):
-        if not isinstance(m, int) or m < 1:
-            raise ValueError(
-                f"channel_mult[{i}]={m} must be a positive integer: use multipliers such as 1, 2, 4"
-            )
-    for level in attention_levels:
-        if not isinstance(level, int) or not 0 <= level < len(channel_mult):
-            raise ValueError(
-                f"attention_levels contains {level}, out of range for {len(channel_mult)} levels: "
-                f"use level indices in [0, {len(channel_mult) - 1}]"
-            )
-
-
-def _check_widths(
-    model_channels: int,
-    channel_mult: Sequence[int],
-    attention_levels: Sequence[int],
-    num_heads: int,
+def _check_heads(
+    model_channels: int, channel_mult: Sequence[int], attention_levels: Sequence[int], num_heads: int,
     head_dim: int | None,
-    norm_groups: int,
 ) -> None:
-    """Every level's width splits into norm groups, and every attention width into heads."""
-    for level, m in enumerate(channel_mult):
-        channels = model_channels * m
-        if channels % norm_groups:
+    """Every attention width splits into num_heads heads, or into head_dim-wide ones."""
+    # the middle block's transformer runs at the last level's width, attention level or not (as in SD)
+    for level in sorted({*attention_levels, len(channel_mult) - 1}):
+        channels = model_channels * channel_mult[level]
+        key, size = ("head_dim", head_dim) if head_dim is not None else ("num_heads", num_heads)
+        if channels % size:
             raise ValueError(
-                f"model_channels*channel_mult[{level}]={channels} is not divisible by "
-                f"norm_groups={norm_groups}: "
-                "choose model_channels as a multiple of norm_groups"
-            )
-        # the middle block's transformer runs at the last level's width
-        if level not in attention_levels and level != len(channel_mult) - 1:
-            continue
-        if head_dim is not None and channels % head_dim:
-            raise ValueError(
-                f"attention width {channels} (level {level}) is not divisible by head_dim={head_dim}: "
-                "choose head_dim dividing model_channels*channel_mult"
-            )
-        if head_dim is None and channels % num_heads:
-            raise ValueError(
-                f"attention width {channels} (level {level}) is not divisible by num_heads={num_heads}: "
-                "choose num_heads dividing model_channels*channel_mult, or set head_dim"
+                f"{key}={size} does not divide the attention width {channels} (model_channels x "
+                f"channel_mult[{level}]): choose {key} dividing it, e.g. {math.gcd(channels, 8)}"
             )
 
 
 def validate_unet_args(config: dict[str, Any]) -> None:
     """Raise a one-line ValueError naming the offending constructor argument and the fix."""
     c = config
-    _check_positive(
-        in_channels=c["in_channels"],
-        out_channels=c["out_channels"],
-        model_channels=c["model_channels"],
-        num_res_blocks=c["num_res_blocks"],
-        num_heads=c["num_heads"],
-        head_dim=c["head_dim"],
-        transformer_depth=c["transformer_depth"],
-        context_dim=c["context_dim"],
-        num_classes=c["num_classes"],
-        norm_groups=c["norm_groups"],
-    )
-    _check_levels(c["channel_mult"], c["attention_levels"])
-    _check_widths(
-        c["model_channels"],
-        c["channel_mult"],
-        c["attention_levels"],
-        c["num_heads"],
-        c["head_dim"],
-        c["norm_groups"],
-    )
-    if not 0.0 <= c["dropout"] < 1.0:
-        raise ValueError(f"dropout={c['dropout']} is outside [0, 1): use a probability such as 0.0 or 0.1")
+    check_positive(**{k: c[k] for k in POSITIVE_ARGS})
+    check_levels(c["channel_mult"], "attention_levels", c["attention_levels"])
+    # every width is model_channels x an integer multiplier: model_channels dividing covers them all
+    check_groups({"model_channels": c["model_channels"]}, c["norm_groups"])
+    _check_heads(c["model_channels"], c["channel_mult"], c["attention_levels"], c["num_heads"], c["head_dim"])
+    check_dropout(c["dropout"])
 
 
 class UNetModel(nn.Module):
@@ -169,10 +114,11 @@ class UNetModel(nn.Module):
             [self._res(top, top, emb), self._transformer(top), self._res(top, top, emb)]
         )
         self._build_output_blocks(emb, skips)
+        first = model_channels * self.channel_mult[0]  # the output blocks end at level 0's width
         self.out = nn.Sequential(
-            group_norm(model_channels, norm_groups),
+            group_norm(first, norm_groups),
             nn.SiLU(),
-            zero_module(nn.Conv2d(model_channels, out_channels, 3, padding=1)),
+            zero_module(nn.Conv2d(first, out_channels, 3, padding=1)),
         )
         self.set_gradient_checkpointing(gradient_checkpointing)
 

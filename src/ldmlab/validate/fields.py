@@ -25,10 +25,16 @@ def image_size(cfg: DictConfig) -> tuple[int | None, str]:
 
 
 def world_size(cfg: DictConfig) -> int | None:
-    """trainer.devices x trainer.num_nodes when the config fixes it ("auto" and -1 depend on the machine)."""
+    """trainer.devices x trainer.num_nodes when the config fixes it, else None (the rules that need it stand aside).
+
+    Lightning's forms: an int or "4" is a count; a list or "0,1" names device indices (their count); "auto", -1
+    and "-1" (or a resolver that only the run can resolve) depend on the machine: None.
+    """
     devices, nodes = get(cfg, "trainer.devices"), get(cfg, "trainer.num_nodes") or 1
     if isinstance(devices, ListConfig):
         devices = len(devices)
+    elif isinstance(devices, str) and "," in devices:
+        devices = len([d for d in devices.split(",") if d.strip()])
     elif isinstance(devices, str) and devices.isdigit():
         devices = int(devices)
     return devices * nodes if isinstance(devices, int) and devices >= 1 and isinstance(nodes, int) else None

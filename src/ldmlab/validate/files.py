@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -95,3 +96,60 @@ def checkpoint_problems(key: str, path: Any, hint: str = "a checkpoint written b
     return []
 
 
+
+
+# ---------------------------------------------------------------- a VAE's architecture, read without its weights
+
+
+def vae_file_config(path: Path) -> dict[str, Any] | None:
+    """AutoencoderKL arguments of the VAE in a file or diffusers directory: stored by ldmlab, else read off the
+    tensor shapes (headers and memory-mapped pickles only); None when it holds no autoencoder."""
+    norm_groups = 32
+    if path.is_dir():  # diffusers AutoencoderKL: config.json + diffusion_pytorch_model.safetensors
+        conf_file, path = path / "config.json", path / "diffusion_pytorch_model.safetensors"
+        if not conf_file.is_file() or not path.is_file():
+            return None
+        conf = json.loads(conf_file.read_text())
+        if "_ldmlab_config" in conf:  # exact when ldmlab wrote the directory
+            return conf["_ldmlab_config"]
+        norm_groups = conf.get("norm_num_groups", norm_groups)
+    config, shapes = _safetensors_header(path) if path.suffix == ".safetensors" else _pickle_header(path)
+    return config or _config_from_shapes(shapes, norm_groups)
+
+
+def _safetensors_header(path: Path) -> tuple[dict[str, Any] | None, dict[str, tuple[int, ...]]]:
+    """(ldmlab config from the metadata, tensor shapes) of a safetensors file: its header only."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") == "ldmlab.vae" and "config" in meta:
+            return json.loads(meta["config"]), {}
+        return None, {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118  # not iterable
+
+
+def _pickle_header(path: Path) -> tuple[dict[str, Any] | None, dict[str, tuple[int, ...]]]:
+    """(VAEModule checkpoint's autoencoder_config, tensor shapes): a weights-only, memory-mapped load."""
+    from ldmlab.nn.safe_load import load_weights_only
+
+    raw = load_weights_only(path, mmap=True)  # refuses pickled code; tensor data stays on disk
+    if not isinstance(raw, dict):
+        return None, {}
+    if isinstance(raw.get("autoencoder_config"), dict):
+        return raw["autoencoder_config"], {}
+    return None, {k: tuple(v.shape) for k, v in raw.get("state_dict", raw).items() if hasattr(v, "shape")}
+
+
+def _config_from_shapes(shapes: dict[str, tuple[int, ...]], norm_groups: int) -> dict[str, Any] | None:
+    """convert.load's own inference (SD, ldmlab and diffusers names), run on meta tensors of these shapes."""
+    import torch
+
+    from ldmlab.convert.load import LIT_VAE_PREFIX, SD_VAE_PREFIX, infer_vae_config, strip_prefix
+    from ldmlab.convert.vae import diffusers_to_ldmlab
+
+    sd = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
+    prefix = next((p for p in (LIT_VAE_PREFIX, SD_VAE_PREFIX) if any(k.startswith(p) for k in sd)), "")
+    sd = strip_prefix(sd, prefix)
+    if "encoder.down_blocks.0.resnets.0.conv1.weight" in sd:
+        sd = diffusers_to_ldmlab(sd)
+    return infer_vae_config(sd, norm_groups) if "encoder.conv_in.weight" in sd else None

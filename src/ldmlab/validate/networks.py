@@ -1,0 +1,149 @@
+"""Network shapes: the configured networks are built on the meta device, so their own constructors judge them.
+
+A shape rule lives once, in the constructor that needs it (`ldmlab.nn`, STYLE 18); building on the meta device
+allocates no memory and takes a fraction of a second even for SD1.5, so a config is checked by building it and
+prefixing the constructor's one-line refusal with the config path. What no single constructor can see stays
+here: the U-Net's channels vs the VAE's latents, and image or latent sizes vs the networks' downsampling.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.errors import InstantiationException
+from omegaconf import DictConfig
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+from torch import nn
+
+from ldmlab.nn.autoencoder import AutoencoderKL
+from ldmlab.nn.unet import UNetModel
+from ldmlab.validate.fields import get, image_size, target
+from ldmlab.validate.files import vae_file_config
+
+# plain networks (STYLE 1), built here; LPIPS reads its backbone file when built (a files rule checks it instead)
+NETWORKS, READS_FILES = "ldmlab.nn.", ("ldmlab.nn.lpips.",)
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def meta_build(cfg: DictConfig, key: str) -> tuple[nn.Module | None, list[str]]:
+    """The network at config `key` built on the meta device, or None and the constructor's refusal as one line."""
+    try:
+        with torch.device("meta"):
+            return hydra.utils.instantiate(get(cfg, key), _convert_="all"), []
+    except MissingMandatoryValue:
+        return None, []  # a `???` inside: missing_values names it
+    except InstantiationException as error:
+        cause = error.__cause__
+        if not isinstance(cause, (ValueError, AssertionError, TypeError)):
+            raise
+        return None, [f"{key}: {_first_line(cause)}"]
+    except OmegaConfBaseException as error:  # e.g. an interpolation to a node that was set to null
+        return None, [f"{key}: {_first_line(error)}"]
+
+
+def build_networks(cfg: DictConfig) -> tuple[dict[str, nn.Module], list[str]]:
+    """Every `ldmlab.nn` network directly under `model`, built on the meta device; one line per refusal."""
+    model = get(cfg, "model")
+    if not isinstance(model, DictConfig):
+        return {}, []
+    built, problems = {}, []
+    for name in model:
+        key = f"model.{name}"
+        node = get(cfg, key)
+        kind = target(cfg, key)
+        if (not isinstance(node, DictConfig) or not kind.startswith(NETWORKS) or kind.startswith(READS_FILES)
+                or node.get("_partial_")):
+            continue
+        module, refused = meta_build(cfg, key)
+        problems += refused
+        if module is not None:
+            built[key] = module
+    return built, problems
+
+
+# ---------------------------------------------------------------- across groups: sizes and latents
+
+
+def size_problems(key: str, net: UNetModel | AutoencoderKL, side: Any, what: str, fix: str) -> list[str]:
+    """`side` (an image or latent side) divides by the network's downsampling factor."""
+    factor = net.downsample_factor
+    if not isinstance(side, int) or side % factor == 0:
+        return []
+    line = (f"{key}.channel_mult={list(net.channel_mult)} downsamples H and W by {factor}, but {what} is {side}, "
+            f"not a multiple of {factor}: {fix}")
+    return [line]
+
+
+def file_vae(cfg: DictConfig) -> tuple[AutoencoderKL | None, list[str]]:
+    """The VAE that model.vae.path names, built on the meta device from its stored or inferred architecture."""
+    path = get(cfg, "model.vae.path")
+    if not target(cfg, "model.vae").endswith("load_vae") or path is None or not Path(path).exists():
+        return None, []  # absent: weight_problems names the file
+    try:
+        config = vae_file_config(Path(path))
+    except Exception as error:  # noqa: BLE001  # unsafe or unreadable file: one line, before the run
+        return None, [f"model.vae.path: {_first_line(error)}"]
+    if config is None:
+        return None, [(f"model.vae.path={path} holds no autoencoder weights: give a VAEModule .ckpt, an exported "
+                      "vae.safetensors, an SD checkpoint or a diffusers AutoencoderKL directory")]
+    try:
+        with torch.device("meta"):
+            return AutoencoderKL(**config), []
+    except (ValueError, TypeError) as error:
+        return None, [f"model.vae.path={path}: {_first_line(error)}"]
+
+
+def latent_manifest(cfg: DictConfig) -> list[int] | None:
+    """[C, h, w] of a latent cache (data=wds_latents data.root=...), from its manifest.json."""
+    root = get(cfg, "data.root")
+    if not target(cfg, "data").endswith("LatentDataModule") or root is None:
+        return None
+    manifest = Path(root) / "manifest.json"
+    return json.loads(manifest.read_text()).get("latent_shape") if manifest.is_file() else None
+
+
+def latent_problems(cfg: DictConfig, unet: UNetModel, vae: AutoencoderKL | None, source: str) -> list[str]:
+    """The U-Net's in/out channels match the latents; the latent side divides by the U-Net's factor."""
+    shape = latent_manifest(cfg)
+    if shape:
+        channels, source = shape[0], f"the latent cache data.root={get(cfg, 'data.root')}"
+    else:
+        channels = vae.embed_dim if vae is not None else None
+    problems = [f"model.unet.{key}={unet.config[key]} but {source} has {channels}-channel latents: set "
+                f"model.unet.in_channels={channels} model.unet.out_channels={channels}"
+                for key in ("in_channels", "out_channels") if channels and unet.config[key] != channels]
+    fix = f"change the image size so the latent side is a multiple of {unet.downsample_factor}, or use fewer levels"
+    if shape:
+        return problems + size_problems("model.unet", unet, shape[-1], f"the cached latent side ({source})", fix)
+    size, field = image_size(cfg)
+    if vae is None or not isinstance(size, int):
+        return problems
+    if size % vae.downsample_factor:
+        return [*problems, (f"{field}={size} is not a multiple of {vae.downsample_factor}, the downsampling factor "
+                           f"of {source}: set {field} to a multiple of {vae.downsample_factor}")]
+    what = f"the latent side ({field}={size} / VAE factor {vae.downsample_factor})"
+    return problems + size_problems("model.unet", unet, size // vae.downsample_factor, what, fix)
+
+
+def network_problems(cfg: DictConfig) -> list[str]:
+    """Each configured network builds (its constructor's rules), and the networks fit the data and each other."""
+    built, problems = build_networks(cfg)
+    if (ae := built.get("model.autoencoder")) is not None:  # VAE training
+        size, field = image_size(cfg)
+        problems += size_problems("model.autoencoder", ae, size, field,
+                                  f"set {field} to a multiple of {ae.downsample_factor}, or use fewer levels")
+    if (unet := built.get("model.unet")) is None:
+        return problems
+    vae, source = built.get("model.vae"), "model.vae"
+    if vae is None:
+        vae, refused = file_vae(cfg)
+        problems += refused
+        source = f"the VAE at model.vae.path={get(cfg, 'model.vae.path')}"
+    return problems + latent_problems(cfg, unet, vae, source)

@@ -1,0 +1,102 @@
+"""Rules across config groups and mandatory values: `???` left unset, guidance vs condition dropout, batch vs
+world size, FSDP vs EMA; one line each, naming the field and the fix."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from ldmlab.validate.fields import get, target, world_size
+
+# ---------------------------------------------------------------- mandatory values
+
+
+def _missing_paths(node: Any, prefix: str = "") -> Iterator[str]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _missing_paths(value, f"{prefix}{key}.")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _missing_paths(value, f"{prefix}{i}.")
+    elif node == "???":
+        yield prefix[:-1]
+
+
+def missing_values(cfg: DictConfig, entry: str = "train.py") -> list[str]:
+    """Every `???` left unset, with the override that sets it."""
+    plain = OmegaConf.to_container(cfg, resolve=False)
+    return [f"{key} is mandatory (???) and unset: give it on the command line, e.g. "
+            f"python {entry} {key}=<value>" for key in _missing_paths(plain) if not key.startswith("hydra.")]
+
+
+# ---------------------------------------------------------------- guidance, batches
+
+
+def guidance_problems(cfg: DictConfig) -> list[str]:
+    """Classifier-free guidance > 1 needs a model that also learned the unconditional prediction."""
+    scales, p_uncond = get(cfg, "model.guidance_scales"), get(cfg, "model.p_uncond")
+    if p_uncond != 0 or not scales or all(s <= 1 for s in scales):
+        return []
+    line = (f"model.guidance_scales={list(scales)} has scales > 1 but model.p_uncond=0: without condition "
+            "dropout the model never learns the unconditional prediction that guidance extrapolates from; "
+            "set model.p_uncond=0.1 or model.guidance_scales=[1.0]")
+    return [line]
+
+
+def train_samples(cfg: DictConfig) -> int | None:
+    """Samples in one training epoch when known without reading data (demo spec, manifests), else None."""
+    if get(cfg, "data.samples_per_epoch") is not None:
+        return get(cfg, "data.samples_per_epoch")
+    if target(cfg, "data").endswith("DemoDataModule"):
+        from ldmlab.data.demo import class_names
+
+        return len(class_names(bool(get(cfg, "data.grayscale")))) * get(cfg, "data.crops_per_image")
+    root = get(cfg, "data.root")
+    if root is not None and (Path(root) / "manifest.json").is_file():
+        counts = json.loads((Path(root) / "manifest.json").read_text()).get("counts", {})
+        return sum(n for name, n in counts.items() if name.startswith("train-")) or None
+    return None
+
+
+def batch_problems(cfg: DictConfig) -> list[str]:
+    """data.batch_size >= 1, and an epoch gives every rank at least one whole batch (drop_last)."""
+    batch = get(cfg, "data.batch_size")
+    if batch is None:
+        return []
+    if not isinstance(batch, int) or batch < 1:
+        return [f"data.batch_size={batch} must be a positive integer (per device), e.g. data.batch_size=16"]
+    world, samples = world_size(cfg), train_samples(cfg)
+    if world is None or samples is None or samples >= world * batch:
+        return []
+    devices, nodes = get(cfg, "trainer.devices"), get(cfg, "trainer.num_nodes") or 1
+    line = (f"data.batch_size={batch} x {world} ranks (trainer.devices={devices} x "
+            f"trainer.num_nodes={nodes}) = {world * batch} samples per step, more than the {samples} samples "
+            f"of an epoch, so no rank gets a whole batch: set data.batch_size<={max(samples // world, 1)}, "
+            "fewer devices, or data.samples_per_epoch")
+    return [line]
+
+
+def fsdp_problems(cfg: DictConfig) -> list[str]:
+    """FSDP needs GPUs (Lightning's FSDPStrategy); the EMA callback copies each rank's parameters, which under
+    FSDP on several ranks are shards."""
+    strategy = get(cfg, "trainer.strategy")
+    sharded = "fsdp" in (target(cfg, "trainer.strategy") if hasattr(strategy, "keys") else str(strategy)).lower()
+    if not sharded:
+        return []
+    problems = []
+    if str(get(cfg, "trainer.accelerator")) == "cpu":
+        problems.append("trainer=fsdp with trainer.accelerator=cpu: Lightning's FSDP runs on GPUs only; on the CPU "
+                        "use trainer=ddp trainer.accelerator=cpu trainer.precision=32-true (gloo)")
+    world = world_size(cfg)
+    if world not in (None, 1) and target(cfg, "callbacks.ema"):
+        problems.append(EMA_UNDER_FSDP.format(where=f"trainer.devices x trainer.num_nodes = {world}"))
+    return problems
+
+
+EMA_UNDER_FSDP = ("callbacks.ema with trainer=fsdp on {where} ranks: each rank's EMA would hold only its parameter "
+                  "shard and checkpoints only rank 0's; use trainer=ddp (SD1.5 with AdamW and EMA fits one 80 GB "
+                  "GPU) or callbacks.ema=null")

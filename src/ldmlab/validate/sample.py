@@ -1,0 +1,80 @@
+"""sample.py's settings, checked against conf/ and against the training config its checkpoint stores, before
+the model is rebuilt (a text model's rebuild loads its CLIP encoder)."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig, OmegaConf
+
+from ldmlab.configs import CONF_DIR as CONF
+from ldmlab.validate.fields import get, target
+from ldmlab.validate.files import checkpoint_problems
+from ldmlab.validate.rules import missing_values
+
+
+def stored_config(ckpt: str) -> DictConfig | None:
+    """The resolved training config a train.py checkpoint stores (`ldmlab_config`), read without its tensors."""
+    from ldmlab.nn.safe_load import load_weights_only
+
+    try:
+        stored = load_weights_only(ckpt, mmap=True).get("ldmlab_config")  # pickle only, tensors stay on disk
+    except Exception:  # noqa: BLE001  # not a train.py checkpoint: load_ldm says so
+        return None
+    return OmegaConf.create(stored) if isinstance(stored, str) else None
+
+
+def stored_guidance_problems(cfg: DictConfig, stored: DictConfig) -> list[str]:
+    """guidance > 1 on a checkpoint whose training config had p_uncond = 0 (no unconditional prediction)."""
+    guidance = cfg.get("guidance")
+    if guidance is None or guidance <= 1 or get(stored, "model.p_uncond") != 0:
+        return []
+    line = (f"guidance={guidance} but {cfg.ckpt} was trained with model.p_uncond=0 (no condition dropout), so "
+            "it has no unconditional prediction to guide away from: sample with guidance=1, or train with "
+            "model.p_uncond>0")
+    return [line]
+
+
+def conditioning_problems(cfg: DictConfig, stored: DictConfig) -> list[str]:
+    """prompt= and label= fit what the checkpoint is conditioned on (neither would be silently ignored)."""
+    prompt, label, ckpt = cfg.get("prompt"), cfg.get("label"), cfg.ckpt
+    kind = target(stored, "model.conditioner")
+    if get(stored, "model.conditioner") is None:
+        return [f"{key}={value} but {ckpt} is unconditional (trained with model.conditioner=null), so it would be "
+                f"ignored: drop {key}=" for key, value in (("prompt", prompt), ("label", label)) if value is not None]
+    if kind.endswith("TextConditioner"):
+        if label is not None:
+            return [(f"label={label} but {ckpt} is text-conditional, so the label would be ignored: give "
+                    f"prompt=\"...\" instead")]
+        return [] if prompt is not None else [(f"prompt is null but {ckpt} is text-conditional: give "
+                                              "prompt=\"a photo of a cat\"")]
+    if not kind.endswith("ClassConditioner"):
+        return []  # a conditioner this check does not know: the module judges its values
+    n = get(stored, "model.conditioner.num_classes")
+    classes = f"give label=<0..{n - 1}> (model.conditioner.num_classes={n}), or label=null to cycle through them"
+    if prompt is not None:
+        return [f"prompt={prompt!r} but {ckpt} is class-conditional, so the prompt would be ignored: {classes}"]
+    if label is not None and (not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < n):
+        return [f"label={label} is not a class of {ckpt}: {classes}"]
+    return []
+
+
+def sample_problems(cfg: DictConfig) -> list[str]:
+    """sample.py's settings against conf/ and against the checkpoint's stored training config."""
+    problems = missing_values(cfg, "sample.py")
+    for key in ("n", "batch_size", "steps"):
+        value = cfg.get(key)
+        if value is not None and (not isinstance(value, int) or value < 1):
+            problems.append(f"{key}={value} must be a positive integer, e.g. {key}=16")
+    samplers = sorted(p.stem for p in (CONF / "model" / "sampler").glob("*.yaml"))
+    if cfg.get("sampler") is not None and cfg.sampler not in samplers:
+        problems.append(f"sampler={cfg.sampler} is unknown: valid are {', '.join(samplers)} (or null)")
+    if cfg.get("compile", "auto") not in ("auto", "none", "regional", "full"):
+        problems.append(f"compile={cfg.compile} is unknown: valid are auto, none, regional, full")
+    ckpt = get(cfg, "ckpt")
+    if ckpt is None:
+        return problems
+    if found := checkpoint_problems("ckpt", ckpt):  # missing, or a pickle that would run code
+        return problems + found
+    stored = stored_config(ckpt)
+    if stored is None:
+        return problems
+    return problems + stored_guidance_problems(cfg, stored) + conditioning_problems(cfg, stored)
