@@ -14,6 +14,7 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import hydra
@@ -331,3 +332,20 @@ def test_no_arguments_trains_the_tiny_vae_on_the_demo_photos_on_the_cpu(tmp_path
     assert train(cfg) is not None
     assert summary(cfg) == EXACT["python train.py"][0 if torch.cuda.is_available() else 1]  # resolved in place
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
+
+
+@pytest.mark.slow
+def test_train_py_without_gpus_says_what_to_pass_in_one_line(tmp_path: Path) -> None:
+    """The real entry point on this CPU-only machine: `trainer.devices=2` with no GPU visible stops before any
+    data is built, with the one line and no traceback."""
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without GPUs")
+    data = tmp_path / "data"
+    cmd = [sys.executable, str(REPO / "train.py"), f"paths.root_dir={tmp_path}", f"paths.data_dir={data}",
+           "trainer.devices=2"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False,
+                          env={k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"})
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    [line] = [ln for ln in proc.stderr.splitlines() if ln.startswith("trainer.devices=2 asks for 2 GPUs")]
+    assert line.endswith("none is visible (torch.cuda.device_count() = 0): run on a GPU node, or pass "
+                         "trainer.accelerator=cpu for 2 CPU processes (gloo)") and not data.exists()
