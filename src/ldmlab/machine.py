@@ -4,8 +4,8 @@ conf/trainer/default.yaml leaves to the machine: `accelerator: auto` (the GPUs w
 CPU), `precision: auto` (bf16-mixed on GPUs that support it, else 32-true), `strategy: auto` (DDP when
 devices x num_nodes > 1), `benchmark: auto` (cuDNN autotuning on CUDA) and, through `speed=auto`, the GPU speed
 switches of conf/speed/gpu.yaml exactly when the run is on CUDA. Whatever else the command line or a trainer
-preset sets explicitly stays as it is. Whether DDP must search for parameters without gradients is the model's to say
-(`find_unused_parameters` in conf/model/*.yaml: the VAE's GAN steps toggle requires_grad), not the trainer's.
+preset sets explicitly stays as it is. Whether DDP must search for parameters without gradients is the model's
+to say (`find_unused_parameters` in conf/model/*.yaml: the VAE's GAN steps toggle requires_grad).
 Tests simulate a node by passing a `Machine` (or by patching torch.cuda, which `Machine.detect` alone reads).
 """
 
@@ -36,9 +36,10 @@ class Machine:
 
     @classmethod
     def detect(cls) -> Machine:
-        """This process's view (CUDA_VISIBLE_DEVICES applies), read once per run."""
+        """This process's view (CUDA_VISIBLE_DEVICES applies), read once per run. bf16 means native (compute
+        capability 8.0 on): torch also emulates it on older GPUs, without the speed that bf16 is chosen for."""
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        return cls(gpus=gpus, bf16=gpus > 0 and torch.cuda.is_bf16_supported())
+        return cls(gpus=gpus, bf16=gpus > 0 and torch.cuda.is_bf16_supported(including_emulation=False))
 
 
 def resolve_machine(cfg: DictConfig, machine: Machine | None = None) -> DictConfig:
@@ -131,4 +132,5 @@ def _resolve_speed(callbacks: DictConfig, on_cuda: bool) -> None:
         callbacks.speed = None
     elif isinstance(node, DictConfig) and SPEED_MARKER in node:
         extra = {k: v for k, v in node.items() if k != SPEED_MARKER}
-        callbacks.speed = OmegaConf.merge(OmegaConf.load(CONF_DIR / "speed" / f"{node[SPEED_MARKER]}.yaml"), extra)
+        option = OmegaConf.load(CONF_DIR / "speed" / f"{node[SPEED_MARKER]}.yaml")  # no defaults list to compose
+        callbacks.speed = OmegaConf.merge(option, extra)
