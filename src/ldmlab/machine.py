@@ -11,6 +11,7 @@ Tests simulate a node by passing a `Machine` (or by patching torch.cuda, which `
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from ldmlab.configs import CONF_DIR
 from ldmlab.validate import ConfigError
 
+log = logging.getLogger(__name__)
 AUTO = "auto"
 CUDA_ACCELERATORS = ("gpu", "cuda")
 # the speed option `speed=auto` becomes on CUDA (conf/speed/auto.yaml names it)
@@ -60,6 +62,11 @@ def resolve_machine(cfg: DictConfig, machine: Machine | None = None) -> DictConf
         trainer.strategy = _strategy(trainer, bool(cfg.get("find_unused_parameters", False)))
         if "callbacks" in cfg and cfg.callbacks is not None:
             _resolve_speed(cfg.callbacks, on_cuda)
+    speed = "on" if OmegaConf.select(cfg, "callbacks.speed._target_") else "off"
+    log.info("machine: %d GPU(s)%s -> accelerator=%s devices=%s num_nodes=%s strategy=%s precision=%s, speed %s",
+             machine.gpus, " (bf16)" if machine.bf16 else "", trainer.accelerator, trainer.devices,
+             trainer.get("num_nodes", 1), trainer.strategy if isinstance(trainer.strategy, str) else "custom",
+             trainer.precision, speed)
     return cfg
 
 
