@@ -11,6 +11,7 @@ from conftest import compose_train, run_train
 from pytorch_lightning.strategies import FSDPStrategy
 from test_sweeps import TINY, global_step, last_metric
 
+from ldmlab.machine import Machine, resolve_machine
 from ldmlab.nn.attention import SpatialTransformer
 from ldmlab.nn.unet_blocks import ResBlock
 from ldmlab.utils.distributed import config_flags
@@ -20,11 +21,15 @@ DDP_CPU = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "train
 
 
 def test_scale_out_trainer_configs(tmp_path: Path) -> None:
-    """ddp: N GPUs of a node in bf16; multinode: num_nodes of them; fsdp: shards per U-Net block."""
-    ddp = compose_train(["trainer=ddp", "trainer.devices=8"], tmp_path).trainer
-    assert (ddp.accelerator, ddp.devices, ddp.num_nodes, ddp.precision) == ("auto", 8, 1, "bf16-mixed")
-    assert ddp.strategy == "ddp_find_unused_parameters_true"
-    multi = compose_train(["trainer=multinode", "trainer.num_nodes=4"], tmp_path).trainer
+    """ddp: N GPUs of a node in bf16; multinode: num_nodes of them; fsdp: shards per U-Net block. The DDP
+    strategy searches for unused parameters for the VAE (its GAN steps) only, as the model config says."""
+    node = Machine(gpus=8, bf16=True)
+    ddp = resolve_machine(compose_train(["trainer=ddp", "trainer.devices=8"], tmp_path), node).trainer
+    assert (ddp.accelerator, ddp.devices, ddp.num_nodes, ddp.precision) == ("gpu", 8, 1, "bf16-mixed")
+    assert ddp.strategy == "ddp_find_unused_parameters_true"  # the default model is the VAE
+    ldm = resolve_machine(compose_train(["trainer=ddp", "model=unet_sd15"], tmp_path), node).trainer
+    assert ldm.strategy == "ddp"
+    multi = resolve_machine(compose_train(["trainer=multinode", "trainer.num_nodes=4"], tmp_path), node).trainer
     assert (multi.num_nodes, multi.devices, multi.strategy) == (4, 8, ddp.strategy)
     fsdp = compose_train(["trainer=fsdp"], tmp_path).trainer
     assert (fsdp.accelerator, fsdp.precision) == ("gpu", "bf16-mixed")

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from ldmlab.callbacks.preemption import Preemption
 from ldmlab.checkpointing import AtomicCheckpointIO, resume_path
 from ldmlab.loggers import finish_wandb
+from ldmlab.machine import resolve_machine
 from ldmlab.utils.distributed import ddp_job
 from ldmlab.utils.wandb_run import configure_wandb
 from ldmlab.validate import validate_config
@@ -50,7 +51,8 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, 
 
 @ddp_job  # DDP ranks > 0 re-run this job (not the sweep) in its run dir; no process group outlives it
 def train(cfg: DictConfig) -> float | None:
-    """Seed, build, log the resolved config, fit; return `cfg.optimized_metric` for sweeps."""
+    """Resolve what the machine decides, seed, build, log the resolved config, fit; return the optimised metric."""
+    resolve_machine(cfg)  # accelerator, devices, precision, DDP, speed switches: once, before any rule reads them
     validate_config(cfg)  # one line per config problem, before any data, weights or trainer is built
     pl.seed_everything(cfg.seed, workers=True)
     configure_wandb(cfg)  # W&B id kept in the run dir (a requeued job continues its run); sweep jobs: one group
