@@ -49,7 +49,7 @@ def test_shipped_presets_pass(tmp_path: Path, vae: Path) -> None:
     clip.mkdir()
     (clip / "config.json").write_text("{}")  # only its presence is checked before the run
     for overrides in ([], ["experiment=vae_demo"], ["model=unet_small", f"model.vae.path={vae}"],
-                      ["model=unet_sd15", f"model.vae.path={vae}", f"model.conditioner.path={clip}"],
+                      ["model=unet_sd15", "data=demo", f"model.vae.path={vae}", f"model.conditioner.path={clip}"],
                       ["experiment=vae_kl_f8", "trainer=cpu", "data=demo", "model.lpips.backbone=random"]):
         assert problems(overrides, tmp_path) == [], overrides
 
@@ -100,7 +100,7 @@ def test_meta_build_of_sd15_is_fast(tmp_path: Path, vae: Path) -> None:
     clip = tmp_path / "clip"
     clip.mkdir()
     (clip / "config.json").write_text("{}")
-    cfg = compose_train(["model=unet_sd15", f"model.vae.path={vae}", f"model.conditioner.path={clip}"], tmp_path)
+    cfg = compose_train(["model=unet_sd15", "data=demo", f"model.vae.path={vae}", f"model.conditioner.path={clip}"], tmp_path)
     assert check_config(cfg) == []  # imports and first-call warm-up
     seconds = []
     for _ in range(3):  # the best of three: the machine may be shared
@@ -336,7 +336,7 @@ def text_ckpt(tmp_path_factory: pytest.TempPathFactory, vae: Path) -> Path:
     """unet_sd15's classes on a random 32-wide CLIP."""
     root = tmp_path_factory.mktemp("text_ckpt")
     clip = make_tiny_clip(root / "clip")
-    return _train_checkpoint(["model=unet_sd15", f"model.vae.path={vae}", f"model.conditioner.path={clip}",
+    return _train_checkpoint(["model=unet_sd15", "data=demo", f"model.vae.path={vae}", f"model.conditioner.path={clip}",
                               "model.unet.context_dim=32", "model.latent_scale=null"], root)
 
 
