@@ -260,3 +260,37 @@ def test_csv_logger_continues_and_drops_rows_after_the_resume_step(tmp_path: Pat
         ("7", "17.0")]
     assert [r["val/psnr"] for r in got] == ["", "", "", "", "1.0", "", "", ""]
     assert not list(tmp_path.glob("csv/*.tmp-*"))
+
+
+# ---------------------------------------------------------------- which checkpoint files a run leaves
+
+KILL_VAE = ["model=vae_tiny", "model.perceptual_weight=0", "data.batch_size=4", "data.num_workers=0",
+            "trainer.val_check_interval=3", "trainer.limit_val_batches=1", "trainer.num_sanity_val_steps=0",
+            "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "~callbacks.progress_bar",
+            "callbacks.image_grids=null"]
+
+
+def top_k_files(run: Path) -> list[str]:
+    """The best-checkpoint files of a run dir (everything in checkpoints/ but last.ckpt)."""
+    return sorted(p.name for p in (run / "checkpoints").glob("*.ckpt") if p.name != "last.ckpt")
+
+
+@pytest.mark.slow
+def test_kill_9_and_resume_leave_one_best_checkpoint_and_last(tmp_path: Path) -> None:
+    """SIGKILL once a validation step's best file exists (last.ckpt saved every 3 steps too), resume with the
+    same command: save_top_k=1 leaves exactly one best file, the best val/psnr of the whole run, plus last."""
+    run = tmp_path / "run"
+    args = [*KILL_VAE, "trainer.max_steps=12", "callbacks.last_checkpoint.every_n_train_steps=3",
+            f"hydra.run.dir={run}"]
+    first = launch(args, tmp_path, tmp_path / "first.log")
+    deadline = time.monotonic() + 300
+    while saved_step(run / "checkpoints" / "step0000006.ckpt") is None:
+        assert first.poll() is None and time.monotonic() < deadline, (tmp_path / "first.log").read_text()[-4000:]
+        time.sleep(0.01)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    finish(launch(args, tmp_path, tmp_path / "second.log"), tmp_path / "second.log")
+    psnr = {int(r["step"]): float(r["val/psnr"]) for r in rows(run) if r.get("val/psnr")}
+    best_step = max(psnr, key=psnr.get)
+    assert top_k_files(run) == [f"step{best_step + 1:07d}.ckpt"], psnr  # steps are logged 0-based
+    assert saved_step(run / "checkpoints" / "last.ckpt") == 12
