@@ -379,3 +379,13 @@ def test_resume_keeps_save_top_k_best_files(tmp_path: Path) -> None:
     assert Path(trainer.checkpoint_callbacks[0].best_model_path).name == "step0000012.ckpt"
     fit_scored(tmp_path, 15, str(tmp_path / "step0000012.ckpt"))  # resume=auto's pick when last.ckpt lags
     assert sorted(p.name for p in tmp_path.glob("*.ckpt")) == ["last.ckpt", "step0000015.ckpt"]
+
+
+def test_a_start_from_another_runs_checkpoint_leaves_files_alone(tmp_path: Path) -> None:
+    """Only a restart from this run's own checkpoint re-reads the best files: fine-tuning from run a into a
+    dir that already holds a best file of its own keeps that file, as Lightning does."""
+    fit_scored(tmp_path / "b", 3)
+    fit_scored(tmp_path / "a", 6)
+    fit_scored(tmp_path / "b", 9, str(tmp_path / "a" / "last.ckpt"))
+    assert sorted(p.name for p in (tmp_path / "b").glob("*.ckpt")) == [
+        "last.ckpt", "step0000003.ckpt", "step0000009.ckpt"]

@@ -259,7 +259,7 @@ class TopKCheckpoint(_LightningStateKey, ModelCheckpoint):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
-        if trainer.ckpt_path is None or self.monitor is None or self.save_top_k < 1 or self.dirpath is None:
+        if self.monitor is None or self.save_top_k < 1 or not self._resumes_this_run(trainer):
             return
         found = self._files_on_disk() if trainer.is_global_zero else {}
         scores = sorted(trainer.strategy.broadcast(found, src=0).items(), key=lambda kv: kv[1],
@@ -268,6 +268,14 @@ class TopKCheckpoint(_LightningStateKey, ModelCheckpoint):
             log.info("removing %s: not among the %d best of this run", path, self.save_top_k)
             trainer.strategy.remove_checkpoint(path)
         self._set_best(dict(scores[: self.save_top_k]))
+
+    def _resumes_this_run(self, trainer: pl.Trainer) -> bool:
+        """A restart from this run's own checkpoint (last.ckpt, a best file, a preemption checkpoint); a run
+        started from another run's checkpoint leaves files it finds in its dirpath alone, as Lightning does."""
+        if trainer.ckpt_path is None or self.dirpath is None:
+            return False
+        here = {Path(self.dirpath).resolve(), Path(trainer.default_root_dir).resolve()}
+        return Path(trainer.ckpt_path).resolve().parent in here
 
     def _files_on_disk(self) -> dict[str, float]:
         """{path: score} of the checkpoints in dirpath that this callback saved as top-k files."""
