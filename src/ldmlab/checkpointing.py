@@ -5,6 +5,8 @@ Lightning writes checkpoints through `trainer.strategy.checkpoint_io`; `AtomicCh
 process killed mid-save (SIGKILL, OOM, node failure) leaves the previous checkpoint whole. `resume_path` decides
 where a run starts from: `ckpt_path=<file>`, `ckpt_path=<dir>` or `ckpt_path=last` (the newest checkpoint there),
 and with `resume=auto` the run dir's own newest checkpoint when the run dir already has one (a restart).
+`LastCheckpoint` and `TopKCheckpoint` (conf/callbacks/default.yaml) are the ModelCheckpoints that make every run
+end with a resumable last.ckpt and keep exactly `save_top_k` best files across kills and restarts.
 """
 
 from __future__ import annotations
