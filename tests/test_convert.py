@@ -343,3 +343,21 @@ def test_a_trained_ldm_converts_at_the_size_it_was_trained_at(tmp_path: Path, ti
     assert written_sizes(tmp_path / "d") == (8, 32)
     loaded = diffusers.UNet2DConditionModel.from_pretrained(tmp_path / "d/unet")
     assert loaded.config.sample_size == 8
+
+
+def test_a_vae_training_checkpoint_converts(tmp_path: Path) -> None:
+    """A VAE run's checkpoint (`autoencoder.*`, autoencoder_config) converts; it records no image size, so
+    --vae-sample-size gives it; asking it for a U-Net names the field it lacks."""
+    vae = tiny_vae()
+    path = tmp_path / "vae_run.ckpt"
+    torch.save({"state_dict": {f"autoencoder.{k}": v for k, v in vae.state_dict().items()},
+                "autoencoder_config": vae.config, "global_step": 3}, path)
+    main(["--from", "ldmlab", "--to", "ldmlab", "--vae", str(path), "--out", str(tmp_path / "l")])
+    sd, config = ckpt.load_ldmlab(tmp_path / "l/vae.safetensors", "vae")
+    assert config == vae.config
+    equal_dicts(sd, vae.state_dict())
+    main(["--from", "ldmlab", "--to", "diffusers", "--vae", str(path), "--vae-sample-size", "32", "--out",
+          str(tmp_path / "d")])
+    assert json.loads((tmp_path / "d/vae/config.json").read_text())["sample_size"] == 32
+    with pytest.raises(ValueError, match="has no 'unet_config'"):
+        main(["--from", "ldmlab", "--to", "ldmlab", "--unet", str(path), "--out", str(tmp_path / "x")])

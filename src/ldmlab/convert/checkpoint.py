@@ -105,15 +105,17 @@ def ldmlab_sample_size(path: str | Path) -> int | None:
 def load_training_checkpoint(
     raw: dict[str, Any], path: Path, kind: str, ema: bool = False
 ) -> tuple[dict[str, Tensor], dict[str, Any], int | None]:
-    """(state dict, config, sample size) of the U-Net or VAE in an LDM training checkpoint `raw` read from `path`.
+    """(state dict, config, sample size) of the U-Net or VAE in a training checkpoint `raw` read from `path`.
 
-    The sample size comes from the latent shape the run trained on (the VAE's: times its downsampling factor).
+    The LDM's holds both (`unet.*`, `vae.*`), a VAE run's the VAE (`autoencoder.*`). The sample size comes from
+    the latent shape the LDM trained on (the VAE's: times its downsampling factor); a VAE run does not record it.
     """
-    if f"{kind}_config" not in raw:
-        raise ValueError(f"{path} has no '{kind}_config': give an LDM training checkpoint (run/checkpoints/"
-                         f"last.ckpt) or an ldmlab {kind}.safetensors export")
-    config = dict(raw[f"{kind}_config"])
-    sd = {k[len(kind) + 1 :]: v for k, v in raw["state_dict"].items() if k.startswith(f"{kind}.")}
+    prefix = next((p for p in (kind, "autoencoder" if kind == "vae" else None) if f"{p}_config" in raw), None)
+    if prefix is None:
+        raise ValueError(f"{path} has no '{kind}_config': give a training checkpoint (run/checkpoints/last.ckpt) "
+                         f"of a run with a {kind}, or an ldmlab {kind}.safetensors export")
+    config = dict(raw[f"{prefix}_config"])
+    sd = {k[len(prefix) + 1 :]: v for k, v in raw["state_dict"].items() if k.startswith(f"{prefix}.")}
     if ema and kind == "unet":
         if "EMA" not in raw.get("callbacks", {}):
             raise ValueError(f"--ema but {path} holds no EMA weights (callbacks.ema was off): convert without --ema")
