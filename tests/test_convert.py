@@ -295,3 +295,69 @@ def test_cli_sd_input_without_metadata(tmp_path: Path) -> None:
         )  # not a .safetensors
     with pytest.raises(ValueError, match="expected 'ldmlab.unet'"):
         main(["--from", "ldmlab", "--to", "ldmlab", "--unet", plain, "--out", str(tmp_path / "y")])
+
+
+def written_sizes(out: Path) -> tuple[int, int]:
+    """sample_size of the written diffusers U-Net and VAE configs."""
+    return tuple(json.loads((out / f"{kind}/config.json").read_text())["sample_size"] for kind in ("unet", "vae"))
+
+
+def test_sample_size_survives_every_format(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The trained-at sizes (latent 16, image 32) go ldmlab -> diffusers -> sd -> diffusers -> ldmlab unchanged;
+    an input that does not record them gets --*-sample-size, else SD's with a warning naming the flag."""
+    unet, vae = randomized(UNetModel(**SMALL_CPU)), tiny_vae()
+    ckpt.save_ldmlab(unet.state_dict(), unet.config, tmp_path / "in/unet.safetensors", "unet", sample_size=16)
+    ckpt.save_ldmlab(vae.state_dict(), vae.config, tmp_path / "in/vae.safetensors", "vae", sample_size=32)
+    both = ["--unet", str(tmp_path / "in/unet.safetensors"), "--vae", str(tmp_path / "in/vae.safetensors")]
+    main(["--from", "ldmlab", "--to", "diffusers", *both, "--out", str(tmp_path / "d")])
+    assert written_sizes(tmp_path / "d") == (16, 32)
+    diff = ["--unet", str(tmp_path / "d/unet"), "--vae", str(tmp_path / "d/vae")]
+    main(["--from", "diffusers", "--to", "sd", *diff, "--out", str(tmp_path / "sd.safetensors")])
+    sd = ["--unet", str(tmp_path / "sd.safetensors"), "--vae", str(tmp_path / "sd.safetensors")]
+    main(["--from", "sd", "--to", "diffusers", *sd, "--out", str(tmp_path / "d2")])
+    assert written_sizes(tmp_path / "d2") == (16, 32)
+    main(["--from", "sd", "--to", "ldmlab", *sd, "--out", str(tmp_path / "back")])
+    assert ckpt.ldmlab_sample_size(tmp_path / "back/unet.safetensors") == 16
+    assert "warning" not in capsys.readouterr().err
+
+    _, _, plain = _ldmlab_files(tmp_path / "plain")  # exports that predate the field
+    old = ["--unet", str(plain / "unet.safetensors"), "--vae", str(plain / "vae.safetensors")]
+    main(["--from", "ldmlab", "--to", "diffusers", *old, "--unet-sample-size", "16", "--out", str(tmp_path / "d3")])
+    assert written_sizes(tmp_path / "d3") == (16, 512)
+    assert "pass --vae-sample-size N" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_trained_ldm_converts_at_the_size_it_was_trained_at(tmp_path: Path, tiny_assets: dict[str, Path]) -> None:
+    """A 1-step `train.py model=unet_small` on 32 px crops with an f4 VAE: its last.ckpt converts to diffusers
+    configs with the U-Net's sample_size 8 (the latent side) and the VAE's 32 (the image side), not 64 / 512."""
+    from conftest import run_train
+
+    run = tmp_path / "run"
+    run_train(["model=unet_small", f"model.vae.path={tiny_assets['vae']}", "model.sampler.num_steps=2",
+               "data.batch_size=4", "data.num_workers=0", "trainer.max_steps=1", "trainer.num_sanity_val_steps=0",
+               "callbacks.image_grids=null", f"hydra.run.dir={run}"], cwd=tmp_path)
+    last = str(run / "checkpoints/last.ckpt")
+    main(["--from", "ldmlab", "--to", "diffusers", "--unet", last, "--vae", last, "--ema", "--out",
+          str(tmp_path / "d")])
+    assert written_sizes(tmp_path / "d") == (8, 32)
+    loaded = diffusers.UNet2DConditionModel.from_pretrained(tmp_path / "d/unet")
+    assert loaded.config.sample_size == 8
+
+
+def test_a_vae_training_checkpoint_converts(tmp_path: Path) -> None:
+    """A VAE run's checkpoint (`autoencoder.*`, autoencoder_config) converts; it records no image size, so
+    --vae-sample-size gives it; asking it for a U-Net names the field it lacks."""
+    vae = tiny_vae()
+    path = tmp_path / "vae_run.ckpt"
+    torch.save({"state_dict": {f"autoencoder.{k}": v for k, v in vae.state_dict().items()},
+                "autoencoder_config": vae.config, "global_step": 3}, path)
+    main(["--from", "ldmlab", "--to", "ldmlab", "--vae", str(path), "--out", str(tmp_path / "l")])
+    sd, config = ckpt.load_ldmlab(tmp_path / "l/vae.safetensors", "vae")
+    assert config == vae.config
+    equal_dicts(sd, vae.state_dict())
+    main(["--from", "ldmlab", "--to", "diffusers", "--vae", str(path), "--vae-sample-size", "32", "--out",
+          str(tmp_path / "d")])
+    assert json.loads((tmp_path / "d/vae/config.json").read_text())["sample_size"] == 32
+    with pytest.raises(ValueError, match="has no 'unet_config'"):
+        main(["--from", "ldmlab", "--to", "ldmlab", "--unet", str(path), "--out", str(tmp_path / "x")])

@@ -260,3 +260,132 @@ def test_csv_logger_continues_and_drops_rows_after_the_resume_step(tmp_path: Pat
         ("7", "17.0")]
     assert [r["val/psnr"] for r in got] == ["", "", "", "", "1.0", "", "", ""]
     assert not list(tmp_path.glob("csv/*.tmp-*"))
+
+
+# ---------------------------------------------------------------- which checkpoint files a run leaves
+
+KILL_VAE = ["model=vae_tiny", "model.perceptual_weight=0", "data.batch_size=4", "data.num_workers=0",
+            "trainer.val_check_interval=3", "trainer.limit_val_batches=1", "trainer.num_sanity_val_steps=0",
+            "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "~callbacks.progress_bar",
+            "callbacks.image_grids=null"]
+
+
+def top_k_files(run: Path) -> list[str]:
+    """The best-checkpoint files of a run dir (everything in checkpoints/ but last.ckpt)."""
+    return sorted(p.name for p in (run / "checkpoints").glob("*.ckpt") if p.name != "last.ckpt")
+
+
+@pytest.mark.slow
+def test_kill_9_and_resume_leave_one_best_checkpoint_and_last(tmp_path: Path) -> None:
+    """SIGKILL once a validation step's best file exists (last.ckpt saved every 3 steps too), resume with the
+    same command: save_top_k=1 leaves exactly one best file, the best val/psnr of the whole run, plus last."""
+    run = tmp_path / "run"
+    args = [*KILL_VAE, "trainer.max_steps=12", "callbacks.last_checkpoint.every_n_train_steps=3",
+            f"hydra.run.dir={run}"]
+    first = launch(args, tmp_path, tmp_path / "first.log")
+    deadline = time.monotonic() + 300
+    while saved_step(run / "checkpoints" / "step0000006.ckpt") is None:
+        assert first.poll() is None and time.monotonic() < deadline, (tmp_path / "first.log").read_text()[-4000:]
+        time.sleep(0.01)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    finish(launch(args, tmp_path, tmp_path / "second.log"), tmp_path / "second.log")
+    psnr = {int(r["step"]): float(r["val/psnr"]) for r in rows(run) if r.get("val/psnr")}
+    best_step = max(psnr, key=psnr.get)
+    assert top_k_files(run) == [f"step{best_step + 1:07d}.ckpt"], psnr  # steps are logged 0-based
+    assert saved_step(run / "checkpoints" / "last.ckpt") == 12
+
+
+@pytest.mark.slow
+def test_a_run_ending_between_validations_leaves_last_ckpt_that_resumes_exactly(tmp_path: Path) -> None:
+    """max_steps=5 with validation every 4 steps (and no step-interval saves): last.ckpt holds step 5, and the
+    same command with max_steps=7 continues there and ends where an uninterrupted 7-step run ends, bit for bit."""
+    common = [*KILL_VAE, "trainer.val_check_interval=4"]
+    a = launch([*common, "trainer.max_steps=7", f"hydra.run.dir={tmp_path}/a"], tmp_path, tmp_path / "a.log")
+    finish(launch([*common, "trainer.max_steps=5", f"hydra.run.dir={tmp_path}/b"], tmp_path, tmp_path / "b1.log"),
+           tmp_path / "b1.log")
+    assert saved_step(tmp_path / "b/checkpoints/last.ckpt") == 5
+    text = finish(launch([*common, "trainer.max_steps=7", f"hydra.run.dir={tmp_path}/b"], tmp_path,
+                         tmp_path / "b2.log"), tmp_path / "b2.log")
+    finish(a, tmp_path / "a.log")
+    assert f"resuming from {tmp_path}/b/checkpoints/last.ckpt (step 5)" in text
+    ref, got = training_state(tmp_path / "a/checkpoints/last.ckpt"), training_state(tmp_path / "b/checkpoints/last.ckpt")
+    assert ref["global_step"] == 7 and differences(ref, got) == []
+    assert [r["step"] for r in rows(tmp_path / "b") if r["train/rec_loss"]] == [str(s) for s in range(7)]
+
+
+class Scored(pl.LightningModule):
+    """Validation logs `score` = the global step: every validation is a new best (mode=max)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(1, 1)
+
+    def training_step(self, batch, batch_idx):
+        return self.lin(batch[0]).mean()
+
+    def validation_step(self, batch, batch_idx):
+        self.log("score", float(self.global_step))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(64, 1)), batch_size=2)
+
+    def val_dataloader(self):
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(2, 1)), batch_size=2)
+
+
+def fit_scored(run: Path, steps: int, ckpt: str | None = None, every: int | None = None) -> pl.Trainer:
+    """`Scored` for `steps` with validation every 3 steps and the two checkpoint callbacks of the default config."""
+    from ldmlab.checkpointing import LastCheckpoint, TopKCheckpoint
+
+    best = TopKCheckpoint(dirpath=run, filename="step{step:07d}", auto_insert_metric_name=False, monitor="score",
+                          mode="max", save_top_k=1)
+    last = LastCheckpoint(dirpath=run, filename="last", save_top_k=1, enable_version_counter=False,
+                          every_n_train_steps=every)
+    trainer = pl.Trainer(max_steps=steps, val_check_interval=3, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=run, callbacks=[best, last],
+                         num_sanity_val_steps=0)
+    trainer.fit(Scored(), ckpt_path=ckpt)
+    return trainer
+
+
+def test_last_ckpt_follows_validation_and_the_final_step(tmp_path: Path) -> None:
+    """every_n_train_steps=3 coincides with validation: last.ckpt is written after it (it knows the new best);
+    max_steps=7 ends between validations: last.ckpt holds step 7; the state keys are ModelCheckpoint's."""
+    trainer = fit_scored(tmp_path, 6, every=3)
+    ckpt = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    best_state = next(v for k, v in ckpt["callbacks"].items() if k.startswith("ModelCheckpoint{'monitor': 'score'"))
+    assert ckpt["global_step"] == 6 and [Path(p).name for p in best_state["best_k_models"]] == ["step0000006.ckpt"]
+    assert trainer.checkpoint_callbacks[0].state_key.startswith("ModelCheckpoint{")
+    fit_scored(tmp_path, 7, str(tmp_path / "last.ckpt"), every=3)
+    assert saved_step(tmp_path / "last.ckpt") == 7
+    assert sorted(p.name for p in tmp_path.glob("*.ckpt")) == ["last.ckpt", "step0000006.ckpt"]
+
+
+def test_resume_keeps_save_top_k_best_files(tmp_path: Path) -> None:
+    """Killed between a new best and last.ckpt: resuming from the older last.ckpt (which knows a best that was
+    since deleted), or from the new best file itself (Lightning never deletes the file it resumed from), still
+    leaves exactly one best file once the next better score is saved."""
+    fit_scored(tmp_path, 6)
+    stale_last = (tmp_path / "last.ckpt").read_bytes()  # knows step0000006 as the best
+    fit_scored(tmp_path, 9, str(tmp_path / "last.ckpt"))
+    assert sorted(p.name for p in tmp_path.glob("*.ckpt")) == ["last.ckpt", "step0000009.ckpt"]
+    (tmp_path / "last.ckpt").write_bytes(stale_last)  # as if killed before last.ckpt of step 9 was written
+    trainer = fit_scored(tmp_path, 12, str(tmp_path / "last.ckpt"))
+    assert sorted(p.name for p in tmp_path.glob("*.ckpt")) == ["last.ckpt", "step0000012.ckpt"]
+    assert Path(trainer.checkpoint_callbacks[0].best_model_path).name == "step0000012.ckpt"
+    fit_scored(tmp_path, 15, str(tmp_path / "step0000012.ckpt"))  # resume=auto's pick when last.ckpt lags
+    assert sorted(p.name for p in tmp_path.glob("*.ckpt")) == ["last.ckpt", "step0000015.ckpt"]
+
+
+def test_a_start_from_another_runs_checkpoint_leaves_files_alone(tmp_path: Path) -> None:
+    """Only a restart from this run's own checkpoint re-reads the best files: fine-tuning from run a into a
+    dir that already holds a best file of its own keeps that file, as Lightning does."""
+    fit_scored(tmp_path / "b", 3)
+    fit_scored(tmp_path / "a", 6)
+    fit_scored(tmp_path / "b", 9, str(tmp_path / "a" / "last.ckpt"))
+    assert sorted(p.name for p in (tmp_path / "b").glob("*.ckpt")) == [
+        "last.ckpt", "step0000003.ckpt", "step0000009.ckpt"]

@@ -5,6 +5,8 @@ Lightning writes checkpoints through `trainer.strategy.checkpoint_io`; `AtomicCh
 process killed mid-save (SIGKILL, OOM, node failure) leaves the previous checkpoint whole. `resume_path` decides
 where a run starts from: `ckpt_path=<file>`, `ckpt_path=<dir>` or `ckpt_path=last` (the newest checkpoint there),
 and with `resume=auto` the run dir's own newest checkpoint when the run dir already has one (a restart).
+`LastCheckpoint` and `TopKCheckpoint` (conf/callbacks/default.yaml) are the ModelCheckpoints that make every run
+end with a resumable last.ckpt and keep exactly `save_top_k` best files across kills and restarts.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from pytorch_lightning.callbacks import ModelCheckpoint
 
 log = logging.getLogger(__name__)
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -184,6 +187,122 @@ def resume_path(trainer: pl.Trainer, ckpt_path: str | None, resume: str | bool |
 def _announce(path: Path) -> str:
     log.info("resuming from %s (step %s)", path, checkpoint_step(path))
     return str(path)
+
+
+# ------------------------------------------------------------------ which files the checkpoint callbacks keep
+
+
+class _LightningStateKey:
+    """Keeps ModelCheckpoint's own state key, so checkpoints written before (or by plain ModelCheckpoints)
+    restore into these subclasses and the reverse."""
+
+    @property
+    def state_key(self) -> str:
+        return super().state_key.replace(type(self).__qualname__, "ModelCheckpoint", 1)  # type: ignore[misc]
+
+
+class LastCheckpoint(_LightningStateKey, ModelCheckpoint):
+    """`last.ckpt` (monitor=None, save_top_k=1): after every validation, every `every_n_train_steps`, and when
+    training ends, so every run leaves a resumable checkpoint.
+
+    Lightning's `save_last` refreshes last.ckpt only when a top-k file was saved, and nothing saves when
+    `max_steps` ends between validations. A step that a validation follows is saved after it (the best
+    checkpoint's bookkeeping and the validation's results included); the final step is saved at its batch end
+    like a step-interval save (the loops mid-epoch: a resume with a larger max_steps continues exactly there).
+    """
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if validation_follows(trainer):
+            return  # on_validation_end saves this step
+        if _final_step(trainer) and not self._should_skip_saving_checkpoint(trainer):
+            self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+            return
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._should_skip_saving_checkpoint(trainer) and not self._should_save_on_train_epoch_end(trainer):
+            self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # max_epochs, max_time or should_stop without a validation after it (skipped if this step is saved)
+        if not self._should_skip_saving_checkpoint(trainer):
+            self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+def validation_follows(trainer: pl.Trainer) -> bool:
+    """Whether the fit loop validates right after the current training batch (Lightning's own decision)."""
+    loop = trainer.fit_loop.epoch_loop
+    fetcher = trainer.fit_loop._data_fetcher
+    return fetcher is not None and not loop._skip_next_val and loop._should_check_val_fx(fetcher)
+
+
+def _own_score(path: Path, state_key: str) -> float | None:
+    """The score `path` was saved with as a top-k file of the callback `state_key`; None for other files."""
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)["callbacks"][state_key]
+    except Exception:  # noqa: BLE001 - another callback's, a foreign or a truncated file: not ours
+        return None
+    return next((float(v) for k, v in state.get("best_k_models", {}).items() if Path(k).name == path.name), None)
+
+
+def _final_step(trainer: pl.Trainer) -> bool:
+    return trainer.max_steps is not None and 0 <= trainer.max_steps <= trainer.global_step
+
+
+class TopKCheckpoint(_LightningStateKey, ModelCheckpoint):
+    """ModelCheckpoint whose top-k files stay `save_top_k` across kills and resumes.
+
+    A run killed between saving a new best and refreshing last.ckpt resumes with an older view of its best
+    files (or from the new best file itself, which Lightning then never deletes): the superseded best stayed
+    on disk for good. On resume this reads, from each of its files in `dirpath`, the score it was saved with,
+    keeps the `save_top_k` best and deletes the rest; a file the run resumed from leaves the top k like any.
+    """
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        if self.monitor is None or self.save_top_k < 1 or not self._resumes_this_run(trainer):
+            return
+        found = self._files_on_disk() if trainer.is_global_zero else {}
+        scores = sorted(trainer.strategy.broadcast(found, src=0).items(), key=lambda kv: kv[1],
+                        reverse=self.mode == "max")
+        for path, _ in scores[self.save_top_k:]:
+            log.info("removing %s: not among the %d best of this run", path, self.save_top_k)
+            trainer.strategy.remove_checkpoint(path)
+        self._set_best(dict(scores[: self.save_top_k]))
+
+    def _resumes_this_run(self, trainer: pl.Trainer) -> bool:
+        """A restart from this run's own checkpoint (last.ckpt, a best file, a preemption checkpoint); a run
+        started from another run's checkpoint leaves files it finds in its dirpath alone, as Lightning does."""
+        if trainer.ckpt_path is None or self.dirpath is None:
+            return False
+        here = {Path(self.dirpath).resolve(), Path(trainer.default_root_dir).resolve()}
+        return Path(trainer.ckpt_path).resolve().parent in here
+
+    def _files_on_disk(self) -> dict[str, float]:
+        """{path: score} of the checkpoints in dirpath that this callback saved as top-k files."""
+        scores = {str(p): _own_score(p, self.state_key) for p in sorted(Path(self.dirpath).glob("*.ckpt"))}
+        return {path: score for path, score in scores.items() if score is not None}
+
+    def _set_best(self, best: dict[str, float]) -> None:
+        """best_k_models, best and k-th model as Lightning's `_update_best_and_save` leaves them."""
+        self.best_k_models = {path: torch.tensor(score) for path, score in best.items()}
+        pick_best, pick_worst = (max, min) if self.mode == "max" else (min, max)
+        if best:
+            self.best_model_path = pick_best(best, key=best.get)  # type: ignore[arg-type]
+            self.best_model_score = self.best_k_models[self.best_model_path]
+        if len(best) == self.save_top_k:
+            self.kth_best_model_path = pick_worst(best, key=best.get)  # type: ignore[arg-type]
+            self.kth_value = self.best_k_models[self.kth_best_model_path]
+        else:  # fewer than k: any score gets in, as on a fresh start
+            self.kth_best_model_path, self.kth_value = "", torch.tensor(-torch.inf if self.mode == "max" else torch.inf)
+
+    def _should_remove_checkpoint(self, trainer: pl.Trainer, previous: str, current: str) -> bool:
+        # Lightning keeps the file a run resumed from; under resume=auto that is this callback's own best file
+        resumed = trainer.ckpt_path is not None and Path(previous).absolute() == Path(trainer.ckpt_path).absolute()
+        if resumed and previous != current and Path(previous).absolute().parent == Path(self.dirpath).absolute():
+            return True
+        return super()._should_remove_checkpoint(trainer, previous, current)
 
 
 # ------------------------------------------------------------------ per-rank state in a rank-0 file

@@ -5,7 +5,8 @@
 Give --unet and/or --vae; each part is converted on its own. What IN and OUT are, per format:
 
     ldmlab     IN: `unet.safetensors` / `vae.safetensors` (our names, `config` in the metadata: what
-               `export_weights` writes).  OUT: a directory; writes OUT/unet.safetensors, OUT/vae.safetensors.
+               `export_weights` writes), or an LDM training checkpoint `.ckpt` for both (--ema: its EMA
+               U-Net).  OUT: a directory; writes OUT/unet.safetensors, OUT/vae.safetensors.
     sd         IN: an SD-original checkpoint, `.safetensors` or `.ckpt` (read weights-only), holding
                `model.diffusion_model.*` and/or `first_stage_model.*`; pass the same file to --unet and --vae
                (a bare VAE file such as vae-ft-mse also works for --vae).  OUT: one `.safetensors` file with
@@ -15,7 +16,12 @@ Give --unet and/or --vae; each part is converted on its own. What IN and OUT are
                offline with `UNet2DConditionModel.from_pretrained` / `AutoencoderKL.from_pretrained`.
 
 An SD checkpoint does not store the U-Net's head layout, so --from sd reads it from the metadata ldmlab
-wrote, or else uses --num-heads (SD1.x: 8, the default) or --head-dim (SD2.x: 64). Examples:
+wrote, or else uses --num-heads (SD1.x: 8, the default) or --head-dim (SD2.x: 64).
+
+diffusers configs carry a `sample_size` (the U-Net's latent side, the VAE's image side): it is the size the
+model was trained at, read from the input (a training checkpoint's latent shape, a diffusers config, the
+metadata ldmlab writes), else --unet-sample-size / --vae-sample-size, else SD1.x's 64 / 512 with a warning.
+Examples:
 
     # a Stable Diffusion 1.5 checkpoint -> diffusers directories (EMA U-Net weights)
     python -m ldmlab.convert --from sd --to diffusers --ema \\
@@ -35,7 +41,7 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from safetensors.torch import save_file
 from torch import Tensor
@@ -54,7 +60,15 @@ from ldmlab.convert.unet import (
 FORMATS = ("ldmlab", "sd", "diffusers")
 KINDS = ("unet", "vae")
 VAE_KEYS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
-Part = tuple[dict[str, Tensor], dict[str, Any]]  # (state dict with ldmlab names, ldmlab constructor config)
+SD_SAMPLE_SIZE = {"unet": 64, "vae": 512}  # SD1.x at 512 px: diffusers' defaults
+
+
+class Part(NamedTuple):
+    """One model read from the input."""
+
+    sd: dict[str, Tensor]  # ldmlab names
+    config: dict[str, Any]  # ldmlab constructor arguments
+    sample_size: int | None = None  # trained at: latent side (U-Net) or image side (VAE); None if unknown
 
 
 # --unet and --vae usually name the same SD checkpoint: read it once
@@ -72,11 +86,12 @@ def _read_sd(path: Path, kind: str, args: argparse.Namespace) -> Part:
         raise ValueError(
             f"{path} holds no {kind} weights ('{ckpt.SD_UNET_PREFIX}…' / '{ckpt.SD_VAE_PREFIX}…')"
         )
+    size = int(metadata[f"ldmlab.{kind}.sample_size"]) if f"ldmlab.{kind}.sample_size" in metadata else None
     if f"ldmlab.{kind}" in metadata:
-        return sd, json.loads(metadata[f"ldmlab.{kind}"])
+        return Part(sd, json.loads(metadata[f"ldmlab.{kind}"]), size)
     if kind == "vae":
-        return sd, infer_vae_config(sd)
-    return sd, infer_unet_config(sd, args.num_heads, args.head_dim)
+        return Part(sd, infer_vae_config(sd), size)
+    return Part(sd, infer_unet_config(sd, args.num_heads, args.head_dim), size)
 
 
 def _read_diffusers(path: Path, kind: str, args: argparse.Namespace) -> Part:
@@ -84,13 +99,15 @@ def _read_diffusers(path: Path, kind: str, args: argparse.Namespace) -> Part:
     sd, cfg = ckpt.read_diffusers_dir(path)
     if kind == "unet":
         config = ldmlab_unet_config(cfg)
-        return unet_diffusers_to_ldmlab(sd, config), config
-    return vae_map.diffusers_to_ldmlab(sd), ckpt.ldmlab_vae_config(cfg)
+        return Part(unet_diffusers_to_ldmlab(sd, config), config, cfg.get("sample_size"))
+    return Part(vae_map.diffusers_to_ldmlab(sd), ckpt.ldmlab_vae_config(cfg), cfg.get("sample_size"))
 
 
 def _read_ldmlab(path: Path, kind: str, args: argparse.Namespace) -> Part:
-    """One ldmlab safetensors export."""
-    return ckpt.load_ldmlab(path, kind)
+    """One ldmlab safetensors export, or one part of an LDM training checkpoint."""
+    if path.suffix == ".ckpt":
+        return Part(*ckpt.load_training_checkpoint(_read_file(path)[0], path, kind, ema=args.ema))
+    return Part(*ckpt.load_ldmlab(path, kind), sample_size=ckpt.ldmlab_sample_size(path))
 
 
 READERS: dict[str, Callable[[Path, str, argparse.Namespace], Part]] = {
@@ -103,9 +120,11 @@ READERS: dict[str, Callable[[Path, str, argparse.Namespace], Part]] = {
 def _write_sd(parts: dict[str, Part], out: Path, args: argparse.Namespace) -> list[Path]:
     """All parts into one SD-original `.safetensors` file, ldmlab configs in its metadata."""
     sd = ckpt.join_sd_checkpoint(
-        parts["unet"][0] if "unet" in parts else None, parts["vae"][0] if "vae" in parts else None
+        parts["unet"].sd if "unet" in parts else None, parts["vae"].sd if "vae" in parts else None
     )
-    metadata = {"format": "pt", **{f"ldmlab.{kind}": json.dumps(cfg) for kind, (_, cfg) in parts.items()}}
+    metadata = {"format": "pt", **{f"ldmlab.{kind}": json.dumps(part.config) for kind, part in parts.items()}}
+    metadata.update({f"ldmlab.{kind}.sample_size": str(part.sample_size) for kind, part in parts.items()
+                     if part.sample_size is not None})
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(ckpt.standalone_tensors(sd), str(out), metadata=metadata)
     return [out]
@@ -115,22 +134,29 @@ def _write_diffusers(parts: dict[str, Part], out: Path, args: argparse.Namespace
     """OUT/unet and OUT/vae as diffusers model directories."""
     paths = []
     if "unet" in parts:
-        sd, cfg = parts["unet"]
-        paths.append(
-            ckpt.write_diffusers_dir(
-                unet_ldmlab_to_diffusers(sd, cfg), diffusers_unet_config(cfg), out / "unet"
-            )
-        )
+        sd, cfg, _ = parts["unet"]
+        diff_cfg = diffusers_unet_config(cfg, _sample_size(parts, "unet", args))
+        paths.append(ckpt.write_diffusers_dir(unet_ldmlab_to_diffusers(sd, cfg), diff_cfg, out / "unet"))
     if "vae" in parts:
-        sd, cfg = parts["vae"]
-        diff_cfg = ckpt.diffusers_vae_config(cfg, args.vae_scaling_factor)
+        sd, cfg, _ = parts["vae"]
+        diff_cfg = ckpt.diffusers_vae_config(cfg, args.vae_scaling_factor, _sample_size(parts, "vae", args))
         paths.append(ckpt.write_diffusers_dir(vae_map.ldmlab_to_diffusers(sd), diff_cfg, out / "vae"))
     return paths
 
 
+def _sample_size(parts: dict[str, Part], kind: str, args: argparse.Namespace) -> int:
+    """The size `kind` was trained at: from the command line, the input, or SD's default with a warning."""
+    given = getattr(args, f"{kind}_sample_size") or parts[kind].sample_size
+    if given is not None:
+        return int(given)
+    print(f"warning: --{kind} {getattr(args, kind)} does not record the size it was trained at: writing SD1.x's "
+          f"sample_size {SD_SAMPLE_SIZE[kind]}; pass --{kind}-sample-size N", file=sys.stderr)
+    return SD_SAMPLE_SIZE[kind]
+
+
 def _write_ldmlab(parts: dict[str, Part], out: Path, args: argparse.Namespace) -> list[Path]:
     """OUT/unet.safetensors and OUT/vae.safetensors."""
-    return [ckpt.save_ldmlab(sd, cfg, out / f"{kind}.safetensors", kind) for kind, (sd, cfg) in parts.items()]
+    return [ckpt.save_ldmlab(sd, cfg, out / f"{kind}.safetensors", kind, size) for kind, (sd, cfg, size) in parts.items()]
 
 
 WRITERS: dict[str, Callable[[dict[str, Part], Path, argparse.Namespace], list[Path]]] = {
@@ -159,6 +185,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--num-heads", type=int, default=8, help="--from sd without ldmlab metadata: heads (SD1.x 8)"
     )
     p.add_argument("--head-dim", type=int, default=None, help="--from sd: head width instead (SD2.x 64)")
+    for kind, what in (("unet", "latent side, e.g. 64 for SD1.x"), ("vae", "image side, e.g. 512 for SD1.x")):
+        p.add_argument(f"--{kind}-sample-size", type=int, default=None,
+                       help=f"--to diffusers: the {kind}'s sample_size ({what}) when the input does not record it")
     p.add_argument(
         "--vae-scaling-factor",
         type=float,

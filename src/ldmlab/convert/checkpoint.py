@@ -3,7 +3,9 @@
 - SD-original (CompVis LDM) single checkpoint: `model.diffusion_model.*` (U-Net) and `first_stage_model.*`
   (VAE), with ldmlab names after the prefix; optional EMA copies under `model_ema.<key without dots>`.
 - ldmlab: `unet.safetensors` / `vae.safetensors` with our names and `{"format": "ldmlab.unet"|"ldmlab.vae",
-  "config": json}` metadata (as `VAEModule.export_weights` and `LatentDiffusionModule.export_weights` write).
+  "config": json}` metadata (as `VAEModule.export_weights` and `LatentDiffusionModule.export_weights` write),
+  plus `"sample_size"` (the U-Net's latent side, the VAE's image side) where the writer knows it; and the LDM's
+  Lightning training checkpoints (`unet.*` / `vae.*` weights, `unet_config`, `vae_config`, `latent_shape`).
 - diffusers: a model directory with `config.json` + `diffusion_pytorch_model.safetensors`, loadable offline by
   `UNet2DConditionModel.from_pretrained(dir)` / `AutoencoderKL.from_pretrained(dir)`; the config JSON is
   written here from our config, so no diffusers import is needed.
@@ -16,6 +18,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -79,14 +82,49 @@ def standalone_tensors(sd: dict[str, Tensor]) -> dict[str, Tensor]:
 # ---------------------------------------------------------------- ldmlab files
 
 
-def save_ldmlab(sd: dict[str, Tensor], config: dict[str, Any], path: str | Path, kind: str) -> Path:
-    """Write `sd` (ldmlab names) with {"format": "ldmlab.<kind>", "config": json} metadata (unet / vae)."""
+def save_ldmlab(
+    sd: dict[str, Tensor], config: dict[str, Any], path: str | Path, kind: str, sample_size: int | None = None
+) -> Path:
+    """Write `sd` (ldmlab names) with {"format": "ldmlab.<kind>", "config": json[, "sample_size"]} metadata."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(
-        standalone_tensors(sd), str(path), metadata={"format": f"ldmlab.{kind}", "config": json.dumps(config)}
-    )
+    metadata = {"format": f"ldmlab.{kind}", "config": json.dumps(config)}
+    if sample_size is not None:
+        metadata["sample_size"] = str(sample_size)
+    save_file(standalone_tensors(sd), str(path), metadata=metadata)
     return path
+
+
+def ldmlab_sample_size(path: str | Path) -> int | None:
+    """The `sample_size` an ldmlab export records (the size its model was trained at), None if it has none."""
+    with safe_open(str(path), "pt") as f:
+        size = (f.metadata() or {}).get("sample_size")
+    return int(size) if size else None
+
+
+def load_training_checkpoint(
+    raw: dict[str, Any], path: Path, kind: str, ema: bool = False
+) -> tuple[dict[str, Tensor], dict[str, Any], int | None]:
+    """(state dict, config, sample size) of the U-Net or VAE in a training checkpoint `raw` read from `path`.
+
+    The LDM's holds both (`unet.*`, `vae.*`), a VAE run's the VAE (`autoencoder.*`). The sample size comes from
+    the latent shape the LDM trained on (the VAE's: times its downsampling factor); a VAE run does not record it.
+    """
+    prefix = next((p for p in (kind, "autoencoder" if kind == "vae" else None) if f"{p}_config" in raw), None)
+    if prefix is None:
+        raise ValueError(f"{path} has no '{kind}_config': give a training checkpoint (run/checkpoints/last.ckpt) "
+                         f"of a run with a {kind}, or an ldmlab {kind}.safetensors export")
+    config = dict(raw[f"{prefix}_config"])
+    sd = {k[len(prefix) + 1 :]: v for k, v in raw["state_dict"].items() if k.startswith(f"{prefix}.")}
+    if ema and kind == "unet":
+        if "EMA" not in raw.get("callbacks", {}):
+            raise ValueError(f"--ema but {path} holds no EMA weights (callbacks.ema was off): convert without --ema")
+        sd.update(raw["callbacks"]["EMA"]["shadow"])
+    latent = raw.get("latent_shape")
+    if latent is None:
+        return sd, config, None
+    factor = 2 ** (len(config["channel_mult"]) - 1) if kind == "vae" else 1  # one downsample per level but the last
+    return sd, config, int(latent[-1]) * factor
 
 
 def load_ldmlab(path: str | Path, kind: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
