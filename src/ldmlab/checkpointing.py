@@ -20,6 +20,8 @@ import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from ldmlab.utils.distributed import gather_per_rank, this_rank  # noqa: F401  (moved; re-exported)
+
 log = logging.getLogger(__name__)
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 _HPC = re.compile(r"hpc_ckpt_(\d+)\.ckpt$")  # Lightning's names for SLURM (here: any preemption) checkpoints
@@ -184,26 +186,3 @@ def resume_path(trainer: pl.Trainer, ckpt_path: str | None, resume: str | bool |
 def _announce(path: Path) -> str:
     log.info("resuming from %s (step %s)", path, checkpoint_step(path))
     return str(path)
-
-
-# ------------------------------------------------------------------ per-rank state in a rank-0 file
-
-
-def gather_per_rank(obj: Any) -> list[Any]:
-    """[obj of rank 0, obj of rank 1, ...]: states that differ per rank, saved in the one file rank 0 writes.
-
-    A collective: Lightning builds the checkpoint dict on every rank (`Trainer.save_checkpoint` must be called
-    on all of them), so every rank gets here together. [obj] without torch.distributed.
-    """
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def this_rank() -> int:
-    """The global rank of this process (0 without torch.distributed)."""
-    dist = torch.distributed
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0

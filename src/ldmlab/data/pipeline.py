@@ -37,10 +37,10 @@ from itertools import islice
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ldmlab.checkpointing import gather_per_rank
 from ldmlab.data.decoders import Decoder
 from ldmlab.data.filters import BadSample, BadSamplesError, SampleCounter
 from ldmlab.data.shards import Segment, read_segment, segments, slot_shards, worker_share, wrapped
+from ldmlab.utils.distributed import gather_per_rank
 
 log = logging.getLogger("ldmlab.data")
 MODES = ("exact", "resampled", "eval")
