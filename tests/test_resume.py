@@ -36,6 +36,7 @@ def loader_batches(loader: EpochLoader, n: int, it=None) -> tuple[list[tuple], o
         except StopIteration:
             it = iter(loader)
             continue
+        assert set(b) == {"image", "label", "text", "key"}  # the stream position travels beside the batch
         out.append((b["key"], b["image"]))
     return out, it
 
@@ -56,6 +57,7 @@ def test_stream_resumes_at_any_batch(tmp_path: Path, mode: str, workers: int) ->
     for k in (1, per_epoch - 1, per_epoch, per_epoch + 3):
         first = loader()
         head, _ = loader_batches(first, k)
+        assert first.position[:2] == divmod(k, per_epoch)  # (epoch, batches): the loader's, not a batch key
         resumed = loader()
         resumed.load_state_dict(first.state_dict())
         tail, _ = loader_batches(resumed, len(reference) - k)
