@@ -29,7 +29,7 @@ from ldmlab.data.module import ShardDataModule
 from ldmlab.data.pipeline import EpochLoader
 from ldmlab.data.shards import DataConfigError, expand_urls, segments, shard_name, sibling_url, wrapped
 
-DECODER_KEYS = {f.name for f in dataclasses.fields(ImageDecoder)}
+DECODER_KEYS = {f.name for f in dataclasses.fields(ImageDecoder) if f.init}
 
 
 def image_module(*urls: object, **kw: object) -> ShardDataModule:

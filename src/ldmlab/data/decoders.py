@@ -11,7 +11,7 @@ import io
 import json
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -133,7 +133,7 @@ class ImageDecoder:
     text_key: str | None = "txt"  # caption field: "txt", or "json:<key>"; missing → ""
     required: Sequence[str] = ()  # "label" and/or "text": samples without them are bad
     min_image_size: int = 1  # images with a shorter side below this are bad
-    uint8: bool = False
+    uint8: bool = field(default=False, init=False)  # set by for_stream: not a config key
 
     def __post_init__(self) -> None:
         self.fields = Fields(self.label_key, self.text_key, list(self.required))
@@ -142,8 +142,9 @@ class ImageDecoder:
 
     def for_stream(self, train: bool, on_device: bool = False, manifest: dict | None = None) -> ImageDecoder:
         """This decoder for training (random crop/flip as configured) or validation (centre crop, no flip)."""
-        return replace(self, random_crop=self.random_crop and train, random_flip=self.random_flip and train,
-                       uint8=on_device)
+        stream = replace(self, random_crop=self.random_crop and train, random_flip=self.random_flip and train)
+        stream.uint8 = on_device
+        return stream
 
     def __call__(self, sample: dict, rng: random.Random | None) -> tuple[np.ndarray, int, str, str]:
         """(pixels (S, S, 3) uint8, label, text, key) of a raw sample; BadSample when it is unusable."""
