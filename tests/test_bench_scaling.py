@@ -16,7 +16,8 @@ from pytorch_lightning.strategies import FSDPStrategy
 
 from ldmlab.bench import scaling
 from ldmlab.callbacks.ema import EMA
-from ldmlab.data.latents import LatentDataModule
+from ldmlab.data.latents import LatentDecoder
+from ldmlab.data.module import ShardDataModule
 from ldmlab.data.pipeline import EpochLoader
 
 CPU_RUN = ["--accelerator", "cpu", "--devices", "1,2", "--model", "unet_small", "--per-device-batch", "4",
@@ -97,11 +98,11 @@ def test_default_devices_stop_at_the_gpus_seen(monkeypatch: pytest.MonkeyPatch) 
 def test_shards_are_what_wds_latents_reads(tmp_path: Path) -> None:
     """cache_latents' format: raw latents, a label per class model, a caption per text model."""
     scaling.write_latent_shards(tmp_path, shards=2, per_shard=8, side=8, num_classes=10)
-    dm = LatentDataModule(root=str(tmp_path), batch_size=4, num_workers=0, samples_per_epoch=12)
+    dm = ShardDataModule(root=str(tmp_path), decoder=LatentDecoder(), batch_size=4, num_workers=0, samples_per_epoch=12)
     batch = next(iter(EpochLoader(dm.make_train_set())))
     assert batch["latent"].shape == (4, 4, 8, 8) and batch["latent"].dtype == torch.float32
     assert all(0 <= label < 10 for label in batch["label"].tolist()) and all(t.split() for t in batch["text"])
-    assert dm.latent_shape == (4, 8, 8)
+    assert dm.make_decoder(train=True).shape == (4, 8, 8)  # from the manifest
 
 
 def test_resume_check_sees_a_single_bit(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

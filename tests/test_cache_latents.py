@@ -16,8 +16,9 @@ from safetensors.torch import save_file
 
 from ldmlab.cache_latents import main as cache_main
 from ldmlab.data.decoders import open_image
-from ldmlab.data.latents import LatentDataModule, load_npy
+from ldmlab.data.latents import LatentDecoder, load_npy
 from ldmlab.data.make_shards import main as make_shards_main
+from ldmlab.data.module import ShardDataModule
 from ldmlab.data.pipeline import EpochLoader
 from ldmlab.data.transforms import ImageTransform
 from ldmlab.nn.autoencoder import AutoencoderKL
@@ -48,7 +49,7 @@ def setup(tmp_path_factory) -> dict:
 
 def run_cache(setup: dict, out: Path, *extra: str) -> Path:
     return cache_main([f"vae={setup['vae_path']}", f"out={out}", "data=wds", f"data.root={setup['shards']}",
-                       "data.image_size=16", "trainer=cpu", "batch_size=3", "num_workers=0",
+                       "data.decoder.image_size=16", "trainer=cpu", "batch_size=3", "num_workers=0",
                        f"paths.root_dir={setup['tmp']}", *extra])
 
 
@@ -63,7 +64,7 @@ def reference(setup: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor, int, s
     return out
 
 
-def all_batches(dm: LatentDataModule) -> list[dict]:
+def all_batches(dm: ShardDataModule) -> list[dict]:
     dm.setup("fit")
     return list(EpochLoader(dm.train_set)) + list(EpochLoader(dm.val_set))
 
@@ -86,15 +87,15 @@ def test_cached_latents_are_the_vae_posterior_with_labels_and_captions(setup, tm
 
     # data=wds_latents: raw means with sample_posterior=false, mean + std·ε (seeded) otherwise
     kw = {"root": str(out), "batch_size": 1, "num_workers": 0, "shuffle_buffer": 0}
-    batches = all_batches(LatentDataModule(sample_posterior=False, **kw))
+    batches = all_batches(ShardDataModule(decoder=LatentDecoder(sample_posterior=False), **kw))
     assert len(batches) == 18 and set(batches[0]) == {"latent", "label", "text", "key"}
     for b in batches:
         mean, std, label, text = ref[b["key"][0]]
         assert b["latent"].dtype == torch.float32 and b["latent"].shape == (1, 4, 8, 8)
         torch.testing.assert_close(b["latent"][0], mean, rtol=1e-3, atol=1e-4)
         assert b["label"].tolist() == [label] and b["text"] == [text]
-    sampled = all_batches(LatentDataModule(sample_posterior=True, seed=3, **kw))
-    again = all_batches(LatentDataModule(sample_posterior=True, seed=3, **kw))
+    sampled = all_batches(ShardDataModule(decoder=LatentDecoder(sample_posterior=True), seed=3, **kw))
+    again = all_batches(ShardDataModule(decoder=LatentDecoder(sample_posterior=True), seed=3, **kw))
     eps = torch.stack([(b["latent"][0] - ref[b["key"][0]][0]) / ref[b["key"][0]][1] for b in sampled])
     assert abs(eps.mean()) < 0.1 and abs(eps.std() - 1) < 0.1  # ε ~ N(0, I)
     assert all(torch.equal(a["latent"], b["latent"]) for a, b in zip(sampled, again))
@@ -118,4 +119,4 @@ def test_resume_skips_finished_shards_and_refuses_a_different_setup(setup, tmp_p
     assert "latent.npy" in sample and "mean.npy" not in sample
     refused = r"holds a cache made with different \['image_size'.*choose another out"
     with pytest.raises(ValueError, match=refused):
-        run_cache(setup, out, "sample=true", "splits=[train]", "data.image_size=8")
+        run_cache(setup, out, "sample=true", "splits=[train]", "data.decoder.image_size=8")

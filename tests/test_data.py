@@ -11,10 +11,15 @@ import pytest
 import torch
 import webdataset as wds
 from PIL import Image
+from test_data_pipeline import image_module
 
 from ldmlab.data import demo
-from ldmlab.data.demo import build_demo_shards, class_names, cut_crop, load_photo
+from ldmlab.data.decoders import ImageDecoder
+from ldmlab.data.demo import DemoShards, build_demo_shards, class_names, cut_crop, load_photo
 from ldmlab.data.filters import BadSamplesError
+from ldmlab.data.module import ShardDataModule
+from ldmlab.data.pipeline import EpochLoader, ShardStream
+from ldmlab.data.shards import count_samples, expand_urls, slot_shards
 from ldmlab.data.transforms import (
     ImageTransform,
     center_crop,
@@ -23,15 +28,6 @@ from ldmlab.data.transforms import (
     resize_shorter,
     to_pil,
     to_tensor,
-)
-from ldmlab.data.wds import (
-    DemoDataModule,
-    EpochLoader,
-    ShardStream,
-    WebDatasetDataModule,
-    count_samples,
-    expand_urls,
-    slot_shards,
 )
 
 SMALL = {"crop_size": 16, "crops_per_image": 20, "val_crops_per_image": 6, "shard_size": 50}
@@ -173,8 +169,9 @@ def test_transforms():
 
 def test_demo_datamodule_batches(demo_dir):
     # batch 10: each of the 2 workers holds 2 shards of 50 = exactly its 10 batches, so the epoch is exact
-    dm = DemoDataModule(data_dir=str(demo_dir.parent.parent), batch_size=10, num_workers=2, seed=0, **SMALL)
-    assert dm.dataset_dir == demo_dir and dm.num_classes == 10 and dm.class_names == class_names()
+    source = DemoShards(data_dir=str(demo_dir.parent.parent), seed=0, **SMALL)
+    dm = ShardDataModule(source=source, decoder=ImageDecoder(SMALL["crop_size"]), batch_size=10, num_workers=2)
+    assert dm.root == str(demo_dir) and dm.num_classes == 10 and dm.class_names == class_names()
     dm.prepare_data()
     dm.setup("fit")
     loader = dm.train_dataloader()
@@ -196,20 +193,20 @@ def test_demo_datamodule_batches(demo_dir):
 
 
 def test_brace_urls_and_clear_errors(demo_dir, tmp_path):
-    dm = WebDatasetDataModule(str(demo_dir / "train-{000000..000003}.tar"), [str(demo_dir / "val-00000[01].tar")],
+    dm = image_module(str(demo_dir / "train-{000000..000003}.tar"), [str(demo_dir / "val-00000[01].tar")],
                               batch_size=16, num_workers=0, image_size=8, random_crop=True)
     dm.setup("fit")
     b = next(iter(dm.train_dataloader()))
     assert b["image"].shape == (16, 3, 8, 8) and dm.num_classes == 10
     with pytest.raises(FileNotFoundError, match=r"no shards match .*nowhere.*brace expansions"):
-        WebDatasetDataModule(str(tmp_path / "nowhere-{000000..000003}.tar")).setup("fit")
+        image_module(str(tmp_path / "nowhere-{000000..000003}.tar")).setup("fit")
     with pytest.raises(FileNotFoundError, match="1 of 5 shards"):
         expand_urls(str(demo_dir / "train-{000000..000004}.tar"))
     bad = tmp_path / "bad-000000.tar"
     with wds.TarWriter(str(bad), encoder=False) as sink:
         sink.write({"__key__": "orphan", "cls": b"3"})
     with pytest.raises(BadSamplesError, match=r"sample 'orphan' in shard '.*bad-000000.tar' has no image"):
-        next(iter(WebDatasetDataModule(str(bad), batch_size=1, num_workers=0).make_train_set()))
+        next(iter(image_module(str(bad), batch_size=1, num_workers=0).make_train_set()))
 
 
 # ---------------------------------------------------------------- equal batches on every rank
@@ -238,7 +235,7 @@ def test_slot_shards_split_like_webdataset():
 def test_every_rank_gets_equal_batches_from_uneven_shards(tmp_path, samples_per_epoch):
     urls = write_uneven_shards(tmp_path, [10, 3, 1])
     assert count_samples(expand_urls(urls)) == 14  # no manifest here: counted from the tar headers
-    dm = WebDatasetDataModule(urls, urls, batch_size=2, image_size=8, samples_per_epoch=samples_per_epoch,
+    dm = image_module(urls, urls, batch_size=2, image_size=8, samples_per_epoch=samples_per_epoch,
                               shuffle_buffer=4)
     expected = (samples_per_epoch or 14) // (2 * 2)
     for num_workers in (0, 2):
@@ -254,7 +251,7 @@ def test_every_rank_gets_equal_batches_from_uneven_shards(tmp_path, samples_per_
 
 def test_val_split_covers_every_sample_once_across_ranks(tmp_path):
     urls = write_uneven_shards(tmp_path, [10, 3, 1])
-    dm = WebDatasetDataModule(urls, urls, batch_size=7, image_size=8)
+    dm = image_module(urls, urls, batch_size=7, image_size=8)
     keys = [[k for b in EpochLoader(dm.make_val_set(r, 2), num_workers=2) for k in b["key"]] for r in (0, 1)]
     assert not set(keys[0]) & set(keys[1]) and len(set(keys[0]) | set(keys[1])) == 14
     assert isinstance(dm.make_val_set(0, 2), ShardStream)

@@ -16,7 +16,7 @@ SCRIPT = textwrap.dedent('''
     import io, json, sys
     import numpy as np, pytorch_lightning as pl, torch, webdataset as wds
     from PIL import Image
-    from ldmlab.data.wds import WebDatasetDataModule
+    from ldmlab.data import ImageDecoder, ShardDataModule
 
     out, samples_per_epoch = sys.argv[1], (int(sys.argv[2]) or None)
 
@@ -53,8 +53,8 @@ SCRIPT = textwrap.dedent('''
                     Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(buf, format="PNG")
                     sink.write({"__key__": f"s{i}_{j}", "png": buf.getvalue(), "cls": str(i).encode()})
         urls = f"{out}/u-{{000000..000002}}.tar"
-        dm = WebDatasetDataModule(urls, urls, batch_size=2, num_workers=1, image_size=8,
-                                  samples_per_epoch=samples_per_epoch, shuffle_buffer=4)
+        dm = ShardDataModule(urls, urls, decoder=ImageDecoder(8), batch_size=2, num_workers=1,
+                             samples_per_epoch=samples_per_epoch, shuffle_buffer=4)
         trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, logger=False,
                              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                              num_sanity_val_steps=0)
@@ -95,7 +95,7 @@ def test_cache_latents_on_two_ranks_matches_one(tmp_path: Path):
     setup = make_setup(tmp_path / "cache")
     one = run_cache(setup, tmp_path / "one")
     cmd = [sys.executable, "-m", "ldmlab.cache_latents", f"vae={setup['vae_path']}", f"out={tmp_path / 'two'}",
-           "data=wds", f"data.root={setup['shards']}", "data.image_size=16", "trainer=ddp",
+           "data=wds", f"data.root={setup['shards']}", "data.decoder.image_size=16", "trainer=ddp",
            "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true", "batch_size=3",
            "num_workers=1", f"paths.root_dir={tmp_path}"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "MASTER_ADDR": "127.0.0.1"}

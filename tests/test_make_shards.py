@@ -14,9 +14,10 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from ldmlab.data.decoders import ImageDecoder
 from ldmlab.data.make_shards import main as make_shards_main
+from ldmlab.data.module import ShardDataModule
 from ldmlab.data.transforms import to_tensor
-from ldmlab.data.wds import WebDatasetDataModule
 from ldmlab.lit.vae import VAEModule
 from ldmlab.nn.autoencoder import AutoencoderKL
 from ldmlab.nn.discriminator import NLayerDiscriminator
@@ -49,7 +50,7 @@ def test_folder_round_trips_through_the_loader_and_a_training_step(tmp_path):
     assert "broken.jpg" in manifest["skipped_examples"][0]
     assert json.loads((out / "classes.json").read_text()) == CLASSES
 
-    dm = WebDatasetDataModule(root=str(out), batch_size=6, num_workers=0, image_size=16, random_flip=False)
+    dm = ShardDataModule(root=str(out), decoder=ImageDecoder(16, random_flip=False), batch_size=6, num_workers=0)
     dm.setup("fit")
     seen = {}
     for loader in (dm.train_dataloader(), dm.val_dataloader()):

@@ -160,22 +160,22 @@ def test_preset_stages_compose_and_fit_together(preset: str, tmp_path: Path) -> 
         vae = compose_stage(cfg, tmp_path / "vae", overrides(cfg, "vae"))
         ldm = compose_stage(cfg, tmp_path / "ldm", overrides(cfg, "ldm"))
     autoencoder = hydra.utils.instantiate(vae.model.autoencoder)
-    assert autoencoder.downsample_factor >= 4 and vae.data._target_.endswith("DemoDataModule")
-    assert ldm.model.unet.in_channels == autoencoder.embed_dim and ldm.data._target_.endswith("LatentDataModule")
+    assert autoencoder.downsample_factor >= 4 and vae.data.source._target_.endswith("DemoShards")
+    assert ldm.model.unet.in_channels == autoencoder.embed_dim and ldm.data.decoder._target_.endswith("LatentDecoder")
     assert ldm.model.vae.path == f"{tmp_path}/vae/export/vae.safetensors" and ldm.data.root == f"{tmp_path}/latents"
     assert ldm.model.p_uncond > 0 and ldm.model.conditioner.num_classes == 10
     assert vae.trainer.max_steps == cfg.vae.steps and ldm.trainer.max_steps == cfg.ldm.steps
     assert vae.paths.output_dir == str(tmp_path / "vae")
     if preset.endswith("gpu"):
         assert vae.trainer.precision == ldm.trainer.precision == "bf16-mixed"
-        assert vae.trainer.accelerator == ldm.trainer.accelerator == "gpu" and vae.data.crop_size == 64
+        assert vae.trainer.accelerator == ldm.trainer.accelerator == "gpu" and vae.data.source.crop_size == 64
 
 
 # ---------------------------------------------------------------- end to end
 
 
 TINY = ["vae.steps=6", "vae.val_every=3", "vae.batch_size=8", "ldm.steps=6", "ldm.val_every=3", "ldm.batch_size=8",
-        'vae.extra=["data.crops_per_image=30","data.val_crops_per_image=6","data.num_workers=1"]',
+        'vae.extra=["data.source.crops_per_image=30","data.source.val_crops_per_image=6","data.num_workers=1"]',
         'ldm.extra=["model.sampler.num_steps=2"]', 'common=["trainer.limit_val_batches=1","trainer.log_every_n_steps=2"]', "latents.num_workers=0",
         "classifier.epochs=2", "classifier.width=4", "classifier.batch_size=32",
         "sample.per_class=3", "sample.grid_columns=5", "sample.steps=3", "sample.guidance=[1.0,3.0]"]

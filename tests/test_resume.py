@@ -18,11 +18,10 @@ import pytorch_lightning as pl
 import torch
 from conftest import REPO, shared_data_dir
 from pytorch_lightning.callbacks import ModelCheckpoint
-from test_data_pipeline import corrupt_shards, write_shards
+from test_data_pipeline import corrupt_shards, image_module, write_shards
 
 from ldmlab.checkpointing import newest_checkpoint, resume_path
 from ldmlab.data.pipeline import EpochLoader
-from ldmlab.data.wds import WebDatasetDataModule
 from ldmlab.loggers import ContinuingCSVLogger
 
 # ---------------------------------------------------------------- the data position, in-process
@@ -37,6 +36,7 @@ def loader_batches(loader: EpochLoader, n: int, it=None) -> tuple[list[tuple], o
         except StopIteration:
             it = iter(loader)
             continue
+        assert set(b) == {"image", "label", "text", "key"}  # the stream position travels beside the batch
         out.append((b["key"], b["image"]))
     return out, it
 
@@ -48,9 +48,8 @@ def test_stream_resumes_at_any_batch(tmp_path: Path, mode: str, workers: int) ->
     urls, _ = corrupt_shards(tmp_path)
 
     def loader() -> EpochLoader:
-        dm = WebDatasetDataModule(urls, batch_size=3, image_size=8, random_flip=True, shuffle_buffer=4, seed=1,
-                                  max_bad_fraction=0.5, num_workers=workers,
-                                  samples_per_epoch=21 if mode == "resampled" else None)
+        dm = image_module(urls, batch_size=3, image_size=8, random_flip=True, shuffle_buffer=4, seed=1,
+                          max_bad_fraction=0.5, num_workers=workers, samples_per_epoch=21 if mode == "resampled" else None)
         return EpochLoader(dm.make_train_set(), num_workers=workers)
 
     per_epoch = len(loader())
@@ -58,6 +57,7 @@ def test_stream_resumes_at_any_batch(tmp_path: Path, mode: str, workers: int) ->
     for k in (1, per_epoch - 1, per_epoch, per_epoch + 3):
         first = loader()
         head, _ = loader_batches(first, k)
+        assert first.position[:2] == divmod(k, per_epoch)  # (epoch, batches): the loader's, not a batch key
         resumed = loader()
         resumed.load_state_dict(first.state_dict())
         tail, _ = loader_batches(resumed, len(reference) - k)
@@ -88,7 +88,7 @@ def test_trainer_resume_continues_the_epoch_or_starts_the_next(tmp_path: Path) -
 
     def fit(run: Path, steps: int, ckpt: str | None = None) -> list:
         seen: list = []
-        dm = WebDatasetDataModule(urls, batch_size=3, num_workers=2, image_size=8, shuffle_buffer=5, seed=1)
+        dm = image_module(urls, batch_size=3, num_workers=2, image_size=8, shuffle_buffer=5, seed=1)
         last = ModelCheckpoint(dirpath=run, filename="last", every_n_train_steps=1, enable_version_counter=False)
         trainer = pl.Trainer(max_steps=steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
                              default_root_dir=run, callbacks=[last], limit_val_batches=0)

@@ -1,7 +1,7 @@
 """Encode image shards into latent shards with a trained VAE, once, so LDM training never runs the encoder.
 
     python -m ldmlab.cache_latents vae=<.ckpt | vae.safetensors | SD ckpt | diffusers dir> out=<dir>
-        [data=wds 'data.train_urls="/data/laion/{000000..000999}.tar"' data.image_size=256]
+        [data=wds 'data.train_urls="/data/laion/{000000..000999}.tar"' data.decoder.image_size=256]
         [trainer=gpu trainer.devices=8] [sample=false] [batch_size=32]
 
 `data=...`, `trainer=...` and `paths.*` compose exactly as for train.py (default: the demo data on the CPU);
@@ -38,10 +38,10 @@ from ldmlab.data.cli import parse_args, split_args
 from ldmlab.data.decoders import ImageDecoder
 from ldmlab.data.filters import BadSample, SampleCounter
 from ldmlab.data.latents import load_npy, npy_bytes
-from ldmlab.data.shards import MANIFEST, read_segment, scan_count, shard_count
+from ldmlab.data.module import ShardDataModule
+from ldmlab.data.shards import MANIFEST, DataConfigError, read_segment, scan_count, shard_count
 from ldmlab.data.tarstream import shard_samples
 from ldmlab.data.transforms import normalize, to_batch
-from ldmlab.data.wds import WebDatasetDataModule
 from ldmlab.validate import ConfigError
 from ldmlab.validate.files import checkpoint_problems
 
@@ -185,7 +185,7 @@ def make_fabric(trainer: DictConfig) -> Fabric:
                   strategy="ddp" if strategy.startswith("ddp") else strategy)
 
 
-def plan_jobs(dm: WebDatasetDataModule, splits: Sequence[str]) -> list[Job]:
+def plan_jobs(dm: ShardDataModule, splits: Sequence[str]) -> list[Job]:
     """One job per input shard of each split, in the DataModule's url order."""
     jobs = []
     for split in splits:
@@ -205,7 +205,7 @@ def check_plan(out: Path, plan: dict) -> None:
                          f"delete it to start over")
 
 
-def write_manifest(out: Path, jobs: Sequence[Job], plan: dict, dm: WebDatasetDataModule) -> dict:
+def write_manifest(out: Path, jobs: Sequence[Job], plan: dict, dm: ShardDataModule) -> dict:
     """manifest.json of the finished cache: per-shard counts (loader epoch length) and latent shape."""
     counts = {j.name: scan_count(str(out / j.name)) for j in jobs}
     splits = {s: {"samples": sum(c for n, c in counts.items() if n.startswith(f"{s}-")),
@@ -223,13 +223,13 @@ def write_manifest(out: Path, jobs: Sequence[Job], plan: dict, dm: WebDatasetDat
     return manifest
 
 
-def encode_jobs(fabric: Fabric, jobs: Sequence[Job], dm: WebDatasetDataModule,
+def encode_jobs(fabric: Fabric, jobs: Sequence[Job], dm: ShardDataModule,
                 args: CacheArgs) -> SampleCounter:
     """Encode this rank's shards with a progress bar (rank 0's); returns the bad-sample counter."""
     from ldmlab.convert.load import load_vae
 
     vae = load_vae(args.vae).to(fabric.device).requires_grad_(False)
-    counter = SampleCounter(dm.max_bad_fraction, dm.bad_check_after)
+    counter = SampleCounter(dm.stream.max_bad_fraction, dm.stream.bad_check_after)
     loader = DataLoader(ShardBatches(jobs, dm.make_decoder(train=False), args.batch_size, counter),
                         batch_size=None, num_workers=args.num_workers)
     writer = LatentShardWriter(Path(args.out), args.sample, args.seed)
@@ -253,14 +253,15 @@ def cache_latents(args: CacheArgs, cfg: DictConfig) -> Path:
     fabric = make_fabric(cfg.trainer)
     fabric.launch()
     dm = hydra.utils.instantiate(cfg.data)
-    if not isinstance(dm, WebDatasetDataModule):
-        raise TypeError(f"data={type(dm).__name__} is not an image DataModule: use data=wds, demo or folder")
+    if not isinstance(dm, ShardDataModule) or not isinstance(dm.decoder, ImageDecoder):
+        raise DataConfigError(f"data.decoder={type(getattr(dm, 'decoder', dm)).__name__} does not decode images: "
+                              f"use data=wds, demo or folder")
     if fabric.local_rank == 0:
         dm.prepare_data()  # e.g. the demo builds its shards
         out.mkdir(parents=True, exist_ok=True)
     fabric.barrier()
     jobs = plan_jobs(dm, args.splits)
-    plan = {"vae": str(Path(args.vae).resolve()), "image_size": dm.image_size,
+    plan = {"vae": str(Path(args.vae).resolve()), "image_size": dm.decoder.image_size,
             "mode": "sample" if args.sample else "mean_std", "seed": args.seed,
             "sources": {j.name: j.url for j in jobs}}
     if fabric.global_rank == 0 and not (out / PLAN).is_file():

@@ -304,25 +304,3 @@ class TopKCheckpoint(_LightningStateKey, ModelCheckpoint):
             return True
         return super()._should_remove_checkpoint(trainer, previous, current)
 
-
-# ------------------------------------------------------------------ per-rank state in a rank-0 file
-
-
-def gather_per_rank(obj: Any) -> list[Any]:
-    """[obj of rank 0, obj of rank 1, ...]: states that differ per rank, saved in the one file rank 0 writes.
-
-    A collective: Lightning builds the checkpoint dict on every rank (`Trainer.save_checkpoint` must be called
-    on all of them), so every rank gets here together. [obj] without torch.distributed.
-    """
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def this_rank() -> int:
-    """The global rank of this process (0 without torch.distributed)."""
-    dist = torch.distributed
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0

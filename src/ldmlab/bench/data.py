@@ -34,11 +34,12 @@ import webdataset as wds
 from PIL import Image, features
 
 from ldmlab.data.cli import parse_args
+from ldmlab.data.decoders import ImageDecoder
 from ldmlab.data.demo import class_names, load_photo
-from ldmlab.data.latents import LatentDataModule, npy_bytes
+from ldmlab.data.latents import LatentDecoder, npy_bytes
 from ldmlab.data.make_shards import MakeShardsArgs, make_shards
+from ldmlab.data.module import ShardDataModule
 from ldmlab.data.pipeline import EpochLoader
-from ldmlab.data.wds import WebDatasetDataModule
 
 DOC = Path(__file__).resolve().parents[3] / "docs" / "BENCHMARKS.md"
 HEADING = "## Data loader"
@@ -101,13 +102,12 @@ def bare_decode(paths: list[Path], chunk: int) -> Iterator[int]:
         yield chunk
 
 
-def batches(dm, workers: int, uint8: bool = False) -> Iterator[int]:
+def batches(dm: ShardDataModule, workers: int, uint8: bool = False) -> Iterator[int]:
     """Batch sizes of a DataModule's training stream, epoch after epoch.
 
     uint8=True: the batches a Trainer gets (pixels normalised later, on the device).
     """
-    dm.uint8_transfer = uint8
-    loader = EpochLoader(dm.make_train_set(), num_workers=workers)
+    loader = EpochLoader(dm.make_train_set(on_device=uint8), num_workers=workers)
     while True:
         for batch in loader:
             yield len(batch["key"])
@@ -151,17 +151,23 @@ def run_benchmark(args: BenchArgs, tmp: Path) -> tuple[dict[str, dict[str, float
     paths = make_jpegs(tmp / "jpeg", args.n, args.size)
     make_shards(MakeShardsArgs(src=str(tmp / "jpeg"), out=str(tmp / "shards"), max_count=500))
     make_latent_shards(tmp / "latents", args.n, (4, args.size // 8, args.size // 8))
-    images = {"root": str(tmp / "shards"), "image_size": args.size, "random_crop": True, "random_flip": True,
-              "batch_size": args.batch_size, "shuffle_buffer": 1000}
-    latents = {"root": str(tmp / "latents"), "batch_size": args.batch_size, "shuffle_buffer": 1000}
+    stream = {"batch_size": args.batch_size, "shuffle_buffer": 1000}
+
+    def images() -> ShardDataModule:
+        decoder = ImageDecoder(args.size, random_crop=True, random_flip=True)
+        return ShardDataModule(root=str(tmp / "shards"), decoder=decoder, **stream)
+
+    def latents() -> ShardDataModule:
+        return ShardDataModule(root=str(tmp / "latents"), decoder=LatentDecoder(), **stream)
+
     torch.set_num_threads(1)  # one core per worker, as DataLoader workers run
     total = args.n * args.repeats
     per_worker = measure({"bare decode": bare_decode(paths, args.batch_size),
-                          "ours": batches(WebDatasetDataModule(**images), 0, uint8=True),
-                          "ours, float32 in worker": batches(WebDatasetDataModule(**images), 0),
-                          "latents": batches(LatentDataModule(**latents), 0)}, total)
-    loaders = measure({"ours": batches(WebDatasetDataModule(**images), args.workers, uint8=True),
-                       "latents": batches(LatentDataModule(**latents), args.workers)}, total // 2)
+                          "ours": batches(images(), 0, uint8=True),
+                          "ours, float32 in worker": batches(images(), 0),
+                          "latents": batches(latents(), 0)}, total)
+    loaders = measure({"ours": batches(images(), args.workers, uint8=True),
+                       "latents": batches(latents(), args.workers)}, total // 2)
     return {"per worker": per_worker, "loader": loaders}, env
 
 

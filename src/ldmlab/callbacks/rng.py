@@ -18,7 +18,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from ldmlab.checkpointing import gather_per_rank, this_rank
+from ldmlab.utils.distributed import gather_per_rank, this_rank
 
 log = logging.getLogger(__name__)
 

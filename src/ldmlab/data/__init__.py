@@ -1,4 +1,4 @@
-"""WebDataset pipelines, transforms, shard writer, latent cache and DataModules.
+"""WebDataset pipelines, decoders, transforms, shard writer and sources, and the one shard DataModule.
 
 Names are imported lazily (PEP 562), so `python -m ldmlab.data.make_shards` starts without importing
 Lightning.
@@ -10,15 +10,16 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "ldmlab.data.demo": ["DemoSpec", "build_demo_shards", "class_names", "load_photo"],
+    "ldmlab.data.demo": ["DemoShards", "DemoSpec", "build_demo_shards", "class_names", "load_photo"],
     "ldmlab.data.transforms": ["ImageTransform", "center_crop", "random_crop", "random_hflip", "resize_shorter",
                                "to_tensor"],
-    "ldmlab.data.shards": ["count_samples", "expand_urls"],
-    "ldmlab.data.pipeline": ["EpochLoader", "ShardStream"],
+    "ldmlab.data.shards": ["DataConfigError", "count_samples", "expand_urls"],
+    "ldmlab.data.pipeline": ["EpochLoader", "ShardStream", "StreamPosition"],
     "ldmlab.data.filters": ["BadSamplesError"],
-    "ldmlab.data.wds": ["DemoDataModule", "ShardDataModule", "WebDatasetDataModule"],
-    "ldmlab.data.latents": ["LatentDataModule"],
-    "ldmlab.data.folder": ["FolderDataModule"],
+    "ldmlab.data.decoders": ["Decoder", "ImageDecoder"],
+    "ldmlab.data.latents": ["LatentDecoder"],
+    "ldmlab.data.module": ["ShardDataModule", "ShardSource", "StreamSettings"],
+    "ldmlab.data.folder": ["FolderShards"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = [name for names in _EXPORTS.values() for name in names]

@@ -11,6 +11,7 @@ import io
 import json
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -18,18 +19,27 @@ import torch
 from PIL import Image
 
 from ldmlab.data.filters import BadSample
-from ldmlab.data.transforms import ImageTransform, to_batch
+from ldmlab.data.transforms import ImageTransform, normalize, to_batch
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-BATCH_FIELDS = ("label", "text")  # what data.required may list
+BATCH_FIELDS = ("label", "text")  # what data.decoder.required may list
 
 
 class Decoder(Protocol):
-    """Turns raw samples into items and items into a batch."""
+    """Turns raw samples into items and items into a batch; the DataModule's injected part (conf/data/*.yaml).
+
+    The configured decoder is a template: `for_stream` gives the one a stream runs (augmenting or not, and with
+    what the shards' manifest says); `on_device` finishes a batch after its host→device transfer, the part of
+    decoding that is cheaper there (the DataModule's `on_after_batch_transfer` calls it).
+    """
 
     def __call__(self, sample: dict, rng: random.Random) -> Any: ...
 
     def collate(self, items: list, rng: random.Random) -> dict: ...
+
+    def for_stream(self, train: bool, on_device: bool = False, manifest: dict | None = None) -> Decoder: ...
+
+    def on_device(self, batch: dict) -> dict: ...
 
 
 def where(sample: dict) -> str:
@@ -61,10 +71,10 @@ class Fields:
                  required: Sequence[str] = ()) -> None:
         unknown = set(required) - set(BATCH_FIELDS)
         if unknown:
-            raise ValueError(f"data.required lists {sorted(unknown)}: it may only list {list(BATCH_FIELDS)}")
+            raise ValueError(f"data.decoder.required lists {sorted(unknown)}: it may only list {list(BATCH_FIELDS)}")
         for name in required:
             if {"label": label_key, "text": text_key}[name] is None:
-                raise ValueError(f"data.required lists {name!r} but data.{name}_key is null: set the field")
+                raise ValueError(f"data.decoder.required lists {name!r} but data.decoder.{name}_key is null: set the field")
         self.label_key, self.text_key, self.required = label_key, text_key, set(required)
 
     def __call__(self, sample: dict) -> tuple[int, str]:
@@ -84,8 +94,8 @@ class Fields:
         """The value behind batch field `name`; BadSample naming key and shard when required and absent."""
         value = get_field(sample, key) if key else None
         if value is None and name in self.required:
-            raise BadSample("missing", f"{where(sample)} has no {key!r} field (data.{name}_key={key!r}, "
-                                       f"required by data.required): fix the shards or drop {name!r} from it")
+            raise BadSample("missing", f"{where(sample)} has no {key!r} field (data.decoder.{name}_key={key!r}, "
+                                       f"required by data.decoder.required): fix the shards or drop {name!r} from it")
         return value
 
 
@@ -107,20 +117,41 @@ def open_image(sample: dict) -> Image.Image:
     return image
 
 
+@dataclass
 class ImageDecoder:
-    """Raw sample → (pixels (S, S, 3) uint8, label, text, key); collate makes (B, 3, S, S) in [-1, 1]."""
+    """Raw sample → (pixels (S, S, 3) uint8, label, text, key); collate makes (B, 3, S, S) in [-1, 1].
 
-    def __init__(self, transform: ImageTransform, fields: Fields | None = None, min_size: int = 1,
-                 uint8: bool = False) -> None:
-        self.transform, self.fields, self.min_size = transform, fields or Fields(), max(1, min_size)
-        self.uint8 = uint8  # batches keep uint8 pixels; the DataModule normalises them on the device
+    `uint8=True` (set by `for_stream(on_device=True)`, i.e. under a Trainer): batches keep the pixels as uint8
+    (B, S, S, 3) and `on_device` maps them to float there. The float conversion costs as much as the JPEG decode
+    on a CPU core, and uint8 crosses the process and host→device boundaries at a quarter of the bytes.
+    """
+
+    image_size: int = 256
+    random_crop: bool = False
+    random_flip: bool = True
+    label_key: str | None = "cls"  # label field: "cls", or "json:<key>"; missing → -1
+    text_key: str | None = "txt"  # caption field: "txt", or "json:<key>"; missing → ""
+    required: Sequence[str] = ()  # "label" and/or "text": samples without them are bad
+    min_image_size: int = 1  # images with a shorter side below this are bad
+    uint8: bool = field(default=False, init=False)  # set by for_stream: not a config key
+
+    def __post_init__(self) -> None:
+        self.fields = Fields(self.label_key, self.text_key, list(self.required))
+        self.transform = ImageTransform(self.image_size, self.random_crop, self.random_flip)
+        self.min_image_size = max(1, self.min_image_size)
+
+    def for_stream(self, train: bool, on_device: bool = False, manifest: dict | None = None) -> ImageDecoder:
+        """This decoder for training (random crop/flip as configured) or validation (centre crop, no flip)."""
+        stream = replace(self, random_crop=self.random_crop and train, random_flip=self.random_flip and train)
+        stream.uint8 = on_device
+        return stream
 
     def __call__(self, sample: dict, rng: random.Random | None) -> tuple[np.ndarray, int, str, str]:
         """(pixels (S, S, 3) uint8, label, text, key) of a raw sample; BadSample when it is unusable."""
         image = open_image(sample)
-        if min(image.size) < self.min_size:
+        if min(image.size) < self.min_image_size:
             raise BadSample("shape", f"{where(sample)}: image is {image.size[0]}×{image.size[1]}, shorter side "
-                                     f"below data.min_image_size={self.min_size}")
+                                     f"below data.decoder.min_image_size={self.min_image_size}")
         label, text = self.fields(sample)
         return self.transform.pixels(image, rng), label, text, sample["__key__"]
 
@@ -129,3 +160,9 @@ class ImageDecoder:
         images, labels, texts, keys = zip(*items)
         return {"image": to_batch(images, self.uint8), "label": torch.tensor(labels, dtype=torch.int64),
                 "text": list(texts), "key": list(keys)}
+
+    def on_device(self, batch: dict) -> dict:
+        """uint8 pixels → float32 in [-1, 1] (the same numbers `collate` makes on the host)."""
+        if batch["image"].dtype == torch.uint8:
+            batch["image"] = normalize(batch["image"])
+        return batch

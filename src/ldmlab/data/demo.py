@@ -249,3 +249,23 @@ def _build_into(out: Path, spec: DemoSpec) -> None:
         "counts": counts,
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")  # written last: marks "complete"
+
+
+class DemoShards:
+    """`data=demo`'s shard source: the crops of `DemoSpec`, built once under `<data_dir>/demo/<spec name>/`."""
+
+    def __init__(self, data_dir: str = "data", crop_size: int = 32, crops_per_image: int = 500,
+                 val_crops_per_image: int = 50, seed: int = 0, scale: Sequence[float] | None = None,
+                 grayscale: bool = False, shard_size: int = 500) -> None:
+        self.data_dir = data_dir
+        self.spec = DemoSpec(crop_size, crops_per_image, val_crops_per_image, seed, as_scale(scale),
+                             grayscale=grayscale, shard_size=shard_size)
+
+    @property
+    def root(self) -> str:
+        """The directory the shards, classes.json and manifest.json are (or will be) in."""
+        return str(Path(self.data_dir) / "demo" / self.spec.dirname())
+
+    def prepare(self) -> None:
+        """Build the shards unless they exist (atomic: concurrent builders keep the first one's result)."""
+        build_demo_shards(self.data_dir, spec=self.spec)

@@ -13,7 +13,7 @@ import multiprocessing
 log = logging.getLogger("ldmlab.data")
 
 KINDS = ("undecodable", "missing", "shape", "shard")  # why a sample was skipped
-_LOGGED_PER_PROCESS = 5  # full messages per worker; later ones are only counted (the summary has them)
+_LOGGED_PER_PROCESS = 5  # full messages (events) per worker; later ones are only counted (the summary has them)
 
 
 class BadSample(Exception):
@@ -42,6 +42,7 @@ class SampleCounter:
         self.max_bad_fraction, self.min_samples = max_bad_fraction, min_samples
         self._counts = multiprocessing.Array("q", 1 + len(KINDS))  # [good, bad per kind]; has a lock
         self._local = [0, 0]  # this process's [good, bad]: a worker that never sees a good sample stops
+        self._events = 0  # this process's bad events: a shard that lost n samples is one event, logged whole
         self._first: str | None = None
 
     def good(self, n: int = 1) -> None:
@@ -55,8 +56,9 @@ class SampleCounter:
         with self._counts.get_lock():
             self._counts[1 + KINDS.index(error.kind)] += n
         self._local[1] += n
+        self._events += 1
         self._first = self._first or str(error)
-        if self._local[1] <= _LOGGED_PER_PROCESS:
+        if self._events <= _LOGGED_PER_PROCESS:
             log.warning("skipped %s: %s", "a bad sample" if n == 1 else f"{n} samples", error)
         self.check()
 

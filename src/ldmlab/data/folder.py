@@ -1,5 +1,6 @@
 """`data=folder`: an image folder (class subfolders, .txt captions) or a .jsonl manifest, sharded once by
-make_shards under `<data_dir>/folder/` and then streamed by the same loader as `data=wds`."""
+make_shards under `<data_dir>/folder/` (`FolderShards`, the ShardDataModule's source) and then streamed by the
+same module as `data=wds`."""
 
 from __future__ import annotations
 
@@ -11,8 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ldmlab.data.make_shards import MakeShardsArgs, make_shards
-from ldmlab.data.shards import build_once
-from ldmlab.data.wds import WebDatasetDataModule
+from ldmlab.data.shards import DataConfigError, build_once
 
 
 def fingerprint(src: Path) -> list:
@@ -22,39 +22,33 @@ def fingerprint(src: Path) -> list:
     return [(str(Path(d)), os.stat(d).st_mtime_ns) for d, _, _ in sorted(os.walk(src))]
 
 
-class FolderDataModule(WebDatasetDataModule):
-    """Image batches from a folder or .jsonl: make_shards writes shards once (rebuilt when src changes)."""
+class FolderShards:
+    """`data=folder`'s shard source: make_shards of `src` written once (rebuilt when src changes)."""
 
     def __init__(self, src: str | None = None, data_dir: str = "data", resize: int | None = None,
-                 val_fraction: float = 0.05, shard_size: int = 1000, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+                 val_fraction: float = 0.05, shard_size: int = 1000) -> None:
         self.src, self.data_dir = src, data_dir
         self.shard_args = {"resize": resize, "val_fraction": val_fraction, "max_count": shard_size}
         self._root: str | None = None
 
     @property
-    def root(self) -> str | None:
+    def root(self) -> str:
         """`<data_dir>/folder/<src name>-<hash of src, its folder mtimes and the shard arguments>`."""
-        if self._root is None and self.src is not None:
+        if self._root is None:
+            if self.src is None:
+                raise DataConfigError("data=folder needs data.source.src=<image folder or .jsonl manifest>")
             src = Path(self.src).expanduser().resolve()
             if not src.exists():
-                raise FileNotFoundError(f"data.src={self.src} does not exist: give an image folder or a "
-                                        f".jsonl file")
+                raise DataConfigError(f"data.source.src={self.src} does not exist: give an image folder or a "
+                                      f".jsonl file")
             key = json.dumps([str(src), fingerprint(src), self.shard_args], sort_keys=True)
             digest = hashlib.sha1(key.encode()).hexdigest()[:10]
             self._root = str(Path(self.data_dir) / "folder" / f"{src.stem}-{digest}")
         return self._root
 
-    @root.setter
-    def root(self, value: str | None) -> None:  # ShardDataModule.__init__ assigns None
-        self._root = value
-
-    def prepare_data(self) -> None:
-        """Shard the folder once (one process per node; built in a temp dir and renamed, so never half-done)."""
-        if self.src is None:
-            raise ValueError("data=folder needs data.src=<image folder or .jsonl manifest>")
-        build = partial(_shard_into, src=str(self.src), shard_args=self.shard_args)
-        build_once(Path(self.root), build)
+    def prepare(self) -> None:
+        """Shard the folder once (built in a temp dir and renamed, so never half-done)."""
+        build_once(Path(self.root), partial(_shard_into, src=str(self.src), shard_args=self.shard_args))
 
 
 def _shard_into(out: Path, src: str, shard_args: dict[str, Any]) -> None:

@@ -1,4 +1,4 @@
-"""Latent shards: the format `ldmlab.cache_latents` writes, and `data=wds_latents`, the DataModule reading them.
+"""Latent shards: the format `ldmlab.cache_latents` writes, and `LatentDecoder`, how `data=wds_latents` reads them.
 
 A sample is `{key}.mean.npy` + `{key}.std.npy` (the VAE posterior's mean and std, (C, h, w) float16) or
 `{key}.latent.npy` (one posterior sample, float16), plus the source's `.cls` / `.txt` / `.json`. Batches carry
@@ -11,15 +11,14 @@ from __future__ import annotations
 import io
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
 from ldmlab.data.decoders import Fields, where
 from ldmlab.data.filters import BadSample
-from ldmlab.data.shards import MANIFEST, Urls, read_manifest, sibling_url
 from ldmlab.data.transforms import batch_buffer
-from ldmlab.data.wds import ShardDataModule
 
 LATENT_FIELDS = ("mean.npy", "std.npy", "latent.npy")
 
@@ -36,13 +35,28 @@ def load_npy(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
+@dataclass
 class LatentDecoder:
     """Raw latent sample → (mean, std or None, label, text, key); collate draws mean + std·ε (seeded)."""
 
-    def __init__(self, fields: Fields | None = None, sample_posterior: bool = True,
-                 shape: Sequence[int] | None = None) -> None:
-        self.fields, self.sample_posterior = fields or Fields(), sample_posterior
-        self.shape = tuple(shape) if shape is not None else None
+    sample_posterior: bool = True  # latent = mean + std·ε (ε seeded per rank, worker, epoch); false: the mean
+    label_key: str | None = "cls"
+    text_key: str | None = "txt"
+    required: Sequence[str] = ()
+    shape: Sequence[int] | None = None  # (C, h, w); None: the cache's manifest, else a worker's first sample
+
+    def __post_init__(self) -> None:
+        self.fields = Fields(self.label_key, self.text_key, list(self.required))
+        self.shape = tuple(self.shape) if self.shape is not None else None
+
+    def for_stream(self, train: bool, on_device: bool = False, manifest: dict | None = None) -> LatentDecoder:
+        """This decoder with the latent shape of the cache's manifest.json (so every worker checks the same)."""
+        shape = (manifest or {}).get("latent_shape")
+        return replace(self, shape=shape) if shape and self.shape is None else replace(self)
+
+    def on_device(self, batch: dict) -> dict:
+        """Nothing left to do: latents travel as float32."""
+        return batch
 
     def __call__(self, sample: dict, rng: random.Random | None) -> tuple:
         mean, std = self._arrays(sample)
@@ -82,44 +96,3 @@ class LatentDecoder:
             latent.addcmul_(std.float(), eps)  # mean + std·ε, in place in the (shared) batch buffer
         return {"latent": latent, "label": torch.tensor(labels, dtype=torch.int64), "text": list(texts),
                 "key": list(keys)}
-
-
-class LatentDataModule(ShardDataModule):
-    """Raw-latent batches {"latent", "label", "text", "key"} from cache_latents shards; the VAE never runs."""
-
-    def __init__(
-        self,
-        train_urls: Urls | None = None,
-        val_urls: Urls | None = None,
-        root: str | None = None,
-        weights: Sequence[float] | None = None,
-        batch_size: int = 64,
-        num_workers: int = 2,
-        shuffle_buffer: int = 1000,
-        samples_per_epoch: int | None = None,
-        sample_posterior: bool = True,
-        seed: int = 0,
-        label_key: str | None = "cls",
-        text_key: str | None = "txt",
-        required: Sequence[str] = (),
-        max_bad_fraction: float = 0.01,
-        bad_check_after: int = 200,
-        pin_memory: bool = False,
-    ) -> None:
-        super().__init__(train_urls, val_urls, root=root, weights=weights, batch_size=batch_size,
-                         num_workers=num_workers, shuffle_buffer=shuffle_buffer,
-                         samples_per_epoch=samples_per_epoch, seed=seed, max_bad_fraction=max_bad_fraction,
-                         bad_check_after=bad_check_after, pin_memory=pin_memory)
-        self.sample_posterior = sample_posterior
-        self.fields = Fields(label_key, text_key, list(required))
-
-    def make_decoder(self, train: bool) -> LatentDecoder:
-        """Latent decoder; validation draws ε from a fixed seed, so its latents are the same every epoch."""
-        return LatentDecoder(self.fields, self.sample_posterior, self.latent_shape)
-
-    @property
-    def latent_shape(self) -> tuple[int, int, int] | None:
-        """(C, h, w) from the cache's manifest.json, or None when there is none."""
-        first = self.train_sources()[0][0]
-        shape = read_manifest(sibling_url(first, MANIFEST)).get("latent_shape")
-        return tuple(shape) if shape else None

@@ -23,6 +23,8 @@ Resume: everything random in a pass is a function of (seed, epoch, rank, slot): 
 resampling draw from one rng per slot, augmentation from one rng per batch. So the stream from any position is
 reproducible: `EpochLoader.state_dict()` is the epoch, the batches of this rank already yielded, and how many
 raw samples each slot had read by then; a resumed slot reads (without decoding) that many samples and goes on.
+The read count travels from the worker beside its batch (`Positioned`), never inside the batch dict; the
+EpochLoader keeps it (`position`) and Lightning's fit loop checkpoints it through the loader's `state_dict`.
 """
 
 from __future__ import annotations
@@ -33,23 +35,39 @@ import multiprocessing
 import random
 from collections.abc import Callable, Iterator, Sequence
 from itertools import islice
+from typing import NamedTuple
 
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ldmlab.checkpointing import gather_per_rank
 from ldmlab.data.decoders import Decoder
 from ldmlab.data.filters import BadSample, BadSamplesError, SampleCounter
 from ldmlab.data.shards import Segment, read_segment, segments, slot_shards, worker_share, wrapped
+from ldmlab.utils.distributed import gather_per_rank
 
 log = logging.getLogger("ldmlab.data")
 MODES = ("exact", "resampled", "eval")
 MAX_WORKERS = 256  # slots of the shared resume plan
-POSITION = "_stream_position"  # raw samples a slot had read at this batch; EpochLoader takes it out
+
+
+class Positioned(NamedTuple):
+    """A batch and the raw samples its slot had read when it was made: what a ShardStream yields."""
+
+    batch: dict
+    read: int
+
+
+class StreamPosition(NamedTuple):
+    """Where a rank's pass stands: its epoch, the batches handed out, raw samples read per worker slot."""
+
+    epoch: int
+    batches: int
+    read: list[int]
 
 
 class ShardStream(IterableDataset):
-    """Batches from tar shards for one rank; every worker yields exactly its share of `batches_per_rank`."""
+    """Positioned batches from tar shards for one rank; every worker yields exactly its share of
+    `batches_per_rank` (iterate it through an EpochLoader for plain batches)."""
 
     def __init__(self, sources: Sequence[Sequence[str]], *, decoder: Decoder, batch_size: int,
                  batches_per_rank: int, mode: str, counts: Sequence[Sequence[int]] | None = None,
@@ -68,7 +86,6 @@ class ShardStream(IterableDataset):
         self.mode, self.shuffle_buffer, self.seed = mode, shuffle_buffer, seed
         self.rank, self.world_size = rank, world_size
         self.counter = counter or SampleCounter()
-        self.tag_positions = False  # EpochLoader sets it: batches then carry POSITION
         # Shared memory, so persistent workers see what EpochLoader sets before each pass:
         # [epoch (reseeds order, augmentation), batches to skip, raw samples read per slot...].
         self._pass = multiprocessing.RawArray("q", 2 + MAX_WORKERS)
@@ -92,7 +109,7 @@ class ShardStream(IterableDataset):
     def __len__(self) -> int:
         return self.batches_per_rank
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[Positioned]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         skip = self._pass[1]
@@ -188,12 +205,12 @@ class ShardStream(IterableDataset):
 
     # ------------------------------------------------------------------ decoding and batching
 
-    def _batches(self, samples: Iterator[dict], name: str, index: int, read: int) -> Iterator[dict]:
+    def _batches(self, samples: Iterator[dict], name: str, index: int, read: int) -> Iterator[Positioned]:
         """Decode samples (skipping and counting bad ones) and collate them into batches.
 
         Augmentation draws from one rng per batch, seeded by the slot's `name` and the batch's `index` in it: a
         resumed slot skips raw samples undecoded and still augments its next batch as the first run did.
-        `read` counts the raw samples the slot has read, for POSITION.
+        `read` counts the raw samples the slot has read: the position that comes with each batch.
         """
         items, good = [], 0  # good: decoded since the counter last heard (shared counts cost a lock each)
         rng = random.Random(f"{name}/{index}")
@@ -213,10 +230,7 @@ class ShardStream(IterableDataset):
             good += 1
             if len(items) == self.batch_size:
                 self.counter.good(good)
-                batch = self.decoder.collate(items, rng)
-                if self.tag_positions:
-                    batch[POSITION] = read
-                yield batch
+                yield Positioned(self.decoder.collate(items, rng), read)
                 items, good, index = [], 0, index + 1
                 rng = random.Random(f"{name}/{index}")
 
@@ -242,7 +256,6 @@ class EpochLoader(DataLoader):
     def __init__(self, dataset: ShardStream, epoch_fn: Callable[[], int | None] | None = None, **kw) -> None:
         kw.setdefault("persistent_workers", kw.get("num_workers", 0) > 0)
         super().__init__(dataset, batch_size=None, **kw)
-        dataset.tag_positions = True
         self._epoch_fn, self._iters = epoch_fn, 0
         self._slots = max(1, self.num_workers)
         self._epoch, self._yielded, self._read = 0, 0, [0] * self._slots  # position of the current pass
@@ -262,8 +275,8 @@ class EpochLoader(DataLoader):
         self.dataset.start_pass(epoch, skip, read)
         batches = super().__iter__()
         try:
-            for batch in batches:
-                self._read[self._yielded % self._slots] = batch.pop(POSITION)  # batch j: worker j mod W
+            for batch, read in batches:
+                self._read[self._yielded % self._slots] = read  # batch j comes from worker j mod W
                 self._yielded += 1
                 yield batch
         except GeneratorExit:  # the consumer stopped early (limit_*_batches): workers stay for the next epoch
@@ -298,14 +311,18 @@ class EpochLoader(DataLoader):
         return {"world_size": d.world_size, "workers": self._slots, "batch_size": d.batch_size,
                 "batches_per_rank": d.batches_per_rank}
 
+    @property
+    def position(self) -> StreamPosition:
+        """This rank's position after the last batch handed out (a finished pass: the next epoch's start)."""
+        if self._yielded >= len(self):
+            return StreamPosition(self._epoch + 1, 0, [0] * self._slots)
+        return StreamPosition(self._epoch, self._yielded, list(self._read))
+
     def state_dict(self) -> dict:
-        """The position after the last batch handed out: epoch, batches of this rank, raw samples read per slot
-        (all ranks: a collective, as checkpoints are built on every rank)."""
+        """`position` with every rank's read counts (a collective, as checkpoints are built on every rank)."""
         if self._restored is not None:  # restored, not started yet: still that position
             return self._restored
-        epoch, batches, read = self._epoch, self._yielded, list(self._read)
-        if batches >= len(self):  # a finished pass: next comes the next epoch's start
-            epoch, batches, read = epoch + 1, 0, [0] * self._slots
+        epoch, batches, read = self.position
         return {"epoch": epoch, "batches": batches, "read": gather_per_rank(read), "layout": self._layout()}
 
     def load_state_dict(self, state: dict) -> None:

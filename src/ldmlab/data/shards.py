@@ -22,6 +22,7 @@ from urllib.parse import urlparse
 
 import braceexpand
 import webdataset as wds
+from hydra.errors import CompactHydraException
 
 from ldmlab.data.tarstream import sample_key, shard_samples, tar_members
 
@@ -29,6 +30,11 @@ Urls = str | Sequence[str]
 Segment = tuple[str, int, int]  # (url, first sample, end sample) of one shard, end exclusive
 MANIFEST = "manifest.json"
 _TAR_TOKEN = re.compile(r"\S+\.tar(\.gz)?\b")
+
+
+class DataConfigError(ValueError, CompactHydraException):
+    """A data config or shard problem found before training: one line naming the field or file and the fix
+    (a CompactHydraException, so Hydra prints the line without a traceback, as ldmlab.validate.ConfigError)."""
 
 
 def is_local(url: str) -> bool:
@@ -129,6 +135,14 @@ def shard_counts(urls: Sequence[str], why: str = "exact epochs") -> list[int]:
         raise ValueError(f"{why} need sample counts but shard {unknown[0]!r} has none: put a {MANIFEST} "
                          f"(make_shards writes one) next to the shards, or set data.samples_per_epoch")
     return counts  # type: ignore[return-value]
+
+
+def empty_shards(urls: Sequence[str], counts: Sequence[int] | None = None) -> list[str]:
+    """The shards of `urls` that hold no sample: count 0 when `counts` are known, else local files of 0 bytes
+    (a cheap stat, for resampled epochs, which never count)."""
+    if counts is not None:
+        return [u for u, n in zip(urls, counts) if n == 0]
+    return [u for u in urls if is_local(u) and os.path.isfile(u) and os.path.getsize(u) == 0]
 
 
 def count_samples(urls: Sequence[str]) -> int:

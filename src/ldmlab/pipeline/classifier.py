@@ -15,13 +15,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from ldmlab.data.module import ShardDataModule
 from ldmlab.data.tarstream import shard_samples
 from ldmlab.data.transforms import normalize, to_batch
-from ldmlab.data.wds import WebDatasetDataModule
 from ldmlab.nn.classifier import SmallCNN
 
 
-def load_split(dm: WebDatasetDataModule, split: str) -> tuple[Tensor, Tensor]:
+def load_split(dm: ShardDataModule, split: str) -> tuple[Tensor, Tensor]:
     """Every crop of a split, deterministically decoded: (N, H, W, 3) uint8 pixels and (N,) int64 labels.
 
     uint8 keeps 5000 crops of 128 px at 250 MB instead of 1 GB; batches are normalised when used.

@@ -87,12 +87,12 @@ def vae_stage(cfg: DictConfig, out: Path, overrides: list[str]) -> dict:
     run_training(cfg, out, overrides)
     vae = load_vae(out / "export" / "vae.safetensors")
     dm = hydra.utils.instantiate(cfg.data)
-    size, f = int(dm.image_size), vae.downsample_factor
+    size, f = int(dm.decoder.image_size), vae.downsample_factor
     series = read_series(out)
     grids = sorted((out / "images").glob("reconstructions_step*.png"))
     return {"f": f, "latent_shape": [vae.embed_dim, size // f, size // f], "image_size": size,
             "params": _params(vae), "val_psnr": series["val/psnr"][-1][1], "val_ssim": series["val/ssim"][-1][1],
-            "steps": int(cfg.trainer.max_steps), "batch_size": int(dm.batch_size),
+            "steps": int(cfg.trainer.max_steps), "batch_size": int(dm.stream.batch_size),
             "train_samples": count_samples([u for s in dm.train_sources() for u in s]),
             "val_samples": count_samples(dm.val_url_list()), "class_names": list(dm.class_names),
             "reconstructions": _relative(grids[-1] if grids else None, out.parent)}

@@ -14,7 +14,7 @@ import functools
 import os
 import sys
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -91,3 +91,23 @@ def ddp_job(fn: Callable[..., T]) -> Callable[..., T]:
                     os.environ[key] = value
 
     return wrapper
+
+
+def gather_per_rank(obj: Any) -> list[Any]:
+    """[obj of rank 0, obj of rank 1, ...]: states that differ per rank, saved in the one file rank 0 writes.
+
+    A collective: Lightning builds the checkpoint dict on every rank (`Trainer.save_checkpoint` must be called
+    on all of them), so every rank gets here together. [obj] without torch.distributed.
+    """
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def this_rank() -> int:
+    """The global rank of this process (0 without torch.distributed)."""
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
