@@ -61,7 +61,7 @@ def test_unet_levels_against_latent_side(tmp_path: Path, vae: Path) -> None:
     # demo crops of 32 px through an f4 VAE: 8x8 latents; five levels would need a multiple of 16
     found = problems(["model=unet_small", f"model.vae.path={vae}", "model.unet.channel_mult=[1,1,1,1,1]"], tmp_path)
     line = one(found, "model.unet.channel_mult=[1, 1, 1, 1, 1] downsamples H and W by 16")
-    assert "the latent side (data.crop_size=32 / VAE factor 4) is 8, not a multiple of 16" in line
+    assert "the latent side (data.source.crop_size=32 / VAE factor 4) is 8, not a multiple of 16" in line
 
 
 def test_unet_constructor_refusals_carry_the_config_path(tmp_path: Path, vae: Path) -> None:
@@ -90,9 +90,9 @@ def test_vae_constructor_refusals_carry_the_config_path(tmp_path: Path) -> None:
 
 
 def test_vae_levels_against_image_size(tmp_path: Path) -> None:
-    found = problems(["model=vae_tiny", "data.crop_size=30"], tmp_path)
-    assert "set data.crop_size to a multiple of 4" in one(found, "model.autoencoder.channel_mult=[1, 2, 2] "
-                                                          "downsamples H and W by 4, but data.crop_size is 30")
+    found = problems(["model=vae_tiny", "data.source.crop_size=30"], tmp_path)
+    assert "set data.source.crop_size to a multiple of 4" in one(found, "model.autoencoder.channel_mult=[1, 2, 2] "
+                                                          "downsamples H and W by 4, but data.source.crop_size is 30")
 
 
 def test_meta_build_of_sd15_is_fast(tmp_path: Path, vae: Path) -> None:
@@ -145,9 +145,9 @@ def test_unet_channels_against_vae_latents_in_every_layout(tmp_path: Path) -> No
         # f2 VAE: the 32 px demo crops give 16 px latents, fine for unet_small's two levels
         assert problems(["model=unet_small", f"model.vae.path={path}", "model.unet.in_channels=8",
                          "model.unet.out_channels=8"], tmp_path) == [], layout
-    found = problems(["model=unet_small", f"model.vae.path={tmp_path / 'sd.safetensors'}", "data.crop_size=33"],
+    found = problems(["model=unet_small", f"model.vae.path={tmp_path / 'sd.safetensors'}", "data.source.crop_size=33"],
                      tmp_path)
-    one(found, "data.crop_size=33 is not a multiple of 2, the downsampling factor of the VAE at model.vae.path=")
+    one(found, "data.source.crop_size=33 is not a multiple of 2, the downsampling factor of the VAE at model.vae.path=")
 
 
 def test_a_file_without_vae_weights_is_named(tmp_path: Path) -> None:
@@ -188,7 +188,7 @@ def test_mandatory_value_names_field_and_override(tmp_path: Path) -> None:
     (["data=wds", "data.root=/nonexistent/shards"], "data.root=/nonexistent/shards not found"),
     (["data=wds", "data.train_urls='/nonexistent/train-{000000..000003}.tar'"], "data.train_urls: no shards match"),
     (["data=wds"], "data.train_urls and data.root are both null"),
-    (["data=folder"], "data.src is null"),
+    (["data=folder"], "data.source.src is null"),
     (["model=unet_small", "model.vae.path=/nonexistent/vae.safetensors"], "model.vae.path=/nonexistent/vae"),
     (["model=unet_small", "model.vae.path=/nonexistent/v.ckpt", "model.unet_init=/nonexistent/unet.safetensors"],
      "model.unet_init=/nonexistent/unet.safetensors not found"),

@@ -18,10 +18,12 @@ def target(cfg: DictConfig, key: str) -> str:
 
 
 def image_size(cfg: DictConfig) -> tuple[int | None, str]:
-    """The training image side and the field that sets it (the demo's crop_size when image_size is null)."""
-    if get(cfg, "data.image_size") is not None:
-        return get(cfg, "data.image_size"), "data.image_size"
-    return get(cfg, "data.crop_size"), "data.crop_size"
+    """The training image side and the field a user sets it with (the demo's decoder follows its crop_size)."""
+    decoder = get(cfg, "data.decoder")
+    if (isinstance(decoder, DictConfig) and "image_size" in decoder and OmegaConf.is_interpolation(decoder, "image_size")
+            and get(cfg, "data.source.crop_size") is not None):
+        return get(cfg, "data.source.crop_size"), "data.source.crop_size"
+    return get(cfg, "data.decoder.image_size"), "data.decoder.image_size"
 
 
 def world_size(cfg: DictConfig) -> int | None:

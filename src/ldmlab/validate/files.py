@@ -20,7 +20,7 @@ def _exists(key: str, value: Any, what: str, check: Any = Path.exists) -> list[s
 
 
 def data_problems(cfg: DictConfig) -> list[str]:
-    """data.root / data.train_urls / data.val_urls / data.src name files that exist."""
+    """data.root / data.train_urls / data.val_urls / data.source.src name files that exist."""
     data = get(cfg, "data")
     if not isinstance(data, DictConfig):
         return []
@@ -32,13 +32,15 @@ def data_problems(cfg: DictConfig) -> list[str]:
     if "train_urls" in data and data.train_urls is None and root is None:
         problems.append("data.train_urls and data.root are both null: set data.root=<make_shards output dir> "
                         "or data.train_urls='dir/train-{000000..000009}.tar'")
-    if not target(cfg, "data").endswith("DemoDataModule"):  # the demo writes its shards later, by design
+    if not target(cfg, "data.source"):  # a shard source (demo, folder) writes its shards later, by design
         problems += [line for key in ("train_urls", "val_urls") if data.get(key) is not None
                      for line in _url_problems(f"data.{key}", data[key])]
-    if "src" in data and data.src is None:
-        problems.append("data.src is null: give an image folder or .jsonl manifest, e.g. data.src=/data/img")
-    elif "src" in data:
-        problems += _exists("data.src", data.src, "an image folder (a subfolder per class) or a .jsonl")
+    source = data.get("source") or {}
+    if "src" in source and source.src is None:
+        problems.append("data.source.src is null: give an image folder or .jsonl manifest, e.g. "
+                        "data.source.src=/data/img")
+    elif "src" in source:
+        problems += _exists("data.source.src", source.src, "an image folder (a subfolder per class) or a .jsonl")
     return problems
 
 

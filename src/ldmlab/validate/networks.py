@@ -103,7 +103,7 @@ def file_vae(cfg: DictConfig) -> tuple[AutoencoderKL | None, list[str]]:
 def latent_manifest(cfg: DictConfig) -> list[int] | None:
     """[C, h, w] of a latent cache (data=wds_latents data.root=...), from its manifest.json."""
     root = get(cfg, "data.root")
-    if not target(cfg, "data").endswith("LatentDataModule") or root is None:
+    if not target(cfg, "data.decoder").endswith("LatentDecoder") or root is None:
         return None
     manifest = Path(root) / "manifest.json"
     return json.loads(manifest.read_text()).get("latent_shape") if manifest.is_file() else None

@@ -51,10 +51,10 @@ def train_samples(cfg: DictConfig) -> int | None:
     """Samples in one training epoch when known without reading data (demo spec, manifests), else None."""
     if get(cfg, "data.samples_per_epoch") is not None:
         return get(cfg, "data.samples_per_epoch")
-    if target(cfg, "data").endswith("DemoDataModule"):
+    if target(cfg, "data.source").endswith("DemoShards"):
         from ldmlab.data.demo import class_names
 
-        return len(class_names(bool(get(cfg, "data.grayscale")))) * get(cfg, "data.crops_per_image")
+        return len(class_names(bool(get(cfg, "data.source.grayscale")))) * get(cfg, "data.source.crops_per_image")
     root = get(cfg, "data.root")
     if root is not None and (Path(root) / "manifest.json").is_file():
         counts = json.loads((Path(root) / "manifest.json").read_text()).get("counts", {})
