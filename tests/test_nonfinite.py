@@ -25,10 +25,12 @@ from test_vae_module import ImageDicts, ParamTrace, tiny_module
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ldmlab.callbacks.ema import EMA
-from ldmlab.callbacks.nonfinite import DeferredSkips, NonFiniteGuard
+from ldmlab.callbacks.nonfinite import NonFiniteGuard
 from ldmlab.data.latents import npy_bytes
 from ldmlab.diffusion import EpsPrediction, ddim_sample, scaled_linear
+from ldmlab.lit.contract import TrainingModule
 from ldmlab.lit.ldm import LatentDiffusionModule
+from ldmlab.lit.nonfinite import NonFiniteSkips
 from ldmlab.optim import warmup_cosine
 
 NAN_BATCHES = (2, 3)
@@ -74,7 +76,7 @@ class StepTrace(pl.Callback):
         (before, step), after = self.before, self._state(trainer, module)
         changed = [before[i] != after[i] if i == 2 else len(before[i]) != len(after[i]) or any(
                    not torch.equal(a, b) for a, b in zip(before[i], after[i])) for i in range(4)]
-        self.rows.append((*changed, trainer.global_step - step, list(module.nonfinite)))
+        self.rows.append((*changed, trainer.global_step - step, list(module.skips.skipped_on_host)))
 
 
 def test_ldm_skips_nonfinite_steps_without_any_update(tmp_path: Path) -> None:
@@ -100,7 +102,7 @@ class Reports(pl.Callback):
         self.rows = []
 
     def on_train_batch_end(self, trainer, module, *args) -> None:
-        self.rows.append(list(module.nonfinite_reports))
+        self.rows.append(list(module.skips.reports))
 
 
 @pytest.mark.parametrize("defer", [False, True], ids=["read-at-once", "read-a-step-late"])
@@ -113,7 +115,7 @@ def test_fused_adamw_skips_on_the_device_and_the_host_learns_a_step_late(tmp_pat
                                    sampler=partial(ddim_sample, num_steps=2), latent_scale=1.0, p_uncond=0.0,
                                    optimizer=partial(torch.optim.AdamW, lr=1e-3, fused=True),
                                    lr_scheduler=partial(warmup_cosine, warmup_steps=10))
-    module.defer_nonfinite = defer
+    module.skips.defer = defer
     ema = EMA(decay=0.9, warmup=False)
     trace, reports, guard = StepTrace(ema), Reports(), NonFiniteGuard(max_in_a_row=3)
     trainer = fit_on_cpu(module, Latents(), 5, tmp_path, [ema, trace, reports, guard])
@@ -134,15 +136,19 @@ def test_fused_adamw_skips_on_the_device_and_the_host_learns_a_step_late(tmp_pat
 def test_an_unread_flag_travels_in_the_checkpoint() -> None:
     """A checkpoint between a skipped step and the step that reads its flag keeps the flag: the resumed run
     reports the skip (and leaves out its scheduler step) where the uninterrupted run does."""
-    skips = DeferredSkips()
-    skips.stage(torch.tensor(0.0), torch.tensor(math.nan))
-    skips.commit(7, defer=True)
+    def batch(ledger: NonFiniteSkips, step: int, loss: float) -> None:
+        ledger.begin(step)
+        ledger.observe(torch.tensor(loss))
+        ledger.take("train/loss", fused=True)
+
+    skips, resumed = NonFiniteSkips(), NonFiniteSkips()
+    skips.defer = resumed.defer = True
+    batch(skips, 7, math.nan)
+    state = skips.state_dict()  # ends step 7's group; its flag is not read yet
     assert skips.reports == [] and skips.unscheduled == {"train/loss": 0} and skips.last_loss is None
-    resumed = DeferredSkips()
-    resumed.load_state_dict(skips.state_dict())
+    resumed.load_state_dict(state)
     for ledger in (skips, resumed):
-        ledger.stage(torch.tensor(1.0), torch.tensor(0.25))
-        ledger.commit(8, defer=True)
+        batch(ledger, 8, 0.25)
         assert ledger.reports == [(7, ["train/loss"]), (8, [])] and ledger.unscheduled == {"train/loss": 1}
         assert ledger.last_loss == 0.25
 
@@ -167,13 +173,14 @@ def nan_d_loss_at_batch_3(module: pl.LightningModule) -> None:
 
 
 def test_vae_skips_the_generator_and_the_discriminator_step(tmp_path: Path) -> None:
-    """Batch 1: NaN image → no G and no D step; batch 3: the D loss is NaN (injected) → G steps, D does not."""
+    """Batch 1: NaN image → no G and no D step; batch 3: the D loss is NaN (injected) → G steps, D does not.
+    Plain Adam: each flag is read before its step, which is left out on the host."""
     module = tiny_module(disc_start=0)
     nan_d_loss_at_batch_3(module)
     trace, guard = ParamTrace(), NonFiniteGuard()
-    fit_on_cpu(module, NaNImages(), 4, tmp_path, [trace, guard])
+    fit_on_cpu(module, NaNImages(), 5, tmp_path, [trace, guard])
     assert trace.changed == [(True, True), (False, False), (True, True), (True, False), (True, True)]
-    assert trace.steps == [1, 1, 2, 3, 4]  # a skipped generator step is no step
+    assert trace.steps == [1, 2, 3, 4, 5]  # global_step counts batches, skipped or not
     assert guard.skipped == 2
 
 
@@ -181,10 +188,10 @@ def test_vae_with_fused_adam_skips_on_the_device_and_learns_a_step_late(tmp_path
     """As above with fused Adam and the GPU's deferral (forced here): the kernels leave G and D (batch 1) or D
     (batch 3) as they were, every batch counts as a global step, the host learns of batch 1 at batch 2 and, as
     a run of skips is read at once, of batch 2 at once; batch 3's skip is read at batch 4. Each LR schedule
-    leaves out one step per update its optimizer skipped, late."""
+    leaves out one step per update its optimizer skipped, in the batch that learns of it."""
     fused_adam = partial(torch.optim.Adam, lr=1e-3, betas=(0.5, 0.9), fused=True)
     module = tiny_module(disc_start=0, optimizer=fused_adam, lr_scheduler=partial(warmup_cosine, warmup_steps=10))
-    module.defer_nonfinite = True
+    module.skips.defer = True
     nan_d_loss_at_batch_3(module)
     trace, reports, guard = ParamTrace(), Reports(), NonFiniteGuard()
     trainer = fit_on_cpu(module, NaNImages(), 5, tmp_path, [trace, reports, guard])
@@ -193,11 +200,11 @@ def test_vae_with_fused_adam_skips_on_the_device_and_learns_a_step_late(tmp_path
     both = ["generator loss train/total_loss", "discriminator loss train/d_loss"]
     assert reports.rows == [[], [(0, [])], [(1, both), (2, [])], [], [(3, both[1:]), (4, [])]]
     assert guard.skipped == 2
-    # five scheduler calls each; G left out batch 3's (for batch 1), D batch 3's (for batch 1) and still owes
-    # one for batch 3, learnt in the last batch
+    # five scheduler calls each; G left out batch 2's (for batch 1), D batch 2's (for batch 1) and batch 4's
+    # (for batch 3)
     g_sched, d_sched = (config.scheduler for config in trainer.lr_scheduler_configs)
-    assert (g_sched.last_epoch, d_sched.last_epoch) == (4, 4)
-    assert module.skips.unscheduled == {both[0]: 0, both[1]: 1}
+    assert (g_sched.last_epoch, d_sched.last_epoch) == (4, 3)
+    assert module.skips.unscheduled == {both[0]: 0, both[1]: 0}
     assert trainer.progress_bar_metrics["rec_loss"] == module.skips.last_loss  # read from the host copy
 
 
@@ -205,7 +212,7 @@ def test_vae_before_disc_start_reports_and_unschedules_the_generator_only(tmp_pa
     """Device-side skips before the GAN starts: the discriminator neither steps nor owes a scheduler step."""
     fused_adam = partial(torch.optim.Adam, lr=1e-3, betas=(0.5, 0.9), fused=True)
     module = tiny_module(disc_start=100, optimizer=fused_adam, lr_scheduler=partial(warmup_cosine, warmup_steps=10))
-    module.defer_nonfinite = True
+    module.skips.defer = True
     trace, reports = ParamTrace(), Reports()
     trainer = fit_on_cpu(module, NaNImages(), 4, tmp_path, [trace, reports])
     assert trace.changed == [(True, False), (False, False), (True, False), (True, False)]
@@ -284,16 +291,16 @@ class SaveReplica(pl.Callback):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("defer", [False, True], ids=["host-check", "device-skip"])
+@pytest.mark.parametrize("defer", [False, True], ids=["read-at-once", "read-a-step-late"])
 def test_vae_ranks_skip_together_under_ddp(tmp_path: Path, defer: bool) -> None:
     """2 CPU ranks (gloo), batches of 2 in order: rank 1's batch 1 holds the NaN image, rank 0's is clean. Both
     skip G and D there (the finite flag is all-reduced before either optimizer steps): neither waits forever in
     DDP's gradient all-reduce, the replicas end equal, and rank 0's checkpoint counts the skip its own loss did
-    not have. The host check takes 5 batches for 4 steps; the GPU's path (fused Adam's found_inf, read a step
-    late; forced here) counts the skipped batch as a step, so each optimizer stepped 3 times in 4 batches."""
+    not have. Read at once or, as on a GPU, a step late (forced here), the skipped batch counts as a global step
+    (fused Adam's found_inf), so each optimizer stepped 3 times in 4 batches."""
     fused_adam = partial(torch.optim.Adam, lr=1e-3, betas=(0.5, 0.9), fused=True)
     module = tiny_module(disc_start=0, optimizer=fused_adam)
-    module.defer_nonfinite = defer
+    module.skips.defer = defer
     last = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn_find_unused_parameters_true",
                          max_steps=4, logger=False, enable_progress_bar=False, limit_val_batches=0,
@@ -304,9 +311,9 @@ def test_vae_ranks_skip_together_under_ddp(tmp_path: Path, defer: bool) -> None:
     ckpt = torch.load(tmp_path / "last.ckpt", weights_only=True)
     assert ckpt["callbacks"]["NonFiniteGuard"] == {"skipped": 1, "in_a_row": 0}
     batches = ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["completed"]
-    assert (batches, ckpt["global_step"]) == ((4, 4) if defer else (5, 4))
+    assert (batches, ckpt["global_step"]) == (4, 4)
     for opt_state in ckpt["optimizer_states"]:  # G, then D
-        assert {float(s["step"]) for s in opt_state["state"].values()} == {3.0 if defer else 4.0}
+        assert {float(s["step"]) for s in opt_state["state"].values()} == {3.0}
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert all(torch.equal(a, b) and torch.isfinite(a).all() for a, b in zip(rank0, rank1, strict=True))
 
@@ -315,17 +322,18 @@ def test_the_guard_waits_for_a_report_before_it_stops() -> None:
     """Resumed from its own stop checkpoint (in_a_row at the limit), the guard neither stops nor fails on a
     batch whose flag the host has not read yet; the next finite step ends the streak."""
 
-    class Quiet:
-        def __init__(self) -> None:
-            self.nonfinite_reports: list = []
-
+    class Quiet(TrainingModule):
         def log(self, *args, **kwargs) -> None:
             pass
 
     guard, module = NonFiniteGuard(max_in_a_row=3), Quiet()
     guard.load_state_dict({"skipped": 3, "in_a_row": 3})
     trainer = pl.Trainer(accelerator="cpu", logger=False)
-    guard.on_train_batch_end(trainer, module)
-    module.nonfinite_reports = [(3, [])]
-    guard.on_train_batch_end(trainer, module)
+    module.skips.defer = True
+    for step in (3, 4):  # finite steps, each read a step late
+        module.skips.begin(step)
+        module.skips.observe(torch.tensor(0.5))
+        module.skips.take("train/loss", fused=True)
+        guard.on_train_batch_end(trainer, module)
+        assert module.skips.reports == ([] if step == 3 else [(3, [])])
     assert guard.state_dict() == {"skipped": 3, "in_a_row": 0}

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldmlab.callbacks.preemption import Preemption
 from ldmlab.checkpointing import AtomicCheckpointIO, resume_path
+from ldmlab.lit.contract import TrainingModule
 from ldmlab.loggers import finish_wandb
 from ldmlab.utils.distributed import ddp_job
 from ldmlab.utils.wandb_run import configure_wandb
@@ -38,7 +39,7 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, 
         optimizer=hydra.utils.instantiate(cfg.optimizer),
         lr_scheduler=hydra.utils.instantiate(cfg.lr_scheduler) if cfg.get("lr_scheduler") else None,
     )
-    if hasattr(module, "config_yaml"):  # checkpoints carry the config that rebuilds the model (sample.py)
+    if isinstance(module, TrainingModule):  # checkpoints carry the config that rebuilds the model (sample.py)
         module.config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     callbacks = instantiate_group(cfg.get("callbacks"))
     callbacks.append(Preemption())  # SIGTERM/SIGUSR1: checkpoint at a step boundary, stop (SLURM: requeue)

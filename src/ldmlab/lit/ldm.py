@@ -13,13 +13,11 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from ldmlab.callbacks.nonfinite import DeferredSkips, finite_flag
 from ldmlab.diffusion import (
     NoiseSchedule,
     Prediction,
@@ -29,16 +27,14 @@ from ldmlab.diffusion import (
 )
 from ldmlab.diffusion.timesteps import sample_timesteps
 from ldmlab.diffusion.weighting import noisy_inputs, weighted_mse
+from ldmlab.lit.contract import TrainingModule
 from ldmlab.nn.autoencoder import AutoencoderKL
 
 Sampler = Callable[..., Tensor]
 
 
-class LatentDiffusionModule(pl.LightningModule):
+class LatentDiffusionModule(TrainingModule):
     """Latent diffusion on a frozen VAE; `latent_scale=None` estimates 1/std of the first batch's latents."""
-
-    # one forward and one backward per step, no host syncs: `compile_mode=auto` captures it in CUDA graphs
-    cuda_graphs_safe = True
 
     def __init__(
         self,
@@ -81,12 +77,6 @@ class LatentDiffusionModule(pl.LightningModule):
         self.register_buffer("latent_scale", torch.tensor(float(latent_scale or 0.0)))
         self.optimizer_factory = optimizer or partial(torch.optim.AdamW, lr=1e-4)
         self.scheduler_factory = lr_scheduler
-        self.config_yaml: str | None = None  # the run's resolved config, stored in checkpoints for sample.py
-        self.nonfinite: list[str] = []  # the loss whose update this batch left out on the host (callbacks.nonfinite)
-        self.skips = DeferredSkips()  # skipped steps as the host learns of them, for the guard and the scheduler
-        self.defer_nonfinite: bool | None = None  # read the finite flag a step late; None: on CUDA only
-        self._finite: Tensor | None = None  # all-reduced 1/0 flag of the batches since the last optimizer step
-        self._logged: tuple[Tensor, int] | None = None  # (loss, batch size) of the step, for self.log
 
     @staticmethod
     def _load_unet(unet: nn.Module, path: str) -> None:
@@ -167,46 +157,11 @@ class LatentDiffusionModule(pl.LightningModule):
         return weighted_mse(out, target, weight)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        self.nonfinite, self.skips.reports = [], []
         loss = self.diffusion_loss(batch, self._step_generator(0), self.hparams.p_uncond)
-        # over accumulated batches all must be finite; the flag leaves for the host as soon as it exists
-        self._finite = finite_flag(self, loss, self._finite)
-        self.skips.stage(self._finite, loss)
-        self._logged = (loss.detach(), self._batch_size(batch))
-        return loss  # NaN/Inf too: every rank runs its backward, so DDP's gradient all-reduce stays in step
-
-    @property
-    def nonfinite_reports(self) -> list[tuple[int, list[str]]]:
-        """(global step, skipped losses) of the steps whose flag the host learnt this batch (NonFiniteGuard)."""
-        return self.skips.reports
-
-    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
-        """Lightning's step, with a non-finite loss on any rank skipped on every rank: no weight, moment or
-        step-count update (callbacks.nonfinite). A fused optimizer skips on the device (`found_inf`) and the
-        step never waits for the GPU; another one needs the flag on the host before its step."""
-        if optimizer_closure is None:
-            return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        loss = optimizer_closure()  # training_step + backward (clipping and hooks run inside optimizer.step)
-        finite, self._finite = self._finite, None
-        inner = getattr(optimizer, "optimizer", optimizer)
-        fused = getattr(inner, "_step_supports_amp_scaling", False)  # fused kernels take found_inf
-        defer = finite.is_cuda if self.defer_nonfinite is None else self.defer_nonfinite
-        self.skips.commit(self.global_step, defer=fused and defer)  # not fused: the step's one host sync
-        if self.skips.last_loss is not None:  # a host number: shown in the progress bar without a sync
-            self.log("loss", torch.tensor(self.skips.last_loss), prog_bar=True, logger=False)
-        if not fused and self.skips.reports[-1][1]:
-            self.nonfinite = ["train/loss"]
-            return
-        value, batch_size = self._logged
-        self.log("train/loss", value, batch_size=batch_size)
-        if fused:
-            inner.found_inf = 1.0 - finite  # on the device: the kernel leaves everything as it was
-        optimizer.step(closure=lambda: loss)
-
-    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
-        if self.skips.take_unscheduled():  # a skipped step does not advance the schedule
-            return
-        super().lr_scheduler_step(scheduler, metric)
+        self.log("train/loss", loss.detach(), batch_size=self._batch_size(batch))  # NaN too: no stale value
+        # NaN/Inf too: every rank runs its backward, so DDP's gradient all-reduce stays in step; the optimizer
+        # wrapper leaves the update out (lit.nonfinite)
+        return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         g = torch.Generator(device=self.device).manual_seed(self.hparams.sample_seed + batch_idx)
@@ -251,6 +206,7 @@ class LatentDiffusionModule(pl.LightningModule):
         return self._latent_shape
 
     def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
         self._remember_shape(batch)
 
     def on_validation_batch_start(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -274,27 +230,22 @@ class LatentDiffusionModule(pl.LightningModule):
 
     def _grid_values(self, batch: dict[str, Any], n: int) -> list[Any] | None:
         """Labels 0…K−1 cycled (class models) or the batch's prompts (text models) for a sample grid."""
-        if self.conditioner is None:
-            return None
-        if hasattr(self.conditioner, "num_classes"):
-            return [i % self.conditioner.num_classes for i in range(n)]
-        return list(batch["text"])[:n]
+        return None if self.conditioner is None else self.conditioner.grid_values(batch, n)
 
     # ------------------------------------------------------------------ optimisers, checkpoints, export
 
     def configure_optimizers(self) -> Any:
-        opt = self.optimizer_factory([p for p in self.unet.parameters() if p.requires_grad])
-        if self.scheduler_factory is None:
+        params = [p for p in self.unet.parameters() if p.requires_grad]
+        opt, scheduler = self.skipping("train/loss", self.optimizer_factory(params), self.scheduler_factory)
+        if scheduler is None:
             return opt
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_factory(opt), "interval": "step"}}
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint["unet_config"] = dict(getattr(self.unet, "config", {}))
-        checkpoint["nonfinite_skips"] = self.skips.state_dict()
         if self.vae is not None:
             checkpoint["vae_config"] = dict(self.vae.config)
-        if self.config_yaml is not None:
-            checkpoint["ldmlab_config"] = self.config_yaml
         if getattr(self, "_latent_shape", None) is not None:
             checkpoint["latent_shape"] = list(self._latent_shape)
         if self.conditioner is not None and hasattr(self.conditioner, "encoder"):
@@ -303,23 +254,18 @@ class LatentDiffusionModule(pl.LightningModule):
                 del checkpoint["state_dict"][key]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if "nonfinite_skips" in checkpoint:
-            self.skips.load_state_dict(checkpoint["nonfinite_skips"])
+        super().on_load_checkpoint(checkpoint)
         if self.conditioner is not None:
             checkpoint["state_dict"].update({f"conditioner.{k}": v for k, v in self.conditioner.state_dict().items()})
 
-    def ema_state(self) -> dict[str, Tensor] | None:
-        """The EMA callback's U-Net weights if one is attached to the trainer."""
-        callbacks = self.trainer.callbacks if self._trainer is not None else []
-        return next((cb.shadow for cb in callbacks if getattr(cb, "state_key", None) == "EMA"), None)
-
-    def export_weights(self, dirpath: str | Path) -> list[Path]:
-        """`unet.safetensors` (EMA weights when available) and `vae.safetensors`, ldmlab names + config metadata."""
+    def export_weights(self, dirpath: str | Path, ema: dict[str, dict[str, Tensor]] | None = None) -> list[Path]:
+        """`unet.safetensors` (EMA weights when given) and `vae.safetensors`, ldmlab names + config metadata."""
         dirpath = Path(dirpath)
         dirpath.mkdir(parents=True, exist_ok=True)
-        unet_state = self.ema_state() or self.unet.state_dict()
+        ema_unet = (ema or {}).get("unet")
+        unet_state = ema_unet if ema_unet is not None else self.unet.state_dict()
         meta = {"format": "ldmlab.unet", "config": json.dumps(getattr(self.unet, "config", {})),
-                "latent_scale": str(float(self.latent_scale)), "ema": str(self.ema_state() is not None)}
+                "latent_scale": str(float(self.latent_scale)), "ema": str(ema_unet is not None)}
         paths = [dirpath / "unet.safetensors"]
         save_file({k: v.detach().cpu().contiguous() for k, v in unet_state.items()}, str(paths[0]), metadata=meta)
         if self.vae is not None:
