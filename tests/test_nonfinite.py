@@ -19,7 +19,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import webdataset as wds
-from conftest import REPO, shared_data_dir
+from conftest import REPO, read_metrics, shared_data_dir
 from test_ldm_module import small_unet
 from test_vae_module import ImageDicts, ParamTrace, tiny_module
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -255,16 +255,41 @@ def test_ddp_ranks_skip_together_and_a_run_of_nans_stops_with_a_checkpoint(tmp_p
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out[-4000:]
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in out
-    message = (f"3 training steps in a row had a non-finite train/loss (last at step 3); stopped with checkpoint "
+    message = (f"3 training steps in a row had a non-finite train/loss (last at step 2); stopped with checkpoint "
                f"{run}/hpc_ckpt_1.ckpt. Try a lower optimizer.lr")
     assert message in out, out[-4000:]
     ckpt = torch.load(run / "hpc_ckpt_1.ckpt", weights_only=True)
     assert ckpt["global_step"] == 3 and ckpt["callbacks"]["NonFiniteGuard"] == {"skipped": 3, "in_a_row": 3}
+    assert "Traceback" not in out, out[-4000:]
     # the fused AdamW skipped every step on the device (found_inf): step counts and moments still zero
     states = ckpt["optimizer_states"][0]["state"].values()
     assert states and all(float(s["step"]) == 0 and not s["exp_avg"].any() and not s["exp_avg_sq"].any()
                           for s in states)
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
+
+
+@pytest.mark.slow
+def test_the_nan_stop_is_one_line_and_its_metrics_row_shows_the_nan(tmp_path: Path) -> None:
+    """`python train.py optimizer.lr=1e6` (the tiny VAE on the demo photos) diverges at once: the run stops with
+    its checkpoint, the one line and exit code 1, no traceback; the last metrics row is the stopping step's and
+    shows its non-finite loss, not an earlier batch's."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, str(REPO / "train.py"), f"paths.root_dir={tmp_path}", f"paths.data_dir={shared_data_dir()}",
+           "optimizer.lr=1e6", "trainer.max_steps=30", "trainer.limit_val_batches=0", "trainer.log_every_n_steps=50",
+           "callbacks.nonfinite.max_in_a_row=2", "data.batch_size=2", f"hydra.run.dir={run}"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true"})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out[-4000:]
+    assert "Traceback" not in out and "Error executing job" not in out, out[-4000:]
+    lines = [line for line in out.splitlines() if "training steps in a row had a non-finite" in line]
+    assert len(lines) == 1 and f"stopped with checkpoint {run}/hpc_ckpt_1.ckpt" in lines[0], out[-4000:]
+    ckpt = torch.load(run / "hpc_ckpt_1.ckpt", weights_only=True)
+    assert ckpt["callbacks"]["NonFiniteGuard"]["in_a_row"] == 2
+    rows = read_metrics(run)
+    last = [r for r in rows if r.get("train/total_loss")][-1]
+    assert int(last["step"]) == ckpt["global_step"] - 1 and float(last["train/skipped_nonfinite"]) >= 2
+    assert not math.isfinite(float(last["train/total_loss"])), last
 
 
 class RankInterleaved(Sampler):

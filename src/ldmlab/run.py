@@ -11,6 +11,7 @@ import pytorch_lightning as pl
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
+from ldmlab.callbacks.nonfinite import NonFiniteLossError
 from ldmlab.callbacks.preemption import Preemption
 from ldmlab.checkpointing import AtomicCheckpointIO, resume_path
 from ldmlab.lit.contract import TrainingModule
@@ -62,9 +63,11 @@ def train(cfg: DictConfig) -> float | None:
         ckpt_path = resume_path(trainer, cfg.get("ckpt_path"), cfg.get("resume", "auto"))
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path,
                     weights_only=True)  # explicit: TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD can't flip it
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(Exception):  # e.g. wandb-core already killed by SLURM: keep the real exception
             finish_wandb(trainer.loggers, failed=True)
+        if isinstance(err, NonFiniteLossError):  # its one line is logged, its checkpoint saved: no traceback
+            raise SystemExit(1) from None
         raise
     finish_wandb(trainer.loggers)
     metric = trainer.callback_metrics.get(cfg.get("optimized_metric"))

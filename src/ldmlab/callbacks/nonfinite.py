@@ -35,6 +35,7 @@ class NonFiniteGuard(pl.Callback):
             raise ValueError(f"max_in_a_row={max_in_a_row} must be >= 1")
         self.max_in_a_row = max_in_a_row
         self.skipped = self.in_a_row = 0
+        self._message: str | None = None  # set once the run is to stop
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         if not isinstance(pl_module, TrainingModule):  # a module without the wrappers skips nothing
@@ -46,7 +47,7 @@ class NonFiniteGuard(pl.Callback):
         # that would make every step wait for the GPU
         pl_module.log("train/skipped_nonfinite", torch.tensor(float(self.skipped)))
         if reports and self.in_a_row >= self.max_in_a_row:  # a batch that reported nothing (yet) cannot stop
-            self._stop(trainer, reports[-1][1])
+            self._stop(trainer, *reports[-1])
 
     def _count(self, trainer: pl.Trainer, step: int, names: list[str]) -> None:
         if not names:
@@ -58,17 +59,29 @@ class NonFiniteGuard(pl.Callback):
             log.warning("step %d: non-finite %s, optimizer step skipped (%d in a row, %d in all)",
                         step, ", ".join(names), self.in_a_row, self.skipped)
 
-    def _stop(self, trainer: pl.Trainer, names: list[str]) -> None:
-        """Save a checkpoint (the weights are those before the first skipped step) and end the run."""
+    def _stop(self, trainer: pl.Trainer, step: int, names: list[str]) -> None:
+        """Save a checkpoint (the weights are those before the first skipped step) and end the run once this
+        step's metrics row is logged: `should_stop` makes Lightning log it and leave the loop, and the next hook
+        it reaches (validation, the epoch end) raises."""
         path = save_stop_checkpoint(trainer)
-        message = (
+        self._message = (
             f"{self.in_a_row} training steps in a row had a non-finite {' and '.join(names)} (last at step "
-            f"{trainer.global_step}); stopped with checkpoint {path}. Try a lower optimizer.lr, gradient clipping "
+            f"{step}); stopped with checkpoint {path}. Try a lower optimizer.lr, gradient clipping "
             f"(model.grad_clip for the VAE, trainer.gradient_clip_val for the LDM), trainer.precision=32-true, and "
             f"check the data; callbacks.nonfinite.max_in_a_row sets the limit")
         if trainer.is_global_zero:
-            log.error(message)  # the run's log file gets the line too, not only the traceback on stderr
-        raise NonFiniteLossError(message)
+            log.error(self._message)  # the line the user sees: train.py exits with no traceback
+        trainer.should_stop = True
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._raise_if_stopped()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._raise_if_stopped()
+
+    def _raise_if_stopped(self) -> None:
+        if self._message is not None:
+            raise NonFiniteLossError(self._message)
 
     def state_dict(self) -> dict[str, int]:
         return {"skipped": self.skipped, "in_a_row": self.in_a_row}

@@ -190,6 +190,8 @@ class SkipNonFinite(Optimizer):
 
     def __init__(self, inner: Optimizer, skips: NonFiniteSkips, name: str) -> None:  # no super(): a proxy
         self.inner, self.skips, self.name = inner, skips, name
+        # named as the wrapped class, so LearningRateMonitor still logs `lr-AdamW`
+        self.__class__ = _named(type(inner).__name__)
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
@@ -229,6 +231,16 @@ class SkipNonFinite(Optimizer):
             return loss
         self.inner.step()
         return loss
+
+
+_NAMED: dict[str, type[SkipNonFinite]] = {}
+
+
+def _named(name: str) -> type[SkipNonFinite]:
+    """The SkipNonFinite subclass called `name`."""
+    if name not in _NAMED:
+        _NAMED[name] = type(name, (SkipNonFinite,), {"__doc__": SkipNonFinite.__doc__})
+    return _NAMED[name]
 
 
 class SkipAwareLR(LRScheduler):
