@@ -39,14 +39,15 @@ class Batches(Dataset):
 
 def small_unet(**kw) -> UNetModel:
     torch.manual_seed(0)
-    return UNetModel(**{**dict(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
-                               num_heads=4, context_dim=None), **kw})
+    config = {"model_channels": 32, "channel_mult": (1, 2), "num_res_blocks": 1, "attention_levels": (1,),
+              "num_heads": 4, "context_dim": None}
+    return UNetModel(**{**config, **kw})
 
 
 def module(conditioner, unet, vae=None, **kw) -> LatentDiffusionModule:
     return LatentDiffusionModule(unet=unet, noise_schedule=scaled_linear(), prediction=EpsPrediction(),
                                  sampler=partial(ddim_sample, num_steps=4), vae=vae, conditioner=conditioner,
-                                 latent_scale=None, guidance_scales=(1.0, 2.0), **kw)
+                                 latent_scale=None, sampling={"guidance_scales": (1.0, 2.0)}, **kw)
 
 
 def fit(m: LatentDiffusionModule, data: Dataset, tmp_path: Path, steps: int = 3) -> pl.Trainer:
@@ -97,7 +98,7 @@ def test_unet_and_vae_channels_must_agree(tiny_assets: dict[str, Path]) -> None:
 def test_v_prediction_and_min_snr_run(tmp_path: Path) -> None:
     m = LatentDiffusionModule(unet=small_unet(num_classes=3), noise_schedule=scaled_linear(zero_terminal_snr=True),
                               prediction=VPrediction(), sampler=partial(ddim_sample, num_steps=4, spacing="trailing"),
-                              conditioner=ClassConditioner(3), loss_weighting="min_snr")
+                              conditioner=ClassConditioner(3), training={"loss_weighting": "min_snr"})
     trainer = fit(m, Batches("latent"), tmp_path, steps=2)
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
 

@@ -81,7 +81,7 @@ class StepTrace(pl.Callback):
 
 def test_ldm_skips_nonfinite_steps_without_any_update(tmp_path: Path) -> None:
     module = LatentDiffusionModule(unet=small_unet(), noise_schedule=scaled_linear(), prediction=EpsPrediction(),
-                                   sampler=partial(ddim_sample, num_steps=2), latent_scale=1.0, p_uncond=0.0,
+                                   sampler=partial(ddim_sample, num_steps=2), latent_scale=1.0, training={"p_uncond": 0.0},
                                    optimizer=partial(torch.optim.AdamW, lr=1e-3),
                                    lr_scheduler=partial(warmup_cosine, warmup_steps=10))
     ema = EMA(decay=0.9, warmup=False)
@@ -112,7 +112,7 @@ def test_fused_adamw_skips_on_the_device_and_the_host_learns_a_step_late(tmp_pat
     flag at once on the CPU or, as on a GPU (forced here with defer_nonfinite), one step later; the LR schedule
     then leaves out one step per skipped step, late by one, and a run of skips is read at once."""
     module = LatentDiffusionModule(unet=small_unet(), noise_schedule=scaled_linear(), prediction=EpsPrediction(),
-                                   sampler=partial(ddim_sample, num_steps=2), latent_scale=1.0, p_uncond=0.0,
+                                   sampler=partial(ddim_sample, num_steps=2), latent_scale=1.0, training={"p_uncond": 0.0},
                                    optimizer=partial(torch.optim.AdamW, lr=1e-3, fused=True),
                                    lr_scheduler=partial(warmup_cosine, warmup_steps=10))
     module.skips.defer = defer
