@@ -29,7 +29,7 @@ from ldmlab.diffusion.weighting import noisy_inputs, weighted_mse
 from ldmlab.lit.conditioning import TextConditioner
 from ldmlab.lit.contract import TrainingModule
 from ldmlab.lit.settings import Sampling, Training, settings
-from ldmlab.lit.weights import load_unet_init, save_weights
+from ldmlab.lit.weights import load_unet_init, save_weights, scale_by_std
 from ldmlab.nn.autoencoder import AutoencoderKL
 
 Sampler = Callable[..., Tensor]
@@ -72,7 +72,7 @@ class LatentDiffusionModule(TrainingModule):
         self.register_buffer("latent_scale", torch.tensor(float(latent_scale or 0.0)))
         self.optimizer_factory = optimizer or partial(torch.optim.AdamW, lr=1e-4)
         self.scheduler_factory = lr_scheduler
-        self._latent_shape: tuple[int, ...] | None = None  # (C, h, w), from the first batch or the checkpoint
+        self._latent_shape: tuple[int, ...] | None = None  # (C, h, w), from the latest batch or the checkpoint
         self._scale_known = False  # a Python flag: reading the buffer every step would sync the GPU
 
     _load_unet = staticmethod(load_unet_init)  # the name older callers use
@@ -95,21 +95,14 @@ class LatentDiffusionModule(TrainingModule):
             raw = self.vae.encode(batch["image"]).sample(generator)
         else:
             raise ValueError("batch has no 'latent' and the model has no VAE: set model.vae or use data=wds_latents")
+        self._latent_shape = tuple(raw.shape[1:])  # (C, h, w): what sample() draws by default
         if not self._scale_known:
-            if float(self.latent_scale) == 0.0:
-                self._estimate_latent_scale(raw)
+            if float(self.latent_scale) == 0.0:  # first training batch, over all ranks
+                reduce = partial(self.trainer.strategy.reduce, reduce_op="sum") if self._trainer is not None else None
+                self.latent_scale.fill_(scale_by_std(raw, reduce))
+                rank_zero_info(f"latent scale estimated from the first batch: 1/std = {float(self.latent_scale):.5f}")
             self._scale_known = True
         return raw * self.latent_scale
-
-    def _estimate_latent_scale(self, raw: Tensor) -> None:
-        """LDM scale_by_std: s = 1/std of the first training batch's latents, over all ranks."""
-        count = torch.tensor(float(raw.numel()), device=raw.device)
-        stats = torch.stack([raw.double().sum(), raw.double().pow(2).sum(), count.double()])
-        stats = self.trainer.strategy.reduce(stats, reduce_op="sum") if self._trainer is not None else stats
-        mean = stats[0] / stats[2]
-        std = (stats[1] / stats[2] - mean**2).sqrt()
-        self.latent_scale.fill_(float(1.0 / std))
-        rank_zero_info(f"latent scale estimated from the first batch: 1/std = {float(self.latent_scale):.5f}")
 
     def diffusion_loss(self, batch: dict[str, Any], generator: torch.Generator, p_uncond: float) -> Tensor:
         """The weighted denoising loss of one batch (DDPM eq. 14 with the chosen target and weighting)."""
@@ -178,20 +171,6 @@ class LatentDiffusionModule(TrainingModule):
         if self._latent_shape is None:
             raise ValueError("latent shape unknown: pass latent_shape=(C, h, w) to sample()")
         return self._latent_shape
-
-    def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int) -> None:
-        super().on_train_batch_start(batch, batch_idx)
-        self._remember_shape(batch)
-
-    def on_validation_batch_start(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._remember_shape(batch)
-
-    def _remember_shape(self, batch: dict[str, Any]) -> None:
-        if "latent" in batch:
-            self._latent_shape = tuple(batch["latent"].shape[1:])
-        elif self.vae is not None:
-            f, (h, w) = self.vae.downsample_factor, batch["image"].shape[-2:]
-            self._latent_shape = (self.vae.embed_dim, h // f, w // f)
 
     def log_images(self, batch: dict[str, Any], num_images: int = 8) -> dict[str, Tensor]:
         """Fixed-seed samples at every guidance scale, for the ImageGrids callback (EMA weights if swapped in)."""

@@ -7,7 +7,6 @@ discriminator step with Lightning 2 manual optimisation; the networks and loss f
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -15,12 +14,12 @@ from typing import Any
 
 import torch
 from pytorch_lightning.utilities import rank_zero_info
-from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from ldmlab.lit.contract import TrainingModule
+from ldmlab.lit.weights import save_weights
 from ldmlab.losses import vae as losses
 from ldmlab.nn.autoencoder import AutoencoderKL
 
@@ -218,12 +217,7 @@ class VAEModule(TrainingModule):
             checkpoint["state_dict"].update({f"lpips.{k}": v for k, v in self.lpips.state_dict().items()})
 
     def export_weights(self, dirpath: str | Path, ema: dict[str, dict[str, Tensor]] | None = None) -> list[Path]:
-        """Write the autoencoder as `vae.safetensors` (ldmlab = SD-original `first_stage_model` names)."""
-        path = Path(dirpath) / "vae.safetensors"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        weights = (ema or {}).get("autoencoder")  # an EMA of the autoencoder, if one was kept
+        """Write the autoencoder (its EMA if one was kept) as `vae.safetensors` (SD's `first_stage_model` names)."""
+        weights = (ema or {}).get("autoencoder")
         weights = weights if weights is not None else self.autoencoder.state_dict()
-        state = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
-        config = getattr(self.autoencoder, "config", {})
-        save_file(state, str(path), metadata={"format": "ldmlab.vae", "config": json.dumps(config)})
-        return [path]
+        return [save_weights(Path(dirpath) / "vae.safetensors", weights, self.autoencoder.config, "vae")]

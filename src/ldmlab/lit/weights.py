@@ -1,11 +1,14 @@
-"""Weights in and out of the modules: the U-Net a fine-tune starts from, the safetensors `export_weights` writes."""
+"""Weights in and out of the modules (the U-Net a fine-tune starts from, the safetensors `export_weights` writes)
+and the latent scale estimated from data."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from pytorch_lightning.utilities import rank_zero_info
 from safetensors.torch import save_file
 from torch import Tensor, nn
@@ -33,3 +36,12 @@ def save_weights(path: Path, state: dict[str, Tensor], config: dict[str, Any], k
     metadata = {"format": f"ldmlab.{kind}", "config": json.dumps(config), **extra}
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path), metadata=metadata)
     return path
+
+
+def scale_by_std(raw: Tensor, reduce_sum: Callable[[Tensor], Tensor] | None = None) -> float:
+    """LDM scale_by_std: 1/std of the raw latents `raw` (over all ranks with a strategy's sum-reduce)."""
+    count = torch.tensor(float(raw.numel()), device=raw.device)
+    stats = torch.stack([raw.double().sum(), raw.double().pow(2).sum(), count.double()])
+    stats = reduce_sum(stats) if reduce_sum is not None else stats
+    mean = stats[0] / stats[2]
+    return float(1.0 / (stats[1] / stats[2] - mean**2).sqrt())
