@@ -116,3 +116,29 @@ def test_unet_init_loads_exported_weights(tmp_path: Path) -> None:
         module(ClassConditioner(3), small_unet(num_classes=3, model_channels=64), unet_init=str(path))
     with pytest.raises(FileNotFoundError, match="nothere"):
         module(ClassConditioner(3), small_unet(num_classes=3), unet_init=str(tmp_path / "nothere.safetensors"))
+
+
+def test_export_callback_finds_the_ema_by_type(tmp_path: Path) -> None:
+    """ExportWeights hands the EMA callback's average to export_weights: unet.safetensors holds the shadow."""
+    from safetensors import safe_open
+
+    from ldmlab.callbacks.ema import EMA
+    from ldmlab.callbacks.export import ExportWeights
+
+    m, ema = module(ClassConditioner(3), small_unet(num_classes=3)), EMA(decay=0.5, warmup=False)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_progress_bar=False,
+                         enable_checkpointing=False, default_root_dir=tmp_path, limit_val_batches=0,
+                         enable_model_summary=False, callbacks=[ema, ExportWeights(tmp_path / "export")])
+    trainer.fit(m, DataLoader(Batches("latent"), batch_size=4))
+    with safe_open(str(tmp_path / "export" / "unet.safetensors"), "pt") as f:
+        assert f.metadata()["ema"] == "True"
+        for name, shadow in ema.shadow.items():
+            assert torch.equal(f.get_tensor(name), shadow)
+    assert not torch.equal(ema.shadow["out.2.weight"], m.unet.state_dict()["out.2.weight"])
+
+
+def test_unknown_grouped_setting_names_its_key() -> None:
+    with pytest.raises(ValueError, match=r"model.training.p_uncnd is unknown: valid are p_uncond"):
+        module(None, small_unet(), training={"p_uncnd": 0.1})
+    with pytest.raises(ValueError, match=r"model.training.p_uncond=1.5 must be in \[0, 1\)"):
+        module(None, small_unet(), training={"p_uncond": 1.5})
