@@ -142,3 +142,17 @@ def test_unknown_grouped_setting_names_its_key() -> None:
         module(None, small_unet(), training={"p_uncnd": 0.1})
     with pytest.raises(ValueError, match=r"model.training.p_uncond=1.5 must be in \[0, 1\)"):
         module(None, small_unet(), training={"p_uncond": 1.5})
+
+
+def test_flat_keys_of_older_checkpoints_are_regrouped() -> None:
+    """sample.py rebuilds a model from a checkpoint's stored config; before model.training and model.sampling
+    those keys sat flat under model."""
+    from omegaconf import OmegaConf
+
+    from ldmlab.lit.settings import regroup
+
+    old = OmegaConf.create({"_target_": "x", "p_uncond": 0.2, "loss_weighting": "min_snr", "guidance_scales": [1.0, 3.0],
+                            "sample_seed": 4, "seed": 7, "latent_scale": None})
+    assert OmegaConf.to_container(regroup(old)) == {
+        "_target_": "x", "seed": 7, "latent_scale": None, "training": {"p_uncond": 0.2, "loss_weighting": "min_snr"},
+        "sampling": {"guidance_scales": [1.0, 3.0], "sample_seed": 4}}

@@ -362,3 +362,50 @@ def test_the_guard_waits_for_a_report_before_it_stops() -> None:
         guard.on_train_batch_end(trainer, module)
         assert module.skips.reports == ([] if step == 3 else [(3, [])])
     assert guard.state_dict() == {"skipped": 3, "in_a_row": 0}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA's sync debug mode needs a GPU")
+def test_the_ldm_step_on_a_gpu_has_no_host_sync_even_while_skipping(tmp_path: Path) -> None:
+    """Fused AdamW on CUDA: steps 3-12, two of them with NaN latents, run without one host sync (the flag goes to
+    the kernel as found_inf and reaches the host a step later); the skips are still counted and unscheduled."""
+    import traceback
+    import warnings
+
+    sites: list[str] = []
+
+    def record(message, *args) -> None:
+        if "synchroniz" in str(message):
+            sites.append("\n".join(f"{Path(f.filename).name}:{f.lineno} {f.name}"
+                                   for f in traceback.extract_stack()[-8:-1]))
+
+    class Watch(pl.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+            if batch_idx == 3:
+                torch.cuda.set_sync_debug_mode("warn")
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+            if batch_idx == 12:
+                torch.cuda.set_sync_debug_mode("default")
+
+    class Batches(Dataset):
+        def __len__(self) -> int:
+            return 8 * 14
+
+        def __getitem__(self, i: int) -> dict:
+            z = torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(i))
+            return {"latent": z * math.nan if i // 8 in (6, 7) else z, "label": 0}
+
+    module = LatentDiffusionModule(unet=small_unet(), noise_schedule=scaled_linear(), prediction=EpsPrediction(),
+                                   sampler=partial(ddim_sample, num_steps=2), latent_scale=1.0,
+                                   optimizer=partial(torch.optim.AdamW, lr=1e-4, fused=True),
+                                   lr_scheduler=partial(warmup_cosine, warmup_steps=10))
+    guard = NonFiniteGuard(max_in_a_row=5)
+    trainer = pl.Trainer(accelerator="gpu", devices=1, max_steps=14, logger=False, enable_progress_bar=False,
+                         enable_checkpointing=False, default_root_dir=tmp_path, limit_val_batches=0,
+                         enable_model_summary=False, callbacks=[EMA(decay=0.9), guard, Watch()])
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        trainer.fit(module, DataLoader(Batches(), batch_size=8, pin_memory=True))
+    assert sites == [], "\n\n".join(sites)
+    assert guard.skipped == 2 and trainer.lr_scheduler_configs[0].scheduler.last_epoch == 12
