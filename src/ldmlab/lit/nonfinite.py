@@ -6,8 +6,8 @@ pieces, all applied from outside the networks (`TrainingModule` wires them; trai
 
 - `NonFiniteSkips`, the module's ledger: `observe(loss)` (called before every backward) keeps a 0/1 flag on the
   device, all-reduced with min so every rank skips together (a rank stepping alone would leave DDP's replicas
-  apart). A step's flag covers every loss since the batch's last step group began: accumulated micro-batches in
-  the LDM, and in the VAE the generator loss for the G step and both losses for the D step (a non-finite
+  apart). A step obeys every loss observed since the last steps were reported: the LDM's accumulated
+  micro-batches; in the VAE the generator loss for the G step and both losses for the D step (a non-finite
   G loss skips both updates).
 - `SkipNonFinite`, an optimizer proxy: a fused optimizer (`_step_supports_amp_scaling`: Adam/AdamW fused=True)
   gets the flag as `found_inf` and its kernel leaves weights, moments and step count as they were, with no host
