@@ -39,14 +39,15 @@ class Batches(Dataset):
 
 def small_unet(**kw) -> UNetModel:
     torch.manual_seed(0)
-    return UNetModel(**{**dict(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
-                               num_heads=4, context_dim=None), **kw})
+    config = {"model_channels": 32, "channel_mult": (1, 2), "num_res_blocks": 1, "attention_levels": (1,),
+              "num_heads": 4, "context_dim": None}
+    return UNetModel(**{**config, **kw})
 
 
 def module(conditioner, unet, vae=None, **kw) -> LatentDiffusionModule:
     return LatentDiffusionModule(unet=unet, noise_schedule=scaled_linear(), prediction=EpsPrediction(),
                                  sampler=partial(ddim_sample, num_steps=4), vae=vae, conditioner=conditioner,
-                                 latent_scale=None, guidance_scales=(1.0, 2.0), **kw)
+                                 latent_scale=None, sampling={"guidance_scales": (1.0, 2.0)}, **kw)
 
 
 def fit(m: LatentDiffusionModule, data: Dataset, tmp_path: Path, steps: int = 3) -> pl.Trainer:
@@ -97,7 +98,7 @@ def test_unet_and_vae_channels_must_agree(tiny_assets: dict[str, Path]) -> None:
 def test_v_prediction_and_min_snr_run(tmp_path: Path) -> None:
     m = LatentDiffusionModule(unet=small_unet(num_classes=3), noise_schedule=scaled_linear(zero_terminal_snr=True),
                               prediction=VPrediction(), sampler=partial(ddim_sample, num_steps=4, spacing="trailing"),
-                              conditioner=ClassConditioner(3), loss_weighting="min_snr")
+                              conditioner=ClassConditioner(3), training={"loss_weighting": "min_snr"})
     trainer = fit(m, Batches("latent"), tmp_path, steps=2)
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
 
@@ -115,3 +116,43 @@ def test_unet_init_loads_exported_weights(tmp_path: Path) -> None:
         module(ClassConditioner(3), small_unet(num_classes=3, model_channels=64), unet_init=str(path))
     with pytest.raises(FileNotFoundError, match="nothere"):
         module(ClassConditioner(3), small_unet(num_classes=3), unet_init=str(tmp_path / "nothere.safetensors"))
+
+
+def test_export_callback_finds_the_ema_by_type(tmp_path: Path) -> None:
+    """ExportWeights hands the EMA callback's average to export_weights: unet.safetensors holds the shadow."""
+    from safetensors import safe_open
+
+    from ldmlab.callbacks.ema import EMA
+    from ldmlab.callbacks.export import ExportWeights
+
+    m, ema = module(ClassConditioner(3), small_unet(num_classes=3)), EMA(decay=0.5, warmup=False)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_progress_bar=False,
+                         enable_checkpointing=False, default_root_dir=tmp_path, limit_val_batches=0,
+                         enable_model_summary=False, callbacks=[ema, ExportWeights(tmp_path / "export")])
+    trainer.fit(m, DataLoader(Batches("latent"), batch_size=4))
+    with safe_open(str(tmp_path / "export" / "unet.safetensors"), "pt") as f:
+        assert f.metadata()["ema"] == "True"
+        for name, shadow in ema.shadow.items():
+            assert torch.equal(f.get_tensor(name), shadow)
+    assert not torch.equal(ema.shadow["out.2.weight"], m.unet.state_dict()["out.2.weight"])
+
+
+def test_unknown_grouped_setting_names_its_key() -> None:
+    with pytest.raises(ValueError, match=r"model.training.p_uncnd is unknown: valid are p_uncond"):
+        module(None, small_unet(), training={"p_uncnd": 0.1})
+    with pytest.raises(ValueError, match=r"model.training.p_uncond=1.5 must be in \[0, 1\)"):
+        module(None, small_unet(), training={"p_uncond": 1.5})
+
+
+def test_flat_keys_of_older_checkpoints_are_regrouped() -> None:
+    """sample.py rebuilds a model from a checkpoint's stored config; before model.training and model.sampling
+    those keys sat flat under model."""
+    from omegaconf import OmegaConf
+
+    from ldmlab.lit.settings import regroup
+
+    old = OmegaConf.create({"_target_": "x", "p_uncond": 0.2, "loss_weighting": "min_snr", "guidance_scales": [1.0, 3.0],
+                            "sample_seed": 4, "seed": 7, "latent_scale": None})
+    assert OmegaConf.to_container(regroup(old)) == {
+        "_target_": "x", "seed": 7, "latent_scale": None, "training": {"p_uncond": 0.2, "loss_weighting": "min_snr"},
+        "sampling": {"guidance_scales": [1.0, 3.0], "sample_seed": 4}}

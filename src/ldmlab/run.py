@@ -11,8 +11,10 @@ import pytorch_lightning as pl
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
+from ldmlab.callbacks.nonfinite import NonFiniteLossError
 from ldmlab.callbacks.preemption import Preemption
 from ldmlab.checkpointing import AtomicCheckpointIO, resume_path
+from ldmlab.lit.contract import TrainingModule
 from ldmlab.loggers import finish_wandb
 from ldmlab.machine import resolve_machine
 from ldmlab.utils.distributed import ddp_job
@@ -39,7 +41,7 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, 
         optimizer=hydra.utils.instantiate(cfg.optimizer),
         lr_scheduler=hydra.utils.instantiate(cfg.lr_scheduler) if cfg.get("lr_scheduler") else None,
     )
-    if hasattr(module, "config_yaml"):  # checkpoints carry the config that rebuilds the model (sample.py)
+    if isinstance(module, TrainingModule):  # checkpoints carry the config that rebuilds the model (sample.py)
         module.config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     callbacks = instantiate_group(cfg.get("callbacks"))
     callbacks.append(Preemption())  # SIGTERM/SIGUSR1: checkpoint at a step boundary, stop (SLURM: requeue)
@@ -63,9 +65,11 @@ def train(cfg: DictConfig) -> float | None:
         ckpt_path = resume_path(trainer, cfg.get("ckpt_path"), cfg.get("resume", "auto"))
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path,
                     weights_only=True)  # explicit: TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD can't flip it
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(Exception):  # e.g. wandb-core already killed by SLURM: keep the real exception
             finish_wandb(trainer.loggers, failed=True)
+        if isinstance(err, NonFiniteLossError):  # its one line is logged, its checkpoint saved: no traceback
+            raise SystemExit(1) from None
         raise
     finish_wandb(trainer.loggers)
     metric = trainer.callback_metrics.get(cfg.get("optimized_metric"))

@@ -13,7 +13,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldmlab import accel
 from ldmlab.configs import CONF_DIR as CONF
+from ldmlab.lit.conditioning import ClassConditioner
 from ldmlab.lit.ldm import LatentDiffusionModule
+from ldmlab.lit.settings import regroup
 from ldmlab.nn.safe_load import load_weights_only
 from ldmlab.utils.images import make_grid, save_png
 from ldmlab.validate import validate_sample
@@ -25,16 +27,14 @@ def load_ldm(ckpt_path: str | Path, use_ema: bool = True) -> LatentDiffusionModu
     if not ckpt_path.exists():
         raise FileNotFoundError(f"checkpoint '{ckpt_path}' not found: give ckpt=<run dir>/checkpoints/last.ckpt")
     ckpt = load_weights_only(ckpt_path)  # never runs code from the file: one-line refusal instead
-    if "ldmlab_config" not in ckpt:
+    if "ldmlab_config" not in ckpt or "unet_config" not in ckpt:
         raise ValueError(f"{ckpt_path} carries no ldmlab config: not a LatentDiffusionModule checkpoint from train.py")
-    model_cfg = OmegaConf.create(ckpt["ldmlab_config"]).model
+    model_cfg = regroup(OmegaConf.create(ckpt["ldmlab_config"]).model)  # older checkpoints: flat keys
     if "vae_config" in ckpt:  # weights come from the checkpoint: the original VAE file need not exist
         model_cfg.vae = {"_target_": "ldmlab.nn.autoencoder.AutoencoderKL", **ckpt["vae_config"]}
     module: LatentDiffusionModule = hydra.utils.instantiate(model_cfg)
     module.config_yaml = ckpt["ldmlab_config"]
-    if "latent_shape" in ckpt:
-        module._latent_shape = tuple(ckpt["latent_shape"])
-    module.on_load_checkpoint(ckpt)
+    module.on_load_checkpoint(ckpt)  # the latent shape, the text encoder's weights
     module.load_state_dict(ckpt["state_dict"])
     ema = ckpt.get("callbacks", {}).get("EMA")
     if use_ema and ema is not None:
@@ -59,7 +59,7 @@ def _cond_values(module: LatentDiffusionModule, cfg: DictConfig) -> list[Any] | 
     conditioner = module.conditioner
     if conditioner is None:
         return None
-    if hasattr(conditioner, "num_classes"):
+    if isinstance(conditioner, ClassConditioner):
         if cfg.label is not None and not 0 <= int(cfg.label) < conditioner.num_classes:
             raise ValueError(f"label={cfg.label} outside [0, {conditioner.num_classes}): pick a trained class")
         return [int(cfg.label) if cfg.label is not None else i % conditioner.num_classes for i in range(cfg.n)]

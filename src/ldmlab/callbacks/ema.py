@@ -10,6 +10,9 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
+from ldmlab.lit.contract import TrainingModule
+from ldmlab.messages import EMA_UNDER_FSDP  # the same line train.py's config check gives
+
 
 def ema_decay(step: int, max_decay: float, warmup: bool = True, inv_gamma: float = 1.0, power: float = 2 / 3) -> float:
     """Decay after `step` updates: 1 − (1 + step/γ)^−power capped at max_decay (Karras/diffusers EMA warm-up)."""
@@ -45,8 +48,6 @@ class EMA(pl.Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if "FSDP" in type(trainer.strategy).__name__ and trainer.world_size > 1:
-            from ldmlab.validate import EMA_UNDER_FSDP  # the same line train.py's config check gives
-
             raise ValueError(EMA_UNDER_FSDP.format(where=str(trainer.world_size)))
         params = self._params(pl_module)
         if not self.shadow:  # fresh run (a resumed one got its shadow from load_state_dict)
@@ -58,8 +59,8 @@ class EMA(pl.Callback):
 
     @torch.no_grad()
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        if getattr(pl_module, "nonfinite", None):  # a step skipped for a NaN/Inf loss (callbacks.nonfinite)
-            return
+        if isinstance(pl_module, TrainingModule) and pl_module.skips.skipped_on_host:  # a NaN/Inf loss
+            return  # the weights did not move (lit.nonfinite); a step skipped on the device is averaged in
         shadow, weights = self._lists
         if trainer.global_step <= self.start_step:  # before start: track the weights exactly
             torch._foreach_copy_(shadow, weights)

@@ -10,14 +10,15 @@ from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 from torch import Tensor
 
+from ldmlab.lit.contract import TrainingModule
 from ldmlab.utils.images import make_grid, save_png
 
 
 class ImageGrids(pl.Callback):
     """On the first validation batch of every validation run, log the module's image grids.
 
-    The module provides `log_images(batch, num_images) -> dict[name, (N, C, H, W) in [-1, 1]]`
-    (LDM's `log_images` protocol); each entry becomes `<dirpath>/<name>_step<global_step>.png`.
+    The module's `TrainingModule.log_images(batch, num_images) -> dict[name, (N, C, H, W) in [-1, 1]]`
+    (LDM's `log_images` protocol, lit.contract); each entry becomes `<dirpath>/<name>_step<global_step>.png`.
     """
 
     def __init__(self, dirpath: str | Path, num_images: int = 8, nrow: int | None = None) -> None:
@@ -27,7 +28,7 @@ class ImageGrids(pl.Callback):
 
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                                 batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        if batch_idx != 0 or trainer.sanity_checking or not hasattr(pl_module, "log_images"):
+        if batch_idx != 0 or trainer.sanity_checking or not isinstance(pl_module, TrainingModule):
             return
         images = pl_module.log_images(batch, self.num_images)
         self._write(trainer, images)

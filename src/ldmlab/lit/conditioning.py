@@ -37,6 +37,10 @@ class ClassConditioner(nn.Module):
         """Conditioning for explicit labels (sampling)."""
         return self.forward({"label": torch.as_tensor(labels, device=device)})
 
+    def grid_values(self, batch: dict[str, Any], n: int) -> list[int]:
+        """Labels 0…K−1 cycled, for a sample grid."""
+        return [i % self.num_classes for i in range(n)]
+
     def unconditional(self, batch_size: int, device: torch.device) -> dict[str, Tensor]:
         return {self.key: torch.full((batch_size,), self.num_classes, dtype=torch.long, device=device)}
 
@@ -85,6 +89,10 @@ class TextConditioner(nn.Module):
 
     def from_values(self, prompts: list[str], device: torch.device) -> dict[str, Tensor]:
         return {self.key: self.encode(prompts, device)}
+
+    def grid_values(self, batch: dict[str, Any], n: int) -> list[str]:
+        """The batch's first n prompts, for a sample grid."""
+        return list(batch["text"])[:n]
 
     def unconditional(self, batch_size: int, device: torch.device) -> dict[str, Tensor]:
         # the empty prompt's embedding is fixed (frozen encoder): encode it once per device, not every step

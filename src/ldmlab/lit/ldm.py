@@ -2,24 +2,21 @@
 
 encode (or read cached latents) → scale → drop the condition (CFG) → noise at random t → weighted MSE.
 Schedule, parameterisation, loss weighting and sampler come from `ldmlab.diffusion` via the config groups
-`model/noise_schedule`, `model/prediction`, `model/sampler`.
+`model/noise_schedule`, `model/prediction`, `model/sampler`; how the U-Net is trained is `model.training`
+(`Training`), how validation grids are drawn `model.sampling` (`Sampling`).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from ldmlab.callbacks.nonfinite import DeferredSkips, finite_flag
 from ldmlab.diffusion import (
     NoiseSchedule,
     Prediction,
@@ -29,16 +26,17 @@ from ldmlab.diffusion import (
 )
 from ldmlab.diffusion.timesteps import sample_timesteps
 from ldmlab.diffusion.weighting import noisy_inputs, weighted_mse
+from ldmlab.lit.conditioning import TextConditioner
+from ldmlab.lit.contract import TrainingModule
+from ldmlab.lit.settings import Sampling, Training, settings
+from ldmlab.lit.weights import load_unet_init, save_weights, scale_by_std
 from ldmlab.nn.autoencoder import AutoencoderKL
 
 Sampler = Callable[..., Tensor]
 
 
-class LatentDiffusionModule(pl.LightningModule):
+class LatentDiffusionModule(TrainingModule):
     """Latent diffusion on a frozen VAE; `latent_scale=None` estimates 1/std of the first batch's latents."""
-
-    # one forward and one backward per step, no host syncs: `compile_mode=auto` captures it in CUDA graphs
-    cuda_graphs_safe = True
 
     def __init__(
         self,
@@ -47,33 +45,26 @@ class LatentDiffusionModule(pl.LightningModule):
         prediction: Prediction,
         sampler: Sampler,
         vae: AutoencoderKL | None = None,
-        unet_init: str | None = None,
         conditioner: nn.Module | None = None,
-        p_uncond: float = 0.1,
         latent_scale: float | None = 0.18215,
-        loss_weighting: str = "uniform",
-        min_snr_gamma: float = 5.0,
-        offset_noise: float = 0.0,
-        input_perturbation: float = 0.0,
-        guidance_scales: tuple[float, ...] = (1.0, 5.0),
-        sample_seed: int = 0,
+        training: dict[str, Any] | None = None,
+        sampling: dict[str, Any] | None = None,
         seed: int = 0,
+        unet_init: str | None = None,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         lr_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["unet", "noise_schedule", "prediction", "sampler", "vae", "conditioner",
                                           "optimizer", "lr_scheduler"])
-        if loss_weighting not in ("uniform", "min_snr"):
-            raise ValueError(f"model.loss_weighting={loss_weighting!r}: valid are uniform, min_snr")
-        if not 0.0 <= p_uncond < 1.0:
-            raise ValueError(f"model.p_uncond={p_uncond} must be in [0, 1)")
+        self.train_cfg: Training = settings(Training, training, "training")
+        self.sample_cfg: Sampling = settings(Sampling, sampling, "sampling")
         unet_in = getattr(unet, "config", {}).get("in_channels")
         if vae is not None and unet_in is not None and unet_in != vae.embed_dim:
             raise ValueError(f"model.unet.in_channels={unet_in} but the VAE's latents have {vae.embed_dim} channels: "
                              f"set model.unet.in_channels=model.unet.out_channels={vae.embed_dim}")
         if unet_init is not None:
-            self._load_unet(unet, unet_init)
+            load_unet_init(unet, unet_init)
         self.unet, self.schedule, self.prediction, self.sampler = unet, noise_schedule, prediction, sampler
         self.vae = vae.eval().requires_grad_(False) if vae is not None else None
         self.conditioner = conditioner
@@ -81,36 +72,18 @@ class LatentDiffusionModule(pl.LightningModule):
         self.register_buffer("latent_scale", torch.tensor(float(latent_scale or 0.0)))
         self.optimizer_factory = optimizer or partial(torch.optim.AdamW, lr=1e-4)
         self.scheduler_factory = lr_scheduler
-        self.config_yaml: str | None = None  # the run's resolved config, stored in checkpoints for sample.py
-        self.nonfinite: list[str] = []  # the loss whose update this batch left out on the host (callbacks.nonfinite)
-        self.skips = DeferredSkips()  # skipped steps as the host learns of them, for the guard and the scheduler
-        self.defer_nonfinite: bool | None = None  # read the finite flag a step late; None: on CUDA only
-        self._finite: Tensor | None = None  # all-reduced 1/0 flag of the batches since the last optimizer step
-        self._logged: tuple[Tensor, int] | None = None  # (loss, batch size) of the step, for self.log
+        self._latent_shape: tuple[int, ...] | None = None  # (C, h, w), from the latest batch or the checkpoint
+        self._scale_known = False  # a Python flag: reading the buffer every step would sync the GPU
 
-    @staticmethod
-    def _load_unet(unet: nn.Module, path: str) -> None:
-        """Fine-tune from an ldmlab `unet.safetensors` (convert SD/diffusers weights with `python -m ldmlab.convert`)."""
-        from ldmlab.convert.checkpoint import load_ldmlab
-
-        if not Path(path).exists():
-            raise FileNotFoundError(f"model.unet_init='{path}' not found: give an ldmlab unet.safetensors, e.g. "
-                                    "from `python -m ldmlab.convert --from sd --to ldmlab --unet <ckpt> --out <dir>`")
-        state, config = load_ldmlab(path, "unet")
-        if config != getattr(unet, "config", config):
-            diff = sorted(k for k in config if config.get(k) != unet.config.get(k))
-            raise ValueError(f"model.unet_init={path} was saved with a different architecture ({', '.join(diff)}): "
-                             "make model.unet match it")
-        unet.load_state_dict(state)
-        rank_zero_info(f"U-Net initialised from {path}")
-
-    # ------------------------------------------------------------------ latents and conditioning
+    _load_unet = staticmethod(load_unet_init)  # the name older callers use
 
     def train(self, mode: bool = True) -> LatentDiffusionModule:
         super().train(mode)
         if self.vae is not None:
             self.vae.eval()  # frozen first stage: never in training mode
         return self
+
+    # ------------------------------------------------------------------ latents, training
 
     @torch.no_grad()
     def latents(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> Tensor:
@@ -122,100 +95,54 @@ class LatentDiffusionModule(pl.LightningModule):
             raw = self.vae.encode(batch["image"]).sample(generator)
         else:
             raise ValueError("batch has no 'latent' and the model has no VAE: set model.vae or use data=wds_latents")
-        if not getattr(self, "_scale_known", False):  # a Python flag: reading the buffer every step syncs the GPU
-            if float(self.latent_scale) == 0.0:
-                self._estimate_latent_scale(raw)
+        self._latent_shape = tuple(raw.shape[1:])  # (C, h, w): what sample() draws by default
+        if not self._scale_known:
+            if float(self.latent_scale) == 0.0:  # first training batch, over all ranks
+                reduce = partial(self.trainer.strategy.reduce, reduce_op="sum") if self._trainer is not None else None
+                self.latent_scale.fill_(scale_by_std(raw, reduce))
+                rank_zero_info(f"latent scale estimated from the first batch: 1/std = {float(self.latent_scale):.5f}")
             self._scale_known = True
         return raw * self.latent_scale
 
-    def _estimate_latent_scale(self, raw: Tensor) -> None:
-        """LDM scale_by_std: s = 1/std of the first training batch's latents, over all ranks."""
-        count = torch.tensor(float(raw.numel()), device=raw.device)
-        stats = torch.stack([raw.double().sum(), raw.double().pow(2).sum(), count.double()])
-        stats = self.trainer.strategy.reduce(stats, reduce_op="sum") if self._trainer is not None else stats
-        mean = stats[0] / stats[2]
-        std = (stats[1] / stats[2] - mean**2).sqrt()
-        self.latent_scale.fill_(float(1.0 / std))
-        rank_zero_info(f"latent scale estimated from the first batch: 1/std = {float(self.latent_scale):.5f}")
-
-    def condition(self, batch: dict[str, Any]) -> dict[str, Tensor]:
-        return self.conditioner(batch) if self.conditioner is not None else {}
-
-    def _step_generator(self, stream: int) -> torch.Generator:
-        """A generator seeded by (seed, step, rank, stream): training noise is reproducible and resume-exact."""
-        g = torch.Generator(device=self.device)
-        g.manual_seed(hash((self.hparams.seed, self.global_step, self.global_rank, stream)) % (2**63))
-        return g
-
-    # ------------------------------------------------------------------ training
-
     def diffusion_loss(self, batch: dict[str, Any], generator: torch.Generator, p_uncond: float) -> Tensor:
         """The weighted denoising loss of one batch (DDPM eq. 14 with the chosen target and weighting)."""
-        z = self.latents(batch, generator)
-        cond = self.condition(batch)
+        cfg, z = self.train_cfg, self.latents(batch, generator)
+        cond = self.conditioner(batch) if self.conditioner is not None else {}
         if cond and p_uncond > 0:
             cond = self.conditioner.drop(cond, p_uncond, generator)
         t = sample_timesteps(z.shape[0], self.schedule.num_timesteps, generator, z.device)
-        x_t, target = noisy_inputs(z, t, self.schedule, self.prediction, self.hparams.offset_noise,
-                                   self.hparams.input_perturbation, generator)
+        x_t, target = noisy_inputs(z, t, self.schedule, self.prediction, cfg.offset_noise, cfg.input_perturbation,
+                                   generator)
         out = self.unet(x_t, t, **cond)
         snr = self.schedule.snr(t)  # float64 table kept on t's device: no host sync
-        if self.hparams.loss_weighting == "min_snr":
-            weight = min_snr_weight(snr, self.prediction, self.hparams.min_snr_gamma)
-        else:
-            weight = uniform_weight(snr, self.prediction)
-        return weighted_mse(out, target, weight)
+        if cfg.loss_weighting == "min_snr":
+            return weighted_mse(out, target, min_snr_weight(snr, self.prediction, cfg.min_snr_gamma))
+        return weighted_mse(out, target, uniform_weight(snr, self.prediction))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        self.nonfinite, self.skips.reports = [], []
-        loss = self.diffusion_loss(batch, self._step_generator(0), self.hparams.p_uncond)
-        # over accumulated batches all must be finite; the flag leaves for the host as soon as it exists
-        self._finite = finite_flag(self, loss, self._finite)
-        self.skips.stage(self._finite, loss)
-        self._logged = (loss.detach(), self._batch_size(batch))
-        return loss  # NaN/Inf too: every rank runs its backward, so DDP's gradient all-reduce stays in step
-
-    @property
-    def nonfinite_reports(self) -> list[tuple[int, list[str]]]:
-        """(global step, skipped losses) of the steps whose flag the host learnt this batch (NonFiniteGuard)."""
-        return self.skips.reports
-
-    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
-        """Lightning's step, with a non-finite loss on any rank skipped on every rank: no weight, moment or
-        step-count update (callbacks.nonfinite). A fused optimizer skips on the device (`found_inf`) and the
-        step never waits for the GPU; another one needs the flag on the host before its step."""
-        if optimizer_closure is None:
-            return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        loss = optimizer_closure()  # training_step + backward (clipping and hooks run inside optimizer.step)
-        finite, self._finite = self._finite, None
-        inner = getattr(optimizer, "optimizer", optimizer)
-        fused = getattr(inner, "_step_supports_amp_scaling", False)  # fused kernels take found_inf
-        defer = finite.is_cuda if self.defer_nonfinite is None else self.defer_nonfinite
-        self.skips.commit(self.global_step, defer=fused and defer)  # not fused: the step's one host sync
-        if self.skips.last_loss is not None:  # a host number: shown in the progress bar without a sync
-            self.log("loss", torch.tensor(self.skips.last_loss), prog_bar=True, logger=False)
-        if not fused and self.skips.reports[-1][1]:
-            self.nonfinite = ["train/loss"]
-            return
-        value, batch_size = self._logged
-        self.log("train/loss", value, batch_size=batch_size)
-        if fused:
-            inner.found_inf = 1.0 - finite  # on the device: the kernel leaves everything as it was
-        optimizer.step(closure=lambda: loss)
-
-    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
-        if self.skips.take_unscheduled():  # a skipped step does not advance the schedule
-            return
-        super().lr_scheduler_step(scheduler, metric)
+        # noise seeded by (seed, step, rank): reproducible and resume-exact
+        g = torch.Generator(device=self.device)
+        g.manual_seed(hash((self.hparams.seed, self.global_step, self.global_rank, 0)) % (2**63))
+        loss = self.diffusion_loss(batch, g, self.train_cfg.p_uncond)
+        self.log("train/loss", loss.detach(), batch_size=self._batch_size(batch))  # NaN too: no stale value
+        # NaN/Inf too: every rank runs its backward (DDP's all-reduce stays in step); lit.nonfinite skips the update
+        return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        g = torch.Generator(device=self.device).manual_seed(self.hparams.sample_seed + batch_idx)
+        g = torch.Generator(device=self.device).manual_seed(self.sample_cfg.sample_seed + batch_idx)
         loss = self.diffusion_loss(batch, g, p_uncond=0.0)  # fixed noise: comparable across validations
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=self._batch_size(batch))
 
     @staticmethod
     def _batch_size(batch: dict[str, Any]) -> int:
         return len(batch["latent"] if "latent" in batch else batch["image"])
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.unet.parameters() if p.requires_grad]
+        opt, scheduler = self.skipping("train/loss", self.optimizer_factory(params), self.scheduler_factory)
+        if scheduler is None:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------ sampling
 
@@ -228,102 +155,61 @@ class LatentDiffusionModule(pl.LightningModule):
         g = torch.Generator(device="cpu").manual_seed(seed)
         x_T = torch.randn((n, *shape), generator=g).to(self.device)
         if self.conditioner is None or cond_values is None:
-            denoise = self._model_fn({})
+            denoise = lambda x, t: self.unet(x, t)
         else:
-            cond = self.conditioner.from_values(cond_values, self.device)
-            uncond = self.conditioner.unconditional(n, self.device)
             key = self.conditioner.key
-            denoise = classifier_free_guidance(lambda x, t, c: self.unet(x, t, **{key: c}), cond[key],
-                                               uncond[key], guidance_scale)
+            cond = self.conditioner.from_values(cond_values, self.device)[key]
+            uncond = self.conditioner.unconditional(n, self.device)[key]
+            denoise = classifier_free_guidance(lambda x, t, c: self.unet(x, t, **{key: c}), cond, uncond,
+                                               guidance_scale)
         z0 = (sampler or self.sampler)(denoise, x_T, self.schedule, self.prediction, generator=g, callback=callback)
-        if self.vae is None:
-            return z0
-        return self.vae.decode(z0 / self.latent_scale).clamp(-1, 1)
-
-    def _model_fn(self, cond: dict[str, Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
-        return lambda x, t: self.unet(x, t, **cond)
+        return z0 if self.vae is None else self.vae.decode(z0 / self.latent_scale).clamp(-1, 1)
 
     @property
-    def latent_shape(self) -> tuple[int, int, int]:
+    def latent_shape(self) -> tuple[int, ...]:
         """(C, h, w) of the latents seen in training or validation (set on the first batch)."""
-        if getattr(self, "_latent_shape", None) is None:
+        if self._latent_shape is None:
             raise ValueError("latent shape unknown: pass latent_shape=(C, h, w) to sample()")
         return self._latent_shape
-
-    def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._remember_shape(batch)
-
-    def on_validation_batch_start(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._remember_shape(batch)
-
-    def _remember_shape(self, batch: dict[str, Any]) -> None:
-        if "latent" in batch:
-            self._latent_shape = tuple(batch["latent"].shape[1:])
-        elif self.vae is not None:
-            f, (h, w) = self.vae.downsample_factor, batch["image"].shape[-2:]
-            self._latent_shape = (self.vae.embed_dim, h // f, w // f)
 
     def log_images(self, batch: dict[str, Any], num_images: int = 8) -> dict[str, Tensor]:
         """Fixed-seed samples at every guidance scale, for the ImageGrids callback (EMA weights if swapped in)."""
         if self.vae is None:  # latents alone are not pictures
             return {}
-        values = self._grid_values(batch, num_images)
-        scales = self.hparams.guidance_scales if values is not None else (1.0,)
-        return {f"samples_cfg{s:g}": self.sample(values, num_images, s, seed=self.hparams.sample_seed)
+        # labels 0…K−1 cycled (class models) or the batch's prompts (text models)
+        values = None if self.conditioner is None else self.conditioner.grid_values(batch, num_images)
+        scales = self.sample_cfg.guidance_scales if values is not None else (1.0,)
+        return {f"samples_cfg{s:g}": self.sample(values, num_images, s, seed=self.sample_cfg.sample_seed)
                 for s in scales}
 
-    def _grid_values(self, batch: dict[str, Any], n: int) -> list[Any] | None:
-        """Labels 0…K−1 cycled (class models) or the batch's prompts (text models) for a sample grid."""
-        if self.conditioner is None:
-            return None
-        if hasattr(self.conditioner, "num_classes"):
-            return [i % self.conditioner.num_classes for i in range(n)]
-        return list(batch["text"])[:n]
-
-    # ------------------------------------------------------------------ optimisers, checkpoints, export
-
-    def configure_optimizers(self) -> Any:
-        opt = self.optimizer_factory([p for p in self.unet.parameters() if p.requires_grad])
-        if self.scheduler_factory is None:
-            return opt
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_factory(opt), "interval": "step"}}
+    # ------------------------------------------------------------------ checkpoints, export
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint["unet_config"] = dict(getattr(self.unet, "config", {}))
-        checkpoint["nonfinite_skips"] = self.skips.state_dict()
         if self.vae is not None:
             checkpoint["vae_config"] = dict(self.vae.config)
-        if self.config_yaml is not None:
-            checkpoint["ldmlab_config"] = self.config_yaml
-        if getattr(self, "_latent_shape", None) is not None:
+        if self._latent_shape is not None:
             checkpoint["latent_shape"] = list(self._latent_shape)
-        if self.conditioner is not None and hasattr(self.conditioner, "encoder"):
+        if isinstance(self.conditioner, TextConditioner):
             # the frozen text encoder is reloaded from its own directory: keep it out of checkpoints
             for key in [k for k in checkpoint["state_dict"] if k.startswith("conditioner.")]:
                 del checkpoint["state_dict"][key]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if "nonfinite_skips" in checkpoint:
-            self.skips.load_state_dict(checkpoint["nonfinite_skips"])
+        super().on_load_checkpoint(checkpoint)
+        if "latent_shape" in checkpoint:
+            self._latent_shape = tuple(checkpoint["latent_shape"])
         if self.conditioner is not None:
             checkpoint["state_dict"].update({f"conditioner.{k}": v for k, v in self.conditioner.state_dict().items()})
 
-    def ema_state(self) -> dict[str, Tensor] | None:
-        """The EMA callback's U-Net weights if one is attached to the trainer."""
-        callbacks = self.trainer.callbacks if self._trainer is not None else []
-        return next((cb.shadow for cb in callbacks if getattr(cb, "state_key", None) == "EMA"), None)
-
-    def export_weights(self, dirpath: str | Path) -> list[Path]:
-        """`unet.safetensors` (EMA weights when available) and `vae.safetensors`, ldmlab names + config metadata."""
-        dirpath = Path(dirpath)
-        dirpath.mkdir(parents=True, exist_ok=True)
-        unet_state = self.ema_state() or self.unet.state_dict()
-        meta = {"format": "ldmlab.unet", "config": json.dumps(getattr(self.unet, "config", {})),
-                "latent_scale": str(float(self.latent_scale)), "ema": str(self.ema_state() is not None)}
-        paths = [dirpath / "unet.safetensors"]
-        save_file({k: v.detach().cpu().contiguous() for k, v in unet_state.items()}, str(paths[0]), metadata=meta)
+    def export_weights(self, dirpath: str | Path, ema: dict[str, dict[str, Tensor]] | None = None) -> list[Path]:
+        """`unet.safetensors` (EMA weights when given) and `vae.safetensors`, ldmlab names + config metadata."""
+        ema_unet = (ema or {}).get("unet")
+        paths = [save_weights(Path(dirpath) / "unet.safetensors",
+                              ema_unet if ema_unet is not None else self.unet.state_dict(),
+                              getattr(self.unet, "config", {}), "unet", latent_scale=str(float(self.latent_scale)),
+                              ema=str(ema_unet is not None))]
         if self.vae is not None:
-            paths.append(dirpath / "vae.safetensors")
-            save_file({k: v.detach().cpu().contiguous() for k, v in self.vae.state_dict().items()}, str(paths[1]),
-                      metadata={"format": "ldmlab.vae", "config": json.dumps(self.vae.config)})
+            paths.append(save_weights(Path(dirpath) / "vae.safetensors", self.vae.state_dict(), self.vae.config, "vae"))
         return paths

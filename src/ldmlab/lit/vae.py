@@ -7,21 +7,19 @@ discriminator step with Lightning 2 manual optimisation; the networks and loss f
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info
-from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
-from ldmlab.callbacks.nonfinite import DeferredSkips, finite_flag, skip_nonfinite
+from ldmlab.lit.contract import TrainingModule
+from ldmlab.lit.weights import save_weights
 from ldmlab.losses import vae as losses
 from ldmlab.nn.autoencoder import AutoencoderKL
 
@@ -35,13 +33,11 @@ def _to_unit(x: Tensor) -> Tensor:
     return ((x.clamp(-1, 1) + 1) / 2).float()
 
 
-class VAEModule(pl.LightningModule):
+class VAEModule(TrainingModule):
     """KL-VAE with LPIPS and PatchGAN losses; `trainer.global_step` counts training iterations (batches)."""
 
-    # `callbacks.speed.compile=auto`: each ResnetBlock / AttnBlock compiled on its own ran the G + D step at
-    # 83.5 img/s on an H100, the encoder and decoder trunk as whole graphs 77.6, eager 47.2 (256 px, batch 16;
-    # docs/BENCHMARKS.md session 5)
-    compile_scope = "regional"
+    loss_names = (G_LOSS, D_LOSS)
+    progress_name = "rec_loss"
 
     def __init__(
         self,
@@ -78,78 +74,28 @@ class VAEModule(pl.LightningModule):
         self.d_loss_fn = losses.get_d_loss(disc_loss)
         self.val_psnr = PeakSignalNoiseRatio(data_range=1.0)
         self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
-        self.nonfinite: list[str] = []  # losses whose step this batch skipped on the host (callbacks.nonfinite)
-        self.skips = DeferredSkips((G_LOSS, D_LOSS))  # steps skipped on the device, as the host learns of them
-        self.defer_nonfinite: bool | None = None  # fused optimizers: skip on the device; None: on CUDA only
-        self._reports: list[tuple[int, list[str]]] = []
 
     # ------------------------------------------------------------------ training
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        """One G step, then (from disc_start) one D step on the detached reconstruction; a non-finite G loss
+        leaves both updates out, a non-finite D loss the D update (lit.nonfinite)."""
         x = batch["image"]
         opt_g, opt_d = self.optimizers()
         gan_active = losses.disc_factor(self.global_step, self.hparams.disc_start, self.hparams.disc_factor) > 0
-        self.nonfinite, self.skips.reports, step = [], [], self.global_step
-        if self._skip_on_device(opt_g, opt_d, x):
-            logs = self._steps_skipped_on_device(x, opt_g, opt_d, gan_active, step)
-            self._reports = self.skips.reports
-        else:
-            logs = self._steps_checked_on_host(x, opt_g, opt_d, gan_active)
-            self._reports = [(step, list(self.nonfinite))]
-        if logs is not None:
-            self.log_dict(logs)
-
-    @property
-    def nonfinite_reports(self) -> list[tuple[int, list[str]]]:
-        """(global step, skipped losses) of the steps the host learnt of this batch (NonFiniteGuard)."""
-        return self._reports
-
-    def _skip_on_device(self, opt_g: Any, opt_d: Any, x: Tensor) -> bool:
-        """Fused optimizers take the finite flag as `found_inf` and skip in their kernel: on a GPU the step then
-        never waits for it (callbacks.nonfinite). Otherwise, and on the CPU, each loss is read before its step."""
-        fused = all(getattr(o.optimizer, "_step_supports_amp_scaling", False) for o in (opt_g, opt_d))
-        return fused and (x.is_cuda if self.defer_nonfinite is None else self.defer_nonfinite)
-
-    def _steps_checked_on_host(self, x: Tensor, opt_g: Any, opt_d: Any, gan_active: bool) -> dict | None:
-        """G step, then D step, each left out when its loss is non-finite on any rank (one host sync each)."""
-        sched_g, sched_d = self._schedulers()
         with self.toggled_optimizer(opt_g):
             rec, posterior = self.autoencoder(x, sample_posterior=self.hparams.sample_posterior)
             g_total, logs = self._generator_loss(x, rec, posterior, gan_active)
-            if skip_nonfinite(self, g_total, G_LOSS):
-                return None  # no G step, and no D step against a non-finite reconstruction
-            self._optimizer_step(opt_g, g_total, sched_g, counted=True)
+            self._step(opt_g, g_total, counted=True)
         if gan_active:  # before disc_start the discriminator never runs nor steps
             with self.toggled_optimizer(opt_d):
                 d_total, d_logs = self._discriminator_loss(x, rec.detach())
-                if not skip_nonfinite(self, d_total, D_LOSS):
-                    self._optimizer_step(opt_d, d_total, sched_d, counted=False)
+                self._step(opt_d, d_total, counted=False)
             logs.update(d_logs)
-        self.log("rec_loss", logs["train/rec_loss"], prog_bar=True, logger=False)  # this path syncs anyway
-        return logs
-
-    def _steps_skipped_on_device(self, x: Tensor, opt_g: Any, opt_d: Any, gan_active: bool, step: int) -> dict:
-        """G step, then D step, with no host sync: a non-finite G loss leaves both updates out in the fused
-        kernels, a non-finite D loss the D update; the host reads the flags a step later (DeferredSkips), and a
-        skipped batch counts as a global step (opt_g.step ran), as in the LDM."""
-        sched_g, sched_d = self._schedulers()
-        with self.toggled_optimizer(opt_g):
-            rec, posterior = self.autoencoder(x, sample_posterior=self.hparams.sample_posterior)
-            g_total, logs = self._generator_loss(x, rec, posterior, gan_active)
-            finite_g = finite_flag(self, g_total)
-            self._optimizer_step(opt_g, g_total, sched_g, counted=True, finite=finite_g, name=G_LOSS)
-        finite_d = torch.ones_like(finite_g)  # before disc_start D neither runs nor steps: nothing to skip
-        if gan_active:
-            with self.toggled_optimizer(opt_d):
-                d_total, d_logs = self._discriminator_loss(x, rec.detach())
-                finite_d = finite_flag(self, d_total, finite_g)
-                self._optimizer_step(opt_d, d_total, sched_d, counted=False, finite=finite_d, name=D_LOSS)
-            logs.update(d_logs)
-        self.skips.stage(torch.stack([finite_g, finite_d]), logs["train/rec_loss"])
-        self.skips.commit(step, defer=True)
-        if self.skips.last_loss is not None:  # a host number: shown in the progress bar without a sync
-            self.log("rec_loss", torch.tensor(self.skips.last_loss), prog_bar=True, logger=False)
-        return logs
+        self.skips.show(logs["train/rec_loss"])
+        self.log_dict(logs)  # NaN too: the row of a skipped step shows its loss, not an earlier one
+        for scheduler in self._schedulers()[:2 if gan_active else 1]:
+            scheduler.step()  # left out once per update skipped (lit.nonfinite.SkipAwareLR)
 
     def _generator_loss(self, x: Tensor, rec: Tensor, posterior: Any, gan_active: bool) -> tuple[Tensor, dict]:
         """LDM contperceptual, optimizer_idx 0: nll + kl_weight·KL + d_weight·disc_factor·g_loss."""
@@ -182,32 +128,26 @@ class VAEModule(pl.LightningModule):
                 "train/logits_fake": logits_fake.mean().detach()}
         return d_loss, logs
 
-    def _optimizer_step(self, opt: Any, loss: Tensor, scheduler: Any, counted: bool,
-                        finite: Tensor | None = None, name: str = G_LOSS) -> None:
-        """zero_grad → backward → clip → step → scheduler.step; with `finite`, a fused optimizer's `found_inf`.
+    def _step(self, opt: Any, loss: Tensor, counted: bool) -> None:
+        """zero_grad → backward → clip → step (the wrapper leaves it out for a NaN/Inf loss, lit.nonfinite).
 
         Lightning 2 counts every LightningOptimizer.step as a global step in manual optimisation, which
         would make one G+D iteration count twice; the D step goes through the strategy directly (same
         precision plugin and hooks, not counted) so max_steps and disc_start mean iterations, as in LDM.
         """
         opt.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
+        self.manual_backward(loss)  # NaN too: every rank runs its backward, DDP's all-reduce stays in step
         if self.hparams.grad_clip:
             self.clip_gradients(opt, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
-        if finite is not None:
-            opt.optimizer.found_inf = 1.0 - finite  # on the device: the kernel leaves everything as it was
         if counted:
             opt.step()
         else:
             self.trainer.strategy.optimizer_step(opt.optimizer, closure=lambda: None, model=self)
-        if scheduler is not None and not self.skips.take_unscheduled(name):  # a skipped step: no LR step
-            scheduler.step()
 
-    def _schedulers(self) -> tuple[Any, Any]:
+    def _schedulers(self) -> list[Any]:
+        """The G and D LR schedulers, in that order ([] without any)."""
         scheds = self.lr_schedulers()
-        if scheds is None:
-            return None, None
-        return tuple(scheds) if isinstance(scheds, list) else (scheds, None)
+        return [] if scheds is None else list(scheds) if isinstance(scheds, list) else [scheds]
 
     # ------------------------------------------------------------------ validation
 
@@ -241,12 +181,13 @@ class VAEModule(pl.LightningModule):
         g_params = list(self.autoencoder.parameters()) + ([self.logvar] if self.hparams.learn_logvar else [])
         opt_g = self.optimizer_factory(g_params)
         opt_d = self.optimizer_factory(list(self.discriminator.parameters()))
-        if self.hparams.scale_lr:
+        if self.hparams.scale_lr:  # before the schedulers record each group's initial_lr
             self._scale_lr(opt_g, opt_d)
+        (opt_g, sched_g), (opt_d, sched_d) = (self.skipping(name, opt, self.scheduler_factory)
+                                              for name, opt in ((G_LOSS, opt_g), (D_LOSS, opt_d)))
         if self.scheduler_factory is None:
             return [opt_g, opt_d]
-        scheds = [{"scheduler": self.scheduler_factory(o), "interval": "step"} for o in (opt_g, opt_d)]
-        return [opt_g, opt_d], scheds
+        return [opt_g, opt_d], [{"scheduler": s, "interval": "step"} for s in (sched_g, sched_d)]
 
     def _scale_lr(self, *optimizers: Optimizer) -> None:
         """LDM main.py: lr = base_lr × batch_size × world_size (manual optimisation has no accumulation)."""
@@ -262,7 +203,7 @@ class VAEModule(pl.LightningModule):
                        f"= {optimizers[0].param_groups[0]['lr']:.3g}")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["nonfinite_skips"] = self.skips.state_dict()
+        super().on_save_checkpoint(checkpoint)
         # the architecture travels with the weights so ldmlab.convert.load.load_vae can rebuild it
         checkpoint["autoencoder_config"] = dict(self.autoencoder.config)
         # the frozen LPIPS network is rebuilt from its own files: keep its 58 MB out of every checkpoint
@@ -271,16 +212,12 @@ class VAEModule(pl.LightningModule):
             del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if "nonfinite_skips" in checkpoint:
-            self.skips.load_state_dict(checkpoint["nonfinite_skips"])
+        super().on_load_checkpoint(checkpoint)
         if self.lpips is not None:
             checkpoint["state_dict"].update({f"lpips.{k}": v for k, v in self.lpips.state_dict().items()})
 
-    def export_weights(self, dirpath: str | Path) -> list[Path]:
-        """Write the autoencoder as `vae.safetensors` (ldmlab = SD-original `first_stage_model` names)."""
-        path = Path(dirpath) / "vae.safetensors"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.autoencoder.state_dict().items()}
-        config = getattr(self.autoencoder, "config", {})
-        save_file(state, str(path), metadata={"format": "ldmlab.vae", "config": json.dumps(config)})
-        return [path]
+    def export_weights(self, dirpath: str | Path, ema: dict[str, dict[str, Tensor]] | None = None) -> list[Path]:
+        """Write the autoencoder (its EMA if one was kept) as `vae.safetensors` (SD's `first_stage_model` names)."""
+        weights = (ema or {}).get("autoencoder")
+        weights = weights if weights is not None else self.autoencoder.state_dict()
+        return [save_weights(Path(dirpath) / "vae.safetensors", weights, self.autoencoder.config, "vae")]
