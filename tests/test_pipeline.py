@@ -163,7 +163,7 @@ def test_preset_stages_compose_and_fit_together(preset: str, tmp_path: Path) -> 
     assert autoencoder.downsample_factor >= 4 and vae.data.source._target_.endswith("DemoShards")
     assert ldm.model.unet.in_channels == autoencoder.embed_dim and ldm.data.decoder._target_.endswith("LatentDecoder")
     assert ldm.model.vae.path == f"{tmp_path}/vae/export/vae.safetensors" and ldm.data.root == f"{tmp_path}/latents"
-    assert ldm.model.p_uncond > 0 and ldm.model.conditioner.num_classes == 10
+    assert ldm.model.training.p_uncond > 0 and ldm.model.conditioner.num_classes == 10
     assert vae.trainer.max_steps == cfg.vae.steps and ldm.trainer.max_steps == cfg.ldm.steps
     assert vae.paths.output_dir == str(tmp_path / "vae")
     if preset.endswith("gpu"):

@@ -208,9 +208,9 @@ def test_root_without_manifest(tmp_path: Path) -> None:
 
 
 def test_guidance_needs_condition_dropout(tmp_path: Path, vae: Path) -> None:
-    base = ["model=unet_small", f"model.vae.path={vae}", "model.p_uncond=0"]
-    assert "model.p_uncond=0.1" in one(problems(base, tmp_path), "model.guidance_scales=[1.0, 3.0]")
-    assert problems([*base, "model.guidance_scales=[1.0]"], tmp_path) == []
+    base = ["model=unet_small", f"model.vae.path={vae}", "model.training.p_uncond=0"]
+    assert "model.training.p_uncond=0.1" in one(problems(base, tmp_path), "model.sampling.guidance_scales=[1.0, 3.0]")
+    assert problems([*base, "model.sampling.guidance_scales=[1.0]"], tmp_path) == []
 
 
 def test_batch_must_fit_the_epoch_on_every_rank(tmp_path: Path) -> None:
@@ -274,7 +274,7 @@ def _fake_ldm_ckpt(path: Path, p_uncond: float) -> Path:
 def test_sample_guidance_needs_a_model_trained_with_dropout(tmp_path: Path) -> None:
     cfg = OmegaConf.load(REPO / "conf" / "sample.yaml")
     cfg.ckpt, cfg.guidance = str(_fake_ldm_ckpt(tmp_path / "no_drop.ckpt", 0.0)), 5.0
-    assert "sample with guidance=1" in one(sample_problems(cfg), "guidance=5.0", "model.p_uncond=0")
+    assert "sample with guidance=1" in one(sample_problems(cfg), "guidance=5.0", "model.training.p_uncond=0")
     cfg.guidance = 1.0
     assert sample_problems(cfg) == []
     cfg.ckpt, cfg.guidance = str(_fake_ldm_ckpt(tmp_path / "drop.ckpt", 0.1)), 5.0
@@ -419,10 +419,10 @@ def test_train_py_unquoted_braces_one_line(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_train_py_reports_config_problems_before_building(tmp_path: Path, vae: Path) -> None:
     stderr, seconds = train_py_fails(["model=unet_small", f"model.vae.path={vae}", "model.unet.num_heads=3",
-                                      "model.p_uncond=0"], tmp_path)
+                                      "model.training.p_uncond=0"], tmp_path)
     lines = stderr.splitlines()
     assert any(line.startswith("model.unet: num_heads=3 does not divide") for line in lines), stderr
-    assert any(line.startswith("model.guidance_scales=[1.0, 3.0] has scales > 1") for line in lines), stderr
+    assert any(line.startswith("model.sampling.guidance_scales=[1.0, 3.0] has scales > 1") for line in lines), stderr
     assert seconds < 120  # imports only: no shard build, no model, no trainer
 
 

@@ -206,10 +206,14 @@ class LatentDiffusionModule(TrainingModule):
     def export_weights(self, dirpath: str | Path, ema: dict[str, dict[str, Tensor]] | None = None) -> list[Path]:
         """`unet.safetensors` (EMA weights when given) and `vae.safetensors`, ldmlab names + config metadata."""
         ema_unet = (ema or {}).get("unet")
+        # the trained size travels as diffusers' sample_size (latent side; image side for the VAE): convert reads it
+        side = {} if self._latent_shape is None else {"sample_size": str(self._latent_shape[-1])}
         paths = [save_weights(Path(dirpath) / "unet.safetensors",
                               ema_unet if ema_unet is not None else self.unet.state_dict(),
                               getattr(self.unet, "config", {}), "unet", latent_scale=str(float(self.latent_scale)),
-                              ema=str(ema_unet is not None))]
+                              ema=str(ema_unet is not None), **side)]
         if self.vae is not None:
-            paths.append(save_weights(Path(dirpath) / "vae.safetensors", self.vae.state_dict(), self.vae.config, "vae"))
+            image = {k: str(int(v) * self.vae.downsample_factor) for k, v in side.items()}
+            paths.append(save_weights(Path(dirpath) / "vae.safetensors", self.vae.state_dict(), self.vae.config, "vae",
+                                      **image))
         return paths

@@ -106,7 +106,7 @@ def ldm_stage(cfg: DictConfig, out: Path, overrides: list[str]) -> dict:
     curve = loss_curve_png(series, out.parent / "ldm_loss.png")
     unet_params = sum(v.numel() for k, v in ckpt["state_dict"].items() if k.startswith("unet."))
     return {"steps": int(ckpt["global_step"]), "batch_size": int(cfg.data.batch_size), "params": unet_params,
-            "p_uncond": float(cfg.model.p_uncond), "train_loss": mean_of_last(series, "train/loss"),
+            "p_uncond": float(cfg.model.training.p_uncond), "train_loss": mean_of_last(series, "train/loss"),
             "val_loss": series["val/loss"][-1][1], "latent_scale": float(ckpt["state_dict"]["latent_scale"]),
             "loss_curve": _relative(curve, out.parent), "device": describe_device(cfg.trainer)}
 

@@ -17,10 +17,10 @@ from collections.abc import Sequence
 from hydra.errors import CompactHydraException
 from omegaconf import DictConfig
 
+from ldmlab.messages import EMA_UNDER_FSDP
 from ldmlab.validate.files import data_problems, weight_problems
 from ldmlab.validate.overrides import exit_on_bad_overrides, override_problems
 from ldmlab.validate.rules import (
-    EMA_UNDER_FSDP,
     batch_problems,
     fsdp_problems,
     guidance_problems,

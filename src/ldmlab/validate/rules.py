@@ -10,6 +10,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from ldmlab.messages import EMA_UNDER_FSDP
 from ldmlab.validate.fields import get, target, world_size
 
 # ---------------------------------------------------------------- mandatory values
@@ -38,12 +39,12 @@ def missing_values(cfg: DictConfig, entry: str = "train.py") -> list[str]:
 
 def guidance_problems(cfg: DictConfig) -> list[str]:
     """Classifier-free guidance > 1 needs a model that also learned the unconditional prediction."""
-    scales, p_uncond = get(cfg, "model.guidance_scales"), get(cfg, "model.p_uncond")
+    scales, p_uncond = get(cfg, "model.sampling.guidance_scales"), get(cfg, "model.training.p_uncond")
     if p_uncond != 0 or not scales or all(s <= 1 for s in scales):
         return []
-    line = (f"model.guidance_scales={list(scales)} has scales > 1 but model.p_uncond=0: without condition "
-            "dropout the model never learns the unconditional prediction that guidance extrapolates from; "
-            "set model.p_uncond=0.1 or model.guidance_scales=[1.0]")
+    line = (f"model.sampling.guidance_scales={list(scales)} has scales > 1 but model.training.p_uncond=0: without "
+            "condition dropout the model never learns the unconditional prediction that guidance extrapolates from; "
+            "set model.training.p_uncond=0.1 or model.sampling.guidance_scales=[1.0]")
     return [line]
 
 
@@ -96,7 +97,3 @@ def fsdp_problems(cfg: DictConfig) -> list[str]:
         problems.append(EMA_UNDER_FSDP.format(where=f"trainer.devices x trainer.num_nodes = {world}"))
     return problems
 
-
-EMA_UNDER_FSDP = ("callbacks.ema with trainer=fsdp on {where} ranks: each rank's EMA would hold only its parameter "
-                  "shard and checkpoints only rank 0's; use trainer=ddp (SD1.5 with AdamW and EMA fits one 80 GB "
-                  "GPU) or callbacks.ema=null")

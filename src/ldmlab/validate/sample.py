@@ -25,11 +25,13 @@ def stored_config(ckpt: str) -> DictConfig | None:
 def stored_guidance_problems(cfg: DictConfig, stored: DictConfig) -> list[str]:
     """guidance > 1 on a checkpoint whose training config had p_uncond = 0 (no unconditional prediction)."""
     guidance = cfg.get("guidance")
-    if guidance is None or guidance <= 1 or get(stored, "model.p_uncond") != 0:
+    p_uncond = get(stored, "model.training.p_uncond")
+    p_uncond = get(stored, "model.p_uncond") if p_uncond is None else p_uncond  # checkpoints before model.training
+    if guidance is None or guidance <= 1 or p_uncond != 0:
         return []
-    line = (f"guidance={guidance} but {cfg.ckpt} was trained with model.p_uncond=0 (no condition dropout), so "
+    line = (f"guidance={guidance} but {cfg.ckpt} was trained with model.training.p_uncond=0 (no condition dropout), so "
             "it has no unconditional prediction to guide away from: sample with guidance=1, or train with "
-            "model.p_uncond>0")
+            "model.training.p_uncond>0")
     return [line]
 
 
