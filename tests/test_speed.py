@@ -288,3 +288,23 @@ def test_sync_report_lists_call_sites_and_says_when_there_is_no_gpu(tmp_path: Pa
     report._record("an unrelated warning", UserWarning, __file__, 1)
     (stack, count), = report.sites.items()
     assert count == 2 and "test_speed.py" in stack and len(stack.splitlines()) == 2
+
+
+def test_step_timer_stops_before_the_final_checkpoint(tmp_path: Path) -> None:
+    """The final step's checkpoint (LastCheckpoint writes one when max_steps ends the run) is not a training step:
+    StepTimer's clock stops at the last batch's end, before the checkpoint callbacks that run after it."""
+    import time
+
+    class SlowSave(pl.Callback):  # stands in for a multi-GB checkpoint written at the end
+        def on_train_batch_end(self, trainer, *args) -> None:
+            if trainer.global_step >= trainer.max_steps:
+                time.sleep(2.0)
+
+        def on_train_end(self, *args) -> None:
+            time.sleep(2.0)
+
+    timer = StepTimer(skip=5)
+    start = time.perf_counter()
+    train_losses("32-true", [timer, SlowSave()], tmp_path, steps=12)
+    total = time.perf_counter() - start
+    assert timer._steps == 7 and timer.seconds_per_step * timer._steps < total - 3.9

@@ -122,10 +122,14 @@ class StepTimer(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         self._steps += 1
+        if 0 < trainer.max_steps <= trainer.global_step:  # the clock stops before the final checkpoint is written
+            synchronize_device(pl_module)
+            self._end = time.perf_counter()
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        synchronize_device(pl_module)
-        self._end = time.perf_counter()
+        if not self._end:  # stopped otherwise than by max_steps
+            synchronize_device(pl_module)
+            self._end = time.perf_counter()
         if self._start and self._steps:
             log.info("StepTimer: %.4f s/step over %d steps", self.seconds_per_step, self._steps)
 
