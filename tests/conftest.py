@@ -16,6 +16,16 @@ from omegaconf import DictConfig, open_dict
 
 from ldmlab.utils.stand_ins import make_tiny_clip
 
+@pytest.fixture(autouse=True)
+def _rank_zero_again() -> None:
+    """A Trainer built under simulated SLURM ranks leaves Lightning's process-wide rank behind; every test starts
+    as rank zero, as a fresh process would."""
+    from lightning_fabric.utilities.rank_zero import rank_zero_only as fabric_rank_zero
+    from pytorch_lightning.utilities.rank_zero import rank_zero_only
+
+    rank_zero_only.rank = fabric_rank_zero.rank = 0
+
+
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 

@@ -131,7 +131,16 @@ def summary(cfg: DictConfig) -> dict:
     strategy = t.strategy if isinstance(t.strategy, str) else t.strategy._target_
     return {"accelerator": t.accelerator, "devices": t.devices, "num_nodes": t.num_nodes, "strategy": strategy,
             "precision": t.precision, "speed": OmegaConf.select(cfg, "callbacks.speed._target_"),
-            "data": cfg.data._target_.rsplit(".", 1)[-1], "model": cfg.model._target_}
+            "data": data_kind(cfg.data), "model": cfg.model._target_}
+
+
+def data_kind(data: DictConfig) -> str:
+    """'<source>+<decoder>' for the shard module (a source class, or 'shards' for named shards), else its class."""
+    name = lambda target: target.rsplit(".", 1)[-1]  # noqa: E731
+    if name(data._target_) != "ShardDataModule":
+        return name(data._target_)
+    source = name(data.source._target_) if OmegaConf.select(data, "source") is not None else "shards"
+    return f"{source}+{name(data.decoder._target_)}"
 
 
 def asks_for_gpus(composed: DictConfig) -> bool:
@@ -182,7 +191,7 @@ def test_line_on_an_8_gpu_node(line: str, tmp_path: Path, monkeypatch: pytest.Mo
         if key in said:
             assert OmegaConf.select(cfg, key) == said[key].strip("'\"")
     if said.get("model") == "unet_sd15":  # SD1.5 never trains on the 32 px demo crops
-        assert got["data"] != "DemoDataModule"
+        assert got["data"] != "DemoShards+ImageDecoder"
     # the rules that span groups hold for what the line resolves to (files are the user's to provide)
     assert batch_problems(cfg) + fsdp_problems(cfg) + guidance_problems(cfg) == []
 
@@ -206,28 +215,28 @@ def test_line_on_a_cpu_only_machine(line: str, tmp_path: Path, monkeypatch: pyte
 EXACT = {  # line: (8-GPU node, CPU-only machine: the summary or the start of the one-line error)
     "python train.py": (
         {"accelerator": "gpu", "devices": 1, "num_nodes": 1, "strategy": "auto", "precision": "bf16-mixed",
-         "speed": GPU_SPEED, "data": "DemoDataModule", "model": VAE},
+         "speed": GPU_SPEED, "data": "DemoShards+ImageDecoder", "model": VAE},
         {"accelerator": "cpu", "devices": 1, "num_nodes": 1, "strategy": "auto", "precision": "32-true",
-         "speed": None, "data": "DemoDataModule", "model": VAE}),
+         "speed": None, "data": "DemoShards+ImageDecoder", "model": VAE}),
     MISSION: (
         {"accelerator": "gpu", "devices": 8, "num_nodes": 1, "strategy": "ddp", "precision": "bf16-mixed",
-         "speed": GPU_SPEED, "data": "LatentDataModule", "model": LDM},
+         "speed": GPU_SPEED, "data": "shards+LatentDecoder", "model": LDM},
         "trainer.devices=8 asks for 8 GPUs but none is visible"),
     f"srun {MISSION}": (
         {"accelerator": "gpu", "devices": 8, "num_nodes": 1, "strategy": "ddp", "precision": "bf16-mixed",
-         "speed": GPU_SPEED, "data": "LatentDataModule", "model": LDM},
+         "speed": GPU_SPEED, "data": "shards+LatentDecoder", "model": LDM},
         "trainer.devices=8 asks for 8 GPUs but none is visible"),
     "sbatch slurm/train.sbatch model=unet_sd15": (
         {"accelerator": "gpu", "devices": 8, "num_nodes": 1, "strategy": "ddp", "precision": "bf16-mixed",
-         "speed": GPU_SPEED, "data": "LatentDataModule", "model": LDM},
+         "speed": GPU_SPEED, "data": "shards+LatentDecoder", "model": LDM},
         "trainer.devices=8 asks for 8 GPUs but none is visible"),
     "sbatch --nodes=4 slurm/train.sbatch model=unet_sd15 data.root=/data/latents": (
         {"accelerator": "gpu", "devices": 8, "num_nodes": 4, "strategy": "ddp", "precision": "bf16-mixed",
-         "speed": GPU_SPEED, "data": "LatentDataModule", "model": LDM},
+         "speed": GPU_SPEED, "data": "shards+LatentDecoder", "model": LDM},
         "trainer.devices=8 asks for 8 GPUs but none is visible"),
     "sbatch --ntasks-per-node=4 --gpus-per-node=4 --time=2-00:00:00 -p a100 slurm/train.sbatch experiment=vae_kl_f8": (
         {"accelerator": "gpu", "devices": 4, "num_nodes": 1, "strategy": "ddp_find_unused_parameters_true",
-         "precision": "bf16-mixed", "speed": GPU_SPEED, "data": "WebDatasetDataModule", "model": VAE},
+         "precision": "bf16-mixed", "speed": GPU_SPEED, "data": "shards+ImageDecoder", "model": VAE},
         "trainer.accelerator=gpu but no GPU is visible"),
 }
 
