@@ -286,6 +286,11 @@ def test_sync_report_lists_call_sites_and_says_when_there_is_no_gpu(tmp_path: Pa
     for _ in range(2):
         report._record("called a synchronizing CUDA operation", UserWarning, __file__, 1)
     report._record("an unrelated warning", UserWarning, __file__, 1)
+
+    def set_sync_debug_mode() -> None:  # torch warns from here when the mode is switched on: that is no sync
+        report._record("synchronizing calls will now warn", UserWarning, __file__, 1)
+
+    set_sync_debug_mode()
     (stack, count), = report.sites.items()
     assert count == 2 and "test_speed.py" in stack and len(stack.splitlines()) == 2
 
