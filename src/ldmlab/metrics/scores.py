@@ -17,7 +17,7 @@ from ldmlab.metrics.distributed import all_reduce_sum
 
 def polynomial_mmd(x: Tensor, y: Tensor) -> float:
     """Unbiased MMD² between feature sets with k(x, y) = (x·y / d + 1)³ (Bińkowski et al. 2018, the KID estimator)."""
-    x, y = x.double(), y.double().to(x.device)
+    x, y = x.detach().double(), y.detach().double().to(x.device)
     m, d = x.shape[0], x.shape[1]
     k_xx, k_yy, k_xy = ((a @ b.T / d + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))
     # unbiased: the diagonals k(x_i, x_i) of the within-set terms are left out; k_xy keeps all m² pairs
@@ -56,7 +56,7 @@ def inception_score(logits: Tensor, splits: int = 10) -> tuple[float, float]:
     """
     if logits.shape[0] < splits:
         raise ValueError(f"Inception Score: {logits.shape[0]} samples cannot fill {splits} splits")
-    log_p = logits.double().log_softmax(dim=1)  # log p(y|x), (N, C)
+    log_p = logits.detach().double().log_softmax(dim=1)  # log p(y|x), (N, C)
     scores = []
     for part in torch.tensor_split(log_p, splits):
         log_marginal = part.exp().mean(0).log()  # log p(y) of this split, (C,)
