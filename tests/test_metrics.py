@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from ldmlab.metrics import (
     ClipScore,
     FeatureStatistics,
+    MetricOptions,
     SampleMetrics,
     StatsKey,
     check_sample_count,
@@ -312,8 +313,8 @@ def test_sample_metrics_end_to_end() -> None:
     net = StandIn()
     ref, ref_feats = reference_statistics(net, images(40, 0).split(16), source="test-real")
     assert (ref.count, ref.resolution, ref.network, ref_feats.shape) == (40, 8, "stand-in", (40, 6))
-    sm = SampleMetrics(net, ref, ref_feats, resolution=8, num_samples=30, kid_subsets=5, kid_subset_size=20,
-                       is_splits=3)
+    sm = SampleMetrics(net, ref, ref_feats, resolution=8, num_samples=30,
+                       options=MetricOptions(kid_subsets=5, kid_subset_size=20, is_splits=3))
     for batch in images(30, 1).split(7):
         sm.update(batch)
     out = sm.compute()
@@ -352,10 +353,13 @@ def test_sample_metrics_refuses_before_sampling(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="Inception Score needs class logits"):
         SampleMetrics(no_logits, ref, feats)
     tiny, _ = reference_statistics(net, [images(4, 0)], source="tiny", keep_features=False)
-    with pytest.raises(ValueError, match="FD needs at least 7 samples .* 4 reference rows"):
+    with pytest.raises(ValueError, match="FD needs at least 7 samples .* got 4 reference images"):
         SampleMetrics(net, tiny, metrics=("fid",))
     sm = SampleMetrics(net, ref, feats)  # resolution not given: checked at the first batch
     with pytest.raises(ValueError, match="16 px"):
+        sm.update(images(2, 1, res=16))
+    sm = SampleMetrics(net, ref, feats, resolution=8)
+    with pytest.raises(ValueError, match="generated images of 16 px"):
         sm.update(images(2, 1, res=16))
 
 

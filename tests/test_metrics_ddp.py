@@ -19,8 +19,8 @@ SCRIPT = textwrap.dedent('''
     import torch
     sys.path.insert(0, sys.argv[2])
     from test_metrics import StandIn, images
-    from ldmlab.metrics import (ClipScore, FeatureStatistics, SampleMetrics, all_gather_rows, all_reduce_sum,
-                                reference_statistics)
+    from ldmlab.metrics import (ClipScore, FeatureStatistics, MetricOptions, SampleMetrics, all_gather_rows,
+                                all_reduce_sum, reference_statistics)
 
     out, world = sys.argv[1], int(os.environ["WORLD_SIZE"])
     rank = int(os.environ.get("RANK", 0))
@@ -36,7 +36,8 @@ SCRIPT = textwrap.dedent('''
     reduced = stats.all_reduce()
     net = StandIn()
     ref, ref_feats = reference_statistics(net, real.split(1), source="test-real")
-    sm = SampleMetrics(net, ref, ref_feats, resolution=8, kid_subsets=4, kid_subset_size=9, is_splits=2)
+    sm = SampleMetrics(net, ref, ref_feats, resolution=8,
+                       options=MetricOptions(kid_subsets=4, kid_subset_size=9, is_splits=2))
     for batch in fake.split(1):  # one image per call: the float32 network rounds alike in both runs
         sm.update(batch)
     clip = ClipScore()

@@ -8,7 +8,13 @@ Imports torch, numpy and safetensors only (torchmetrics is the tests' cross-chec
 from ldmlab.metrics.distributed import all_gather_rows, all_reduce_sum, broadcast_object, is_distributed
 from ldmlab.metrics.frechet import check_sample_count, frechet_distance, min_samples_fd, sqrtm_psd
 from ldmlab.metrics.manifold import precision_recall
-from ldmlab.metrics.sample_metrics import METRICS, FeatureNetwork, SampleMetrics, reference_statistics
+from ldmlab.metrics.sample_metrics import (
+    METRICS,
+    FeatureNetwork,
+    MetricOptions,
+    SampleMetrics,
+    reference_statistics,
+)
 from ldmlab.metrics.scores import (
     ClipScore,
     clip_score,
@@ -19,7 +25,7 @@ from ldmlab.metrics.scores import (
 from ldmlab.metrics.statistics import FeatureStatistics, StatsKey
 
 __all__ = [
-    "METRICS", "ClipScore", "FeatureNetwork", "FeatureStatistics", "SampleMetrics", "StatsKey", "all_gather_rows",
+    "METRICS", "ClipScore", "FeatureNetwork", "FeatureStatistics", "MetricOptions", "SampleMetrics", "StatsKey", "all_gather_rows",
     "all_reduce_sum", "broadcast_object", "check_sample_count", "clip_score", "frechet_distance",
     "inception_score", "is_distributed", "kernel_inception_distance", "min_samples_fd", "polynomial_mmd",
     "precision_recall", "reference_statistics", "sqrtm_psd",

@@ -58,10 +58,14 @@ def min_samples_fd(dim: int) -> int:
     return dim + 1
 
 
-def check_sample_count(n: int, dim: int, setting: str = "n", what: str = "samples") -> None:
-    """Raise a one-line ValueError when `n` samples are too few for a full-rank covariance in `dim` features."""
+def check_sample_count(n: int, dim: int, setting: str = "n", what: str = "samples", where: str = "") -> None:
+    """Raise a one-line ValueError when `n` samples are too few for a full-rank covariance in `dim` features.
+
+    `setting` names what the user changes (a config key, or words: "set <words> to N"); `where` prefixes the line.
+    """
     need = min_samples_fd(dim)
     if n < need:
-        raise ValueError(f"FD needs at least {need} samples for {dim} features (a covariance of n samples has "
-                         f"rank <= n-1) but has {n} {what}: set {setting}={need} or more "
+        to = f" to {need}" if " " in setting else f"={need}"
+        raise ValueError(f"{where + ': ' if where else ''}FD needs at least {need} samples for {dim} features (a "
+                         f"covariance of n samples has rank <= n-1) but got {n} {what}: set {setting}{to} or more "
                          f"(10000+ for numbers comparable across runs)")

@@ -8,6 +8,7 @@ constructor refuses, in one line, reference statistics made another way and samp
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -66,19 +67,35 @@ def reference_statistics(network: FeatureNetwork, images_iter: Iterable[Tensor],
     return stats, all_gather_rows(local)
 
 
+@dataclass
+class MetricOptions:
+    """The metrics' own knobs (defaults: the papers' / torch-fidelity's), and the names used in refusals."""
+
+    kid_subsets: int = 100  # Bińkowski et al. 2018: 100 subsets of 1000
+    kid_subset_size: int = 1000  # capped at the smaller set's size
+    is_splits: int = 10  # Salimans et al. 2016
+    pr_k: int = 3  # Kynkäänniemi et al. 2019
+    seed: int = 0  # KID's subsets
+    where: str = "SampleMetrics"  # starts every error line, e.g. "callbacks.sample_metrics"
+    samples_setting: str = "num_samples"  # what the user sets for more generated samples
+    reference_setting: str = "the number of reference images"  # ... for more reference images
+
+
 class SampleMetrics:
-    """FID, KID, IS and precision/recall of generated images against a reference, summed over DDP ranks."""
+    """FID, KID, IS and precision/recall of generated images against a reference, summed over DDP ranks.
+
+    `reference_features` (rows of the reference images) are needed for KID and precision/recall; `resolution`
+    and `num_samples`, when known, are checked against the reference and FD's minimum at construction.
+    """
 
     def __init__(self, network: FeatureNetwork, reference: FeatureStatistics,
                  reference_features: Tensor | None = None, metrics: Sequence[str] = METRICS,
-                 resolution: int | None = None, num_samples: int | None = None, where: str = "SampleMetrics",
-                 kid_subsets: int = 100, kid_subset_size: int = 1000, is_splits: int = 10, pr_k: int = 3,
-                 seed: int = 0) -> None:
+                 resolution: int | None = None, num_samples: int | None = None,
+                 options: MetricOptions | None = None) -> None:
         self.network, self.reference, self.reference_features = network, reference, reference_features
-        self.metrics, self.resolution, self.where = tuple(metrics), resolution, where
-        self.kid_subsets, self.kid_subset_size, self.is_splits, self.pr_k = kid_subsets, kid_subset_size, \
-            is_splits, pr_k
-        self.seed = seed
+        self.metrics, self.resolution = tuple(metrics), resolution
+        self.options = options or MetricOptions()
+        self.where = self.options.where
         self._check(num_samples)
         self.reset()
 
@@ -100,11 +117,11 @@ class SampleMetrics:
                              f"{net.num_features}) of {net.name}, got {got}: recompute the reference with "
                              f"keep_features=True or drop {wanted} from the metrics")
         if "fid" in self.metrics:
-            check_sample_count(self.reference.count, net.num_features, "the reference sample count",
-                               f"reference rows in {self.reference!r}")
+            check_sample_count(self.reference.count, net.num_features, self.options.reference_setting,
+                               f"reference images ({self.reference.origin or self.reference.source})", self.where)
             if num_samples is not None:
-                check_sample_count(num_samples, net.num_features, "the number of generated samples",
-                                   "generated samples")
+                check_sample_count(num_samples, net.num_features, self.options.samples_setting, "generated samples",
+                                   self.where)
 
     def reset(self) -> None:
         """Forget the generated images seen so far (the reference stays)."""
@@ -120,6 +137,9 @@ class SampleMetrics:
         if self.stats.resolution is None:
             self.stats.resolution = res
             self.reference.check_compatible(self.stats.key, self.where)
+        elif res != self.stats.resolution:
+            raise ValueError(f"{self.where}: generated images of {res} px, but these metrics were set up for "
+                             f"{self.stats.resolution} px images (resolution={self.stats.resolution})")
         features = self.network(fake_images)
         self.stats.update(features)
         if any(m in self.metrics for m in _NEED_REFERENCE_FEATURES):
@@ -151,19 +171,20 @@ class SampleMetrics:
                        logits: Tensor | None) -> dict[str, float]:
         """The metrics from reduced statistics and gathered rows (rank 0 only: one result for all)."""
         out: dict[str, float] = {}
+        opt = self.options
         if "fid" in self.metrics:
-            check_sample_count(stats.count, stats.num_features, "the number of generated samples",
-                               "generated samples")
+            check_sample_count(stats.count, stats.num_features, self.options.samples_setting, "generated samples",
+                               self.where)
             out["fid"] = frechet_distance(self.reference.mean, self.reference.covariance, stats.mean,
                                           stats.covariance)
         ref = self.reference_features
         if "kid" in self.metrics and features is not None and ref is not None:
-            out["kid"], out["kid_std"] = kernel_inception_distance(ref, features, self.kid_subsets,
-                                                                   self.kid_subset_size, self.seed)
+            out["kid"], out["kid_std"] = kernel_inception_distance(ref, features, opt.kid_subsets,
+                                                                   opt.kid_subset_size, opt.seed)
         if "is" in self.metrics and logits is not None:
-            out["is"], out["is_std"] = inception_score(logits, self.is_splits)
+            out["is"], out["is_std"] = inception_score(logits, opt.is_splits)
         if {"precision", "recall"} & set(self.metrics) and features is not None and ref is not None:
-            precision, recall = precision_recall(ref, features, self.pr_k)
+            precision, recall = precision_recall(ref, features, opt.pr_k)
             out |= {m: v for m, v in (("precision", precision), ("recall", recall)) if m in self.metrics}
         return out
 

@@ -105,10 +105,10 @@ class FeatureStatistics:
         if same_net and same_res:
             return
         name = f"'{self.origin}'" if self.origin else f"of {self.source or 'unknown data'}"
-        fix = (f"delete the cached statistics file {name} so they are recomputed" if self.origin
-               else "recompute the reference statistics")
+        fix = (f"delete {name} so that they are recomputed" if self.origin
+               else f"recompute the reference statistics with {want.network}")
         raise ValueError(f"{where}: reference statistics {name} were made with {have.describe()} but this run "
-                         f"measures with {want.describe()}: {fix} with {want.describe()}")
+                         f"measures with {want.describe()}: {fix}")
 
     def save(self, path: str | Path) -> None:
         """Write a safetensors file: sum, outer, count, and the metadata as strings."""
