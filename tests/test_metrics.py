@@ -208,6 +208,7 @@ def numpy_mmd(x: np.ndarray, y: np.ndarray) -> float:
     return float(xx + yy - 2 * xy)
 
 
+@pytest.mark.filterwarnings("ignore:Metric `Kernel Inception Distance` will save")
 def test_kid_matches_numpy_and_torchmetrics() -> None:
     from torchmetrics.image.kid import KernelInceptionDistance
 
@@ -249,6 +250,7 @@ def test_inception_score_closed_forms() -> None:
         inception_score(torch.zeros(4, 3))
 
 
+@pytest.mark.filterwarnings("ignore:Metric `InceptionScore` will save", "ignore:std\\(\\)")
 def test_inception_score_matches_torchmetrics() -> None:
     from torchmetrics.image.inception import InceptionScore
 
@@ -361,6 +363,8 @@ def test_sample_metrics_refuses_before_sampling(tmp_path: Path) -> None:
     sm = SampleMetrics(net, ref, feats, resolution=8)
     with pytest.raises(ValueError, match="generated images of 16 px"):
         sm.update(images(2, 1, res=16))
+    with pytest.raises(ValueError, match="images of 16 px after 8 px"):
+        reference_statistics(net, [images(2, 0), images(2, 0, res=16)], source="mixed")
 
 
 # ---- layering ----

@@ -69,9 +69,3 @@ def broadcast_object(obj: T, src: int = 0) -> T:
     box = [obj]
     torch.distributed.broadcast_object_list(box, src=src)
     return box[0]
-
-
-def rank() -> int:
-    """This process's global rank (0 without torch.distributed)."""
-    dist = torch.distributed
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0

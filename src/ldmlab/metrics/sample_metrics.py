@@ -14,11 +14,12 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from ldmlab.metrics.distributed import all_gather_rows, broadcast_object, rank
+from ldmlab.metrics.distributed import all_gather_rows, broadcast_object
 from ldmlab.metrics.frechet import check_sample_count, frechet_distance
 from ldmlab.metrics.manifold import precision_recall
 from ldmlab.metrics.scores import inception_score, kernel_inception_distance
 from ldmlab.metrics.statistics import FeatureStatistics, StatsKey
+from ldmlab.utils.distributed import this_rank
 
 METRICS = ("fid", "kid", "is", "precision", "recall")
 _NEED_REFERENCE_FEATURES = ("kid", "precision", "recall")
@@ -44,17 +45,22 @@ def image_resolution(images: Tensor) -> int:
 
 @torch.no_grad()
 def reference_statistics(network: FeatureNetwork, images_iter: Iterable[Tensor], source: str,
-                         keep_features: bool = True) -> tuple[FeatureStatistics, Tensor | None]:
+                         keep_features: bool = True, device: torch.device | str | None = None,
+                         ) -> tuple[FeatureStatistics, Tensor | None]:
     """Statistics (and, for KID / precision / recall, the rows) of real images: each rank iterates its share.
 
-    A collective under torch.distributed: the sums are all-reduced and the rows gathered, so every rank returns
-    the statistics and features of all ranks' images.
+    Images are float tensors in [-1, 1], (B, 3, H, W), moved to `device` when given. A collective under
+    torch.distributed: sums are all-reduced and rows gathered, so every rank returns those of all ranks' images.
     """
     stats = FeatureStatistics(network.num_features, network.name, None, source)
     kept: list[Tensor] = []
     for images in images_iter:
-        stats.resolution = stats.resolution or image_resolution(images)
-        features = network(images)
+        res = image_resolution(images)
+        if stats.resolution not in (None, res):
+            raise ValueError(f"reference_statistics({source}): images of {res} px after {stats.resolution} px; "
+                             f"resize the reference images to one resolution")
+        stats.resolution = res
+        features = network(images if device is None else images.to(device))
         stats.update(features)
         if keep_features:
             kept.append(features.float())
@@ -156,12 +162,17 @@ class SampleMetrics:
         if "is" in self.metrics:
             logits = all_gather_rows(self._cat(self.logits, self._num_classes(), stats.sum.device))
         result: dict[str, float] | Exception | None = None
-        if rank() == 0:
+        error: Exception | None = None
+        if this_rank() == 0:
             try:
                 result = self._compute_local(stats, features, logits)
-            except ValueError as err:  # raised on every rank below, so that none waits for the others
-                result = err
+            except Exception as err:  # noqa: BLE001  (re-raised below on every rank: none waits for the others)
+                error = err
+                result = err if isinstance(err, ValueError) else RuntimeError(
+                    f"{self.where}: rank 0 failed to compute the metrics: {type(err).__name__}: {err}")
         result = broadcast_object(result)
+        if error is not None:
+            raise error
         if isinstance(result, Exception):
             raise result
         assert result is not None
@@ -175,8 +186,9 @@ class SampleMetrics:
         if "fid" in self.metrics:
             check_sample_count(stats.count, stats.num_features, self.options.samples_setting, "generated samples",
                                self.where)
-            out["fid"] = frechet_distance(self.reference.mean, self.reference.covariance, stats.mean,
-                                          stats.covariance)
+            # generated side first: the math runs on its device (the GPU in training), FD is symmetric
+            out["fid"] = frechet_distance(stats.mean, stats.covariance, self.reference.mean,
+                                          self.reference.covariance)
         ref = self.reference_features
         if "kid" in self.metrics and features is not None and ref is not None:
             out["kid"], out["kid_std"] = kernel_inception_distance(ref, features, opt.kid_subsets,

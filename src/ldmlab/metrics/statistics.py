@@ -63,8 +63,9 @@ class FeatureStatistics:
         if self.count == 0 and self.sum.device != features.device:
             self.to(features.device)
         f = features.detach().to(self.sum.device, torch.float64)
-        self.sum += f.sum(0)
-        self.outer += f.T @ f
+        with torch.autocast(f.device.type, enabled=False):  # the sums stay float64 inside a caller's autocast
+            self.sum += f.sum(0)
+            self.outer += f.T @ f
         self.count += f.shape[0]
 
     def to(self, device: torch.device | str) -> FeatureStatistics:
