@@ -174,6 +174,10 @@ class FIDInceptionV3(nn.Module):
         self.Mixed_7c = InceptionE(2048, pool="max")
         self.fc = nn.Linear(2048, self.num_classes)
 
+    def train(self, mode: bool = True) -> FIDInceptionV3:
+        """Always eval: the BatchNorm statistics are the TF graph's, and training mode would overwrite them."""
+        return super().train(False)
+
     def preprocess(self, images: Tensor) -> Tensor:
         """(B, 3, H, W) in [-1, 1] → (B, 3, 299, 299), as pytorch-fid's resize_input=normalize_input=True.
 
