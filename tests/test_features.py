@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from ldmlab.evaluation.clip import clip_name
 from ldmlab.evaluation.features import FeatureNetwork, build_feature_network
 from ldmlab.nn.autoencoder import AutoencoderKL
 from ldmlab.nn.classifier import SmallCNN
@@ -228,6 +230,8 @@ def test_clip_towers(clip_dir: Path) -> None:
 
     net = build_feature_network("clip", str(clip_dir))
     assert net.name == "clip-vit-w32-8-32px:tiny-clip" and not net.has_logits
+    large = SimpleNamespace(hidden_size=1024, patch_size=14, image_size=224)  # openai/clip-vit-large-patch14
+    assert clip_name(large, clip_dir.parent / "clip-l") == "clip-vit-l14:clip-l"
     pixels = np.random.default_rng(0).integers(0, 256, (2, 40, 56, 3), dtype=np.uint8)
     images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
     check_frozen(net, 16, images)

@@ -93,8 +93,10 @@ class ClipTowers(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: Path) -> ClipTowers:
         """Load model, tokenizer (if saved there) and preprocessing settings from a save_pretrained directory."""
-        from transformers import CLIPModel, CLIPTokenizer
-
+        try:
+            from transformers import CLIPModel, CLIPTokenizer
+        except ImportError as error:
+            raise ImportError(f"features.name=clip needs transformers ({error}): pip install transformers") from None
         if not (directory / "config.json").exists():
             raise FileNotFoundError(f"features.path={directory} has no config.json: features.name=clip expects a "
                                     f"transformers CLIPModel directory; {CLIP_SOURCE}")

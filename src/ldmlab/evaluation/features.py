@@ -231,7 +231,7 @@ FEATURE_NETWORKS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def build_feature_network(name: str, path: str | None = None, **kwargs: Any) -> nn.Module:
+def build_feature_network(name: str, path: str | Path | None = None, **kwargs: Any) -> nn.Module:
     """A frozen, eval-mode feature network by registry name; kwargs go to its builder (autoencoder, resolution)."""
     if name not in FEATURE_NETWORKS:
         raise ValueError(f"features.name={name!r} is not a feature network: choose one of "
