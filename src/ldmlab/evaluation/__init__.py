@@ -1,0 +1,1 @@
+"""Sample-quality evaluation: feature networks (features.py, clip.py) that the metrics run on."""
