@@ -271,6 +271,13 @@ class TopKCheckpoint(_LightningStateKey, ModelCheckpoint):
             trainer.strategy.remove_checkpoint(path)
         self._set_best(dict(scores[: self.save_top_k]))
 
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # a metric measured at some validations only (callbacks.sample_quality every N steps): the validations
+        # without it neither compete nor fail; Lightning's ModelCheckpoint would raise on the missing key
+        if self.monitor is not None and self.monitor not in trainer.callback_metrics:
+            return
+        super().on_validation_end(trainer, pl_module)
+
     def _resumes_this_run(self, trainer: pl.Trainer) -> bool:
         """A restart from this run's own checkpoint (last.ckpt, a best file, a preemption checkpoint); a run
         started from another run's checkpoint leaves files it finds in its dirpath alone, as Lightning does."""

@@ -60,7 +60,8 @@ def reference_statistics(network: FeatureNetwork, images_iter: Iterable[Tensor],
             raise ValueError(f"reference_statistics({source}): images of {res} px after {stats.resolution} px; "
                              f"resize the reference images to one resolution")
         stats.resolution = res
-        features = network(images if device is None else images.to(device))
+        with torch.autocast(images.device.type, enabled=False):  # fp32 features, as on the generated side
+            features = network((images if device is None else images.to(device)).float())
         stats.update(features)
         if keep_features:
             kept.append(features.float())
@@ -146,12 +147,22 @@ class SampleMetrics:
         elif res != self.stats.resolution:
             raise ValueError(f"{self.where}: generated images of {res} px, but these metrics were set up for "
                              f"{self.stats.resolution} px images (resolution={self.stats.resolution})")
-        features = self.network(fake_images)
+        features, logits = self._run(fake_images)
         self.stats.update(features)
         if any(m in self.metrics for m in _NEED_REFERENCE_FEATURES):
             self.features.append(features.float())
-        if "is" in self.metrics:
-            self.logits.append(self.network.logits(fake_images).float())
+        if logits is not None:
+            self.logits.append(logits.float())
+
+    def _run(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Features (and IS's logits) in fp32, outside any autocast (FID is defined on fp32 features); one
+        forward pass for both where the network offers `features_and_logits`."""
+        with torch.autocast(images.device.type, enabled=False):
+            images = images.float()
+            if "is" not in self.metrics:
+                return self.network(images), None
+            both = getattr(self.network, "features_and_logits", None)
+            return both(images) if both is not None else (self.network(images), self.network.logits(images))
 
     def compute(self) -> dict[str, float]:
         """The metrics over every rank's images; a collective, and every rank gets rank 0's dict (or its error)."""

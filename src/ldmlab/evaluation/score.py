@@ -1,0 +1,51 @@
+"""One guidance scale's scores: n fixed-seed samples of this rank's chunks → SampleMetrics (+ CLIP score for text
+models measured with CLIP features), shared by the in-loop callback and `python -m ldmlab.evaluate`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor
+
+from ldmlab.evaluation.clip import ClipTowers
+from ldmlab.evaluation.samples import Chunk, SampleCache, chunks, conditions, from_uint8, generate
+from ldmlab.metrics import ClipScore, FeatureStatistics, MetricOptions, SampleMetrics
+
+
+@dataclass
+class Plan:
+    """What an evaluation samples: n images per guidance scale in chunks of batch_size, seeded from seed."""
+
+    n: int
+    batch_size: int
+    seed: int = 0
+    metrics: Sequence[str] = ("fid", "kid", "precision", "recall")
+    sampler: Any = None  # None: the model's own sampler
+    prompts: Sequence[str] = ()  # text models: prompt i mod len for sample i
+
+
+def score_guidance(module: Any, network: Any, reference: FeatureStatistics, rows: Tensor | None, guidance: float,
+                   plan: Plan, rank: int = 0, world_size: int = 1, options: MetricOptions | None = None,
+                   cache: SampleCache | None = None,
+                   on_chunk: Callable[[Chunk, Tensor], None] | None = None) -> dict[str, float]:
+    """The metrics of `plan.n` samples at `guidance` (a collective under torch.distributed: every rank calls it
+    and gets the same dict). `cache` keeps finished chunks on disk; `on_chunk(chunk, uint8 pixels)` sees each."""
+    metrics = SampleMetrics(network, reference, rows, plan.metrics, num_samples=plan.n, options=options)
+    condition = conditions(module, plan.prompts)
+    text = isinstance(network, ClipTowers) and module.conditioner is not None and bool(plan.prompts)
+    clip = ClipScore() if text else None
+    for chunk in chunks(plan.n, plan.batch_size, rank, world_size, plan.seed):
+        make = lambda c=chunk: generate(module, c, guidance, condition, plan.sampler)
+        pixels = cache.get_or_make(guidance, chunk, make) if cache is not None else make()
+        images = from_uint8(pixels, module.device)
+        metrics.update(images)
+        if clip is not None:  # Hessel et al. 2021: 100·max(cos(image, prompt), 0)
+            clip.update(network.image_embeds(images), network.text_embeds(condition(range(chunk.start, chunk.stop))))
+        if on_chunk is not None:
+            on_chunk(chunk, pixels)
+    scores = metrics.compute()
+    if clip is not None:
+        scores["clip_score"] = clip.compute()
+    return scores
