@@ -3,11 +3,15 @@ train.py runs of a small LDM on the demo photographs with the no-download VAE-en
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import read_metrics, run_train, series
+from conftest import REPO, read_metrics, run_train, series, shared_data_dir
 
 pytestmark = pytest.mark.slow
 
@@ -21,13 +25,19 @@ def ldm_eval(vae: Path, stats: Path, *extra: str) -> list[str]:
             f"callbacks.sample_quality.stats_dir={stats}", *extra]
 
 
-def test_sample_quality_every_n_steps_with_cached_reference(tmp_path: Path, tiny_assets: dict[str, Path]) -> None:
-    """every_n_steps=3 with validation at 3 and 6: eval/<metric>_g<s> for both guidance scales at both; the
-    validation images' statistics are computed once and cached; the first chunk is written as a grid."""
-    run, stats = tmp_path / "run", tmp_path / "stats"
-    run_train(ldm_eval(tiny_assets["vae"], stats, "callbacks.sample_quality.every_n_steps=3",
-                       f"hydra.run.dir={run}"), cwd=tmp_path)
-    rows = read_metrics(run)
+@pytest.fixture(scope="module")
+def eval_run(tiny_assets: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 6-step LDM run with eval=vae every 3 steps (validation at 3 and 6)."""
+    cwd = tmp_path_factory.mktemp("eval_run")
+    run_train(ldm_eval(tiny_assets["vae"], cwd / "stats", "callbacks.sample_quality.every_n_steps=3",
+                       f"hydra.run.dir={cwd / 'run'}"), cwd=cwd)
+    return cwd / "run"
+
+
+def test_sample_quality_every_n_steps_with_cached_reference(eval_run: Path) -> None:
+    """eval/<metric>_g<s> for both guidance scales at steps 3 and 6; the validation images' statistics are
+    computed once and cached (with the rows KID and precision/recall need); the first chunk is written as a grid."""
+    rows = read_metrics(eval_run)
     for scale in ("1", "3"):
         fid = series(rows, f"eval/fid_g{scale}")
         assert len(fid) == 2 and all(v > 0 for v in fid)
@@ -35,11 +45,54 @@ def test_sample_quality_every_n_steps_with_cached_reference(tmp_path: Path, tiny
         assert all(0 <= v <= 1 for key in ("precision", "recall") for v in series(rows, f"eval/{key}_g{scale}"))
     share = series(rows, "eval/time_share")
     assert len(share) == 2 and all(0 < s < 1 for s in share)
-    [cached] = [p for p in stats.glob("vae-encoder-*_n48_*.safetensors") if ".rows." not in p.name]
-    assert cached.with_suffix(".rows.safetensors").exists()  # KID and precision/recall need the rows
-    assert sorted(p.name for p in (run / "eval").glob("*.png")) == [
+    [cached] = [p for p in (eval_run.parent / "stats").glob("vae-encoder-*_n48_*.safetensors") if ".rows." not in p.name]
+    assert cached.with_suffix(".rows.safetensors").exists()
+    assert sorted(p.name for p in (eval_run / "eval").glob("*.png")) == [
         "samples_g1_step0000003.png", "samples_g1_step0000006.png",
         "samples_g3_step0000003.png", "samples_g3_step0000006.png"]
+
+
+def evaluate(args: list[str], cwd: Path, ranks: int = 1) -> subprocess.CompletedProcess:
+    """`python -m ldmlab.evaluate <args>` (under torch.distributed.run with `ranks` > 1)."""
+    launch = ["-m", "torch.distributed.run", f"--nproc-per-node={ranks}", "--master-port=29533"] if ranks > 1 else []
+    proc = subprocess.run([sys.executable, *launch, "-m", "ldmlab.evaluate", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=600, check=False, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def test_evaluate_writes_the_guidance_table_and_resumes_from_its_samples(eval_run: Path, tmp_path: Path) -> None:
+    """The issue's command line (guidance=1,3 as typed): a row per scale, the curve, and a re-run that reads its
+    cached samples gives the same numbers; 2 gloo ranks split the samples and agree with 1 (KID's subsets draw
+    from rows in rank order, so it is compared loosely)."""
+    ckpt = eval_run / "checkpoints" / "last.ckpt"
+    common = [f"ckpt={ckpt}", "guidance=1,3", f"n={N}", "batch_size=12", "sampler=ddim", "steps=2", "compile=none",
+              f"stats_dir={tmp_path / 'ref'}"]
+    out = tmp_path / "one"
+    evaluate([*common, f"out={out}"], tmp_path)
+    report = (out / "report.md").read_text()
+    assert "vae-encoder:" in report and "| 1 |" in report and "| 3 |" in report and "FID" in report
+    first = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["guidance"] for r in first] == [1.0, 3.0] and all(r["fid"] > 0 for r in first)
+    assert (out / "tradeoff.png").stat().st_size > 1000
+    assert len(list((out / "samples").rglob("chunk*.pt"))) == 2 * 4
+    evaluate([*common, f"out={out}"], tmp_path)  # every chunk from the cache
+    assert json.loads((out / "results.json").read_text())["rows"] == first
+    evaluate([*common, f"out={tmp_path / 'two'}"], tmp_path, ranks=2)
+    two = json.loads((tmp_path / "two" / "results.json").read_text())["rows"]
+    for a, b in zip(first, two, strict=True):
+        for key in ("fid", "precision", "recall"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+        assert b["kid"] == pytest.approx(a["kid"], abs=0.05)
+
+
+def test_evaluate_refuses_too_few_samples_before_sampling(eval_run: Path, tmp_path: Path) -> None:
+    """n below FD's minimum for the feature width: one line naming n and the minimum, nothing sampled."""
+    proc = subprocess.run([sys.executable, "-m", "ldmlab.evaluate", f"ckpt={eval_run / 'checkpoints' / 'last.ckpt'}",
+                           "n=8", f"out={tmp_path / 'out'}"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode != 0 and "set n=41 or more" in proc.stderr
+    assert not (tmp_path / "out" / "samples").exists()
 
 
 def test_optuna_selects_on_the_in_loop_fid(tmp_path: Path, tiny_assets: dict[str, Path]) -> None:
@@ -58,11 +111,6 @@ def test_optuna_selects_on_the_in_loop_fid(tmp_path: Path, tiny_assets: dict[str
 
 def test_missing_inception_weights_stop_before_training(tmp_path: Path, tiny_assets: dict[str, Path]) -> None:
     """eval=inception without the file: one line naming features.path and where the weights come from."""
-    import subprocess
-    import sys
-
-    from conftest import REPO, shared_data_dir
-
     cmd = [sys.executable, str(REPO / "train.py"), f"paths.root_dir={tmp_path}", f"paths.data_dir={shared_data_dir()}",
            "model=unet_small", f"model.vae.path={tiny_assets['vae']}", "eval=inception", "debug=limit",
            "data.num_workers=0", f"hydra.run.dir={tmp_path / 'run'}"]

@@ -17,6 +17,7 @@ from ldmlab.evaluation.features import build_feature_network
 from ldmlab.evaluation.reference import Reference, cached_reference, describe_data, real_batches, stats_path
 from ldmlab.evaluation.samples import Chunk, from_uint8
 from ldmlab.evaluation.score import Plan, score_guidance
+from ldmlab.lit.conditioning import TextConditioner
 from ldmlab.lit.ldm import LatentDiffusionModule
 from ldmlab.metrics import MetricOptions, check_sample_count, reference_statistics
 from ldmlab.utils.images import make_grid, save_png
@@ -101,15 +102,16 @@ class SampleQuality(pl.Callback):
             loader = datamodule.val_dataloader() if datamodule is not None else trainer.val_dataloaders
             path = stats_path(self.stats_dir, describe_data(datamodule), self.network.name, self.reference_n)
             share = -(-self.reference_n // trainer.world_size)  # each rank reads its own validation shards
+            finish = datamodule.on_after_batch_transfer if datamodule is not None else lambda b, i: b
 
             def compute() -> Reference:
-                finish = datamodule.on_after_batch_transfer if datamodule is not None else None
-                images = real_batches(loader, share, pl_module.vae, self._prompts,
-                                      lambda b: finish(b, 0) if finish else b)
+                images = real_batches(loader, share, pl_module.vae, self._prompts, lambda b: finish(b, 0))
                 return reference_statistics(self.network, (from_uint8(p, pl_module.device) for p in images),
                                             source=f"validation data of {type(datamodule).__name__}")
 
             self._reference = cached_reference(path, compute, write=trainer.is_global_zero)
+            if not self._prompts and isinstance(pl_module.conditioner, TextConditioner):  # cached: read captions
+                list(real_batches(loader, share, pl_module.vae, self._prompts, lambda b: finish(b, 0)))
         return self._reference
 
     def _show(self, trainer: pl.Trainer, pixels: torch.Tensor, guidance: float) -> None:

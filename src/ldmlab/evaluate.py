@@ -1,0 +1,130 @@
+"""`python -m ldmlab.evaluate ckpt=... guidance=1,1.5,2,3,4,6 n=5000 sampler=ddim steps=50`: FID, KID, IS,
+precision/recall (and CLIP score for text models) of a checkpoint's samples at each guidance scale, one Markdown
+row each and the FID-against-IS curve (conf/evaluate.yaml). Under torchrun or srun the samples are split over
+the ranks; finished sample chunks are kept on disk, so a re-run resumes."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from ldmlab.configs import CONF_DIR
+from ldmlab.evaluation.features import build_feature_network
+from ldmlab.evaluation.reference import cached_reference, describe_data, real_batches, stats_path
+from ldmlab.evaluation.report import markdown_table, write_report
+from ldmlab.evaluation.samples import SampleCache, chunks, from_uint8
+from ldmlab.evaluation.score import Plan, score_guidance
+from ldmlab.lit.conditioning import TextConditioner
+from ldmlab.metrics import MetricOptions, check_sample_count, reference_statistics
+from ldmlab.sample import _sampler, load_ldm, prepare_for_sampling
+from ldmlab.validate.sample import stored_config
+
+log = logging.getLogger("ldmlab.evaluate")
+
+
+def distributed(device: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device) under torchrun (RANK/WORLD_SIZE) or srun (SLURM_PROCID/SLURM_NTASKS)."""
+    env = os.environ
+    world = int(env.get("WORLD_SIZE", env.get("SLURM_NTASKS", "1")))
+    rank, local = (int(env.get(k, env.get(s, "0"))) for k, s in (("RANK", "SLURM_PROCID"),
+                                                                  ("LOCAL_RANK", "SLURM_LOCALID")))
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    where = torch.device(f"cuda:{local}") if cuda else torch.device("cpu")
+    if world > 1 and not torch.distributed.is_initialized():
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env.setdefault("MASTER_PORT", "29517")
+        if cuda:
+            torch.cuda.set_device(where)
+        torch.distributed.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
+    return rank, world, where
+
+
+def reference_data(cfg: DictConfig) -> Any:
+    """The reference DataModule, set up for its validation split: cfg.data, else the checkpoint's own."""
+    node = cfg.data if cfg.data is not None else (stored_config(cfg.ckpt) or {}).get("data")
+    if node is None:
+        raise ValueError(f"ckpt={cfg.ckpt} stores no data config: give data=<a data config node>")
+    datamodule = hydra.utils.instantiate(node, _convert_="all")
+    datamodule.prepare_data()
+    datamodule.setup("validate")
+    return datamodule
+
+
+def samples_key(cfg: DictConfig) -> str:
+    """The sample cache's folder: what makes the samples (checkpoint file, sampler, steps, seed, EMA, batch)."""
+    ckpt = Path(cfg.ckpt).resolve()
+    stat = ckpt.stat()
+    what = f"{ckpt}:{stat.st_size}:{stat.st_mtime_ns}:{cfg.sampler}:{cfg.steps}:{cfg.seed}:{cfg.ema}:{cfg.batch_size}"
+    return hashlib.sha256(what.encode()).hexdigest()[:12]
+
+
+def evaluate(cfg: DictConfig) -> list[dict[str, float]]:
+    """Score cfg.n samples at every guidance scale; rank 0 writes the report. Returns one row per scale."""
+    rank, world, device = distributed(cfg.device)
+    module = load_ldm(cfg.ckpt, cfg.ema).to(device)
+    if module.vae is None:
+        raise ValueError(f"ckpt={cfg.ckpt} has no VAE: its samples are latents, not images to score")
+    args = {"autoencoder": module.vae} if cfg.features.name == "vae" and not cfg.features.path else {}
+    network = build_feature_network(cfg.features.name, cfg.features.path, **args).to(device)
+    metrics = tuple(cfg.metrics or ("fid", "kid", "precision", "recall") + (("is",) if network.has_logits else ()))
+    reference_n = cfg.reference_n or cfg.n
+    if "fid" in metrics:  # before any sampling: FD's minimum for this feature width
+        check_sample_count(cfg.n, network.num_features, "n", "samples per guidance scale")
+        check_sample_count(reference_n, network.num_features, "reference_n", "reference images")
+    out = Path(cfg.out) if cfg.out else Path(cfg.ckpt).resolve().parents[1] / "evaluation"
+    datamodule, captions = reference_data(cfg), []
+    prompts = Path(cfg.prompts).read_text().splitlines() if cfg.prompts else captions
+
+    def compute() -> Any:
+        images = real_batches(datamodule.val_dataloader(), -(-reference_n // world), module.vae, captions)
+        return reference_statistics(network, (from_uint8(p, device) for p in images), source=str(cfg.ckpt))
+
+    path = stats_path(cfg.stats_dir or out / "reference", describe_data(datamodule), network.name, reference_n)
+    reference, rows = cached_reference(path, compute, write=rank == 0)
+    if not prompts and isinstance(module.conditioner, TextConditioner):  # statistics from the cache: read captions
+        list(real_batches(datamodule.val_dataloader(), reference_n, module.vae, captions))
+    plan = Plan(cfg.n, cfg.batch_size, cfg.seed, metrics, _sampler(module, cfg.sampler, cfg.steps), prompts)
+    options = MetricOptions(seed=cfg.seed, where="evaluate", samples_setting="n", reference_setting="reference_n")
+    autocast, cache = prepare_for_sampling(module, cfg.bf16, cfg.compile), SampleCache(out / "samples" / samples_key(cfg))
+    total = len(chunks(cfg.n, cfg.batch_size, rank, world)) * len(cfg.guidance)
+    results = []
+    with tqdm(total=total, desc="sample chunks", disable=rank != 0) as bar:
+        for guidance in cfg.guidance:
+            with autocast:
+                scores = score_guidance(module, network, reference, rows, float(guidance), plan, rank, world,
+                                        options, cache, on_chunk=lambda *_: bar.update())
+            results.append({"guidance": float(guidance), **scores})
+    if rank == 0:
+        header = (f"`{cfg.ckpt}`: {cfg.n} samples per guidance scale, sampler {cfg.sampler or 'the model'}'s "
+                  f"({cfg.steps or 'default'} steps), features **{network.name}**, reference {reference!r}")
+        for written in write_report(results, out, header, network.name):
+            log.info("wrote %s", written)
+        print(markdown_table(results, header))
+    return results
+
+
+def _lists_from_commas(argv: list[str]) -> list[str]:
+    """`guidance=1,1.5,2` → `guidance=[1,1.5,2]`: a list here, where Hydra would ask for --multirun."""
+    return [re.sub(r"^(guidance|metrics)=([^\[].*,.*)$", r"\1=[\2]", a) for a in argv]
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    if not OmegaConf.is_list(cfg.guidance):
+        cfg.guidance = [cfg.guidance]
+    evaluate(cfg)
+
+
+if __name__ == "__main__":
+    sys.argv = [sys.argv[0], *_lists_from_commas(sys.argv[1:])]
+    main()

@@ -1,0 +1,61 @@
+"""The evaluation command's outputs: a Markdown table (one row per guidance scale) and the FID-against-IS curve
+(classifier-free guidance trades diversity for fidelity: Ho & Salimans 2022, Fig. 2)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+COLUMNS = (("fid", "FID"), ("kid", "KID"), ("is", "IS"), ("precision", "precision"), ("recall", "recall"),
+           ("clip_score", "CLIP score"))
+
+
+def _cell(row: dict, key: str) -> str:
+    if key not in row:
+        return "–"
+    std = row.get(f"{key}_std")
+    return f"{row[key]:.4g} ± {std:.2g}" if std is not None else f"{row[key]:.4g}"
+
+
+def markdown_table(rows: Sequence[dict], header: str) -> str:
+    """`header`, then | guidance | <each metric present> | with one line per row."""
+    present = [(k, name) for k, name in COLUMNS if any(k in r for r in rows)]
+    lines = [header, "", "| guidance | " + " | ".join(name for _, name in present) + " |",
+             "|---" * (len(present) + 1) + "|"]
+    lines += [f"| {r['guidance']:g} | " + " | ".join(_cell(r, k) for k, _ in present) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def plot_tradeoff(rows: Sequence[dict], path: Path, features: str) -> Path:
+    """FID against IS (FID against guidance when the features have no logits), each point labelled by scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x_key = "is" if all("is" in r for r in rows) else "guidance"
+    fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
+    xs, ys = [r[x_key] for r in rows], [r["fid"] for r in rows]
+    ax.plot(xs, ys, "o-")
+    for r, x, y in zip(rows, xs, ys, strict=True):
+        ax.annotate(f"w={r['guidance']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("Inception Score" if x_key == "is" else "guidance scale")
+    ax.set_ylabel("FID")
+    ax.set_title(f"{'FID vs IS' if x_key == 'is' else 'FID vs guidance'} ({features} features)", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_report(rows: Sequence[dict], out: Path, header: str, features: str) -> list[Path]:
+    """report.md, results.json and tradeoff.png under `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.md").write_text(markdown_table(rows, header))
+    (out / "results.json").write_text(json.dumps({"features": features, "rows": list(rows)}, indent=1))
+    paths = [out / "report.md", out / "results.json"]
+    if rows and all("fid" in r for r in rows):
+        paths.append(plot_tradeoff(rows, out / "tradeoff.png", features))
+    return paths
