@@ -85,7 +85,10 @@ def fake_results() -> dict:
         "samples": {"guidance": [{"scale": 1.0, "n": 6, "accuracy": 0.5, "per_class": per, "grid": "samples/g1.png"},
                                  {"scale": 4.0, "n": 6, "accuracy": 2 / 3, "per_class": per,
                                   "grid": "samples/g4.png"}],
-                    "per_class": 2, "grid_columns": 2, "steps": 10, "sampler": "ddim_sample", "seconds": 4.0},
+                    "per_class": 2, "grid_columns": 2, "steps": 10, "sampler": "ddim_sample", "seconds": 4.0,
+                    "domain": {"features": "classifier:classifier", "reference_n": 9, "sets": {
+                        "reconstructions": {"fid": 1.5, "kid": 0.01, "kid_std": 0.002, "precision": 0.9, "recall": 0.8},
+                        "g1": {"fid": 12.25, "kid": 0.2, "kid_std": 0.03, "precision": 0.5, "recall": 0.25}}}},
     }
 
 
@@ -95,7 +98,9 @@ def test_report_shows_every_number(tmp_path: Path) -> None:
                      "| held-out real crops | 9 | **87.5 %** |", "| VAE reconstructions of those crops | 9 | 75.0 % |",
                      "| samples, guidance 1 | 6 | **50.0 %** |", "| samples, guidance 4 | 6 | **66.7 %** |",
                      "| cow | n/a | n/a | n/a | n/a |", "val loss n/a", "train loss (mean of the last 10 logs) 0.346",
-                     "![LDM loss](ldm_loss.png)", "![samples at guidance 4](samples/g4.png)", "3.3 min"]:
+                     "![LDM loss](ldm_loss.png)", "![samples at guidance 4](samples/g4.png)", "3.3 min",
+                     "| VAE reconstructions of the held-out crops | **1.5** | 0.01 ± 0.002 | 0.90 | 0.80 |",
+                     "| samples, guidance 1 | **12.2** | 0.2 ± 0.03 | 0.50 | 0.25 |", "`classifier:classifier`"]:
         assert expected in text, expected
 
 
@@ -204,7 +209,9 @@ def test_pipeline_writes_report_with_finite_numbers(pipeline_run: tuple[Path, st
     results = json.loads((root / "results.json").read_text())
     numbers = [results["vae"]["val_psnr"], results["vae"]["val_ssim"], results["ldm"]["train_loss"],
                results["ldm"]["val_loss"], results["classifier"]["val_accuracy"],
-               results["classifier"]["recon_accuracy"], *(g["accuracy"] for g in results["samples"]["guidance"])]
+               results["classifier"]["recon_accuracy"], *(g["accuracy"] for g in results["samples"]["guidance"]),
+               *(m[k] for m in results["samples"]["domain"]["sets"].values() for k in ("fid", "kid", "precision"))]
+    assert set(results["samples"]["domain"]["sets"]) == {"reconstructions", "g1", "g3"}
     assert all(isinstance(x, float) and math.isfinite(x) for x in numbers), numbers
     assert results["vae"]["f"] == 4 and results["latents"]["latent_shape"] == [4, 8, 8]
     assert results["latents"]["train_samples"] == 300 and results["classifier"]["val_samples"] == 60

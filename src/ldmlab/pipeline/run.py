@@ -126,7 +126,7 @@ def run_pipeline(cfg: DictConfig) -> Path:
         ("samples", {**_plain(cfg.sample), "seed": cfg.seed},
          lambda out: stages.samples_stage(cfg, ldm_cfg.trainer, out, root / "ldm" / "checkpoints" / "last.ckpt",
                                           root / "classifier" / "classifier.safetensors",
-                                          r["vae"]["class_names"])),
+                                          r["vae"]["class_names"], vae_cfg.data, vae_path)),
     ]
     for name, spec, fn in plan:
         after = {d: r[d]["finished"] for d in DEPENDS[name]}

@@ -27,6 +27,7 @@ from ldmlab.data.shards import count_samples, read_manifest
 from ldmlab.data.transforms import normalize
 from ldmlab.nn.classifier import SmallCNN
 from ldmlab.pipeline import classifier as clf
+from ldmlab.pipeline.domain import domain_scores
 from ldmlab.pipeline.report import labelled_grid, loss_curve_png, mean_of_last, read_series
 from ldmlab.run import train
 from ldmlab.sample import load_ldm
@@ -189,9 +190,12 @@ def generate(module: torch.nn.Module, labels: list[int], scale: float, steps: in
 
 
 def samples_stage(pipe: DictConfig, trainer: DictConfig, out: Path, ckpt: Path, classifier: Path,
-                  names: list[str]) -> dict:
-    """Grids (one row per class) at each guidance scale; class accuracy of all samples by the classifier."""
+                  names: list[str], data: DictConfig, vae_path: Path) -> dict:
+    """Grids (one row per class) at each guidance scale; class accuracy of all samples by the classifier, and
+    the domain FID/KID of the samples and of the held-out crops' reconstructions on its features."""
     device, precision, s = device_of(trainer), str(trainer.precision), pipe.sample
+    held_out = clf.load_split(hydra.utils.instantiate(data), "val")[0]
+    image_sets = {"reconstructions": reconstruct(vae_path, held_out, device)}
     module = load_ldm(ckpt, use_ema=True).to(device)
     judge = load_classifier(classifier, device)
     labels = clf.sample_labels(len(names), s.per_class)
@@ -208,6 +212,10 @@ def samples_stage(pipe: DictConfig, trainer: DictConfig, out: Path, ckpt: Path, 
         labelled_grid(shown, names, columns, zoom).save(grid)
         results.append({"scale": g, "n": len(labels), "accuracy": acc["accuracy"], "per_class": acc["per_class"],
                         "grid": _relative(grid, out.parent)})
-    return {"guidance": results, "per_class": int(s.per_class), "grid_columns": columns,
+        image_sets[f"g{g:g}"] = images
+    domain = domain_scores(classifier, held_out, image_sets, device)
+    log.info("domain FID (%s features): %s", domain["features"],
+             ", ".join(f"{k} {v['fid']:.3g}" for k, v in domain["sets"].items()))
+    return {"guidance": results, "domain": domain, "per_class": int(s.per_class), "grid_columns": columns,
             "steps": int(s.steps), "sampler": getattr(module.sampler, "func", module.sampler).__name__,
             "grid_scale": zoom}
