@@ -358,3 +358,33 @@ def test_train_py_without_gpus_says_what_to_pass_in_one_line(tmp_path: Path) -> 
     [line] = [ln for ln in proc.stderr.splitlines() if ln.startswith("trainer.devices=2 asks for 2 GPUs")]
     assert line.endswith("none is visible (torch.cuda.device_count() = 0): run on a GPU node, or pass "
                          "trainer.accelerator=cpu for 2 CPU processes (gloo)") and not data.exists()
+
+
+def evaluate_lines() -> list[str]:
+    """Every `python -m ldmlab.evaluate` line in the READMEs' bash blocks (a `$(ls ... | head -1)` checkpoint
+    as the shell would give it: a path)."""
+    return [re.sub(r"\$\(ls [^)]*\)", "outputs/train/runs/x/checkpoints/last.ckpt", line) for doc in DOCS for block in re.findall(r"```bash\n(.*?)```", doc.read_text(), flags=re.DOTALL)
+            for line in block.splitlines() if line.startswith("python -m ldmlab.evaluate ")]
+
+
+@pytest.mark.parametrize("line", evaluate_lines(), ids=lambda c: c[:70])
+def test_evaluate_lines_resolve_as_written(line: str) -> None:
+    """guidance=1,2,4 as typed is a list of scales (not a Hydra sweep); n, sampler, steps and features land."""
+    from hydra import compose, initialize_config_dir
+
+    from ldmlab.configs import CONF_DIR
+    from ldmlab.evaluate import _lists_from_commas
+
+    args = _lists_from_commas(line.split()[3:])
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("evaluate", overrides=args)
+    said = dict(a.split("=", 1) for a in line.split()[3:])
+    assert list(cfg.guidance) == [float(g) for g in said["guidance"].split(",")]
+    assert cfg.n == int(said["n"]) and cfg.features.name == said["features.name"]
+    for key in ("sampler", "steps", "features.path"):
+        if key in said:
+            assert str(OmegaConf.select(cfg, key)) == said[key]
+
+
+def test_the_readme_shows_the_evaluate_command() -> None:
+    assert any("guidance=1,1.5,2,3,4,6" in line for line in evaluate_lines())
