@@ -86,12 +86,18 @@ def test_evaluate_writes_the_guidance_table_and_resumes_from_its_samples(eval_ru
         assert b["kid"] == pytest.approx(a["kid"], abs=0.05)
 
 
-def test_evaluate_refuses_too_few_samples_before_sampling(eval_run: Path, tmp_path: Path) -> None:
-    """n below FD's minimum for the feature width: one line naming n and the minimum, nothing sampled."""
+@pytest.mark.parametrize(("args", "line"), [
+    (["n=8"], "set n=41 or more"),
+    (["n=48", "metrics=[fid,clip_score]"], "clip_score scores samples against their prompts, but this model has "
+                                           "ClassConditioner, no prompts: drop clip_score from the metrics"),
+], ids=["too-few-samples", "text-metric-on-a-class-model"])
+def test_evaluate_refuses_before_sampling(args: list[str], line: str, eval_run: Path, tmp_path: Path) -> None:
+    """One line naming the setting and the fix; nothing sampled."""
     proc = subprocess.run([sys.executable, "-m", "ldmlab.evaluate", f"ckpt={eval_run / 'checkpoints' / 'last.ckpt'}",
-                           "n=8", f"out={tmp_path / 'out'}"], cwd=tmp_path, capture_output=True, text=True,
+                           *args, f"out={tmp_path / 'out'}"], cwd=tmp_path, capture_output=True, text=True,
                           timeout=300, check=False)
-    assert proc.returncode != 0 and "set n=41 or more" in proc.stderr
+    assert proc.returncode == 1 and line in proc.stderr.splitlines()[-1], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
     assert not (tmp_path / "out" / "samples").exists()
 
 

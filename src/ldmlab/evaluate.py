@@ -19,11 +19,12 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from ldmlab.configs import CONF_DIR
+from ldmlab.evaluation.clip import ClipTowers
 from ldmlab.evaluation.features import build_feature_network
 from ldmlab.evaluation.reference import cached_reference, describe_data, real_batches, stats_path
 from ldmlab.evaluation.report import markdown_table, write_report
 from ldmlab.evaluation.samples import SampleCache, chunks, from_uint8
-from ldmlab.evaluation.score import Plan, score_guidance
+from ldmlab.evaluation.score import Plan, check_text_metrics, score_guidance
 from ldmlab.lit.conditioning import TextConditioner
 from ldmlab.metrics import MetricOptions, check_sample_count, reference_statistics
 from ldmlab.sample import _sampler, load_ldm, prepare_for_sampling
@@ -60,6 +61,13 @@ def reference_data(cfg: DictConfig) -> Any:
     return datamodule
 
 
+def default_metrics(module: Any, network: Any) -> tuple[str, ...]:
+    """FID, KID, precision/recall; IS where the features have class logits; CLIP score for text models on CLIP."""
+    text = isinstance(module.conditioner, TextConditioner) and isinstance(network, ClipTowers)
+    return ("fid", "kid", "precision", "recall", *(("is",) if network.has_logits else ()),
+            *(("clip_score",) if text else ()))
+
+
 def samples_key(cfg: DictConfig) -> str:
     """The sample cache's folder: what makes the samples (checkpoint file, sampler, steps, seed, EMA, batch)."""
     ckpt = Path(cfg.ckpt).resolve()
@@ -76,7 +84,8 @@ def evaluate(cfg: DictConfig) -> list[dict[str, float]]:
         raise ValueError(f"ckpt={cfg.ckpt} has no VAE: its samples are latents, not images to score")
     args = {"autoencoder": module.vae} if cfg.features.name == "vae" and not cfg.features.path else {}
     network = build_feature_network(cfg.features.name, cfg.features.path, **args).to(device)
-    metrics = tuple(cfg.metrics or ("fid", "kid", "precision", "recall") + (("is",) if network.has_logits else ()))
+    metrics = tuple(cfg.metrics or default_metrics(module, network))
+    check_text_metrics(metrics, module, network, "metrics")
     reference_n = cfg.reference_n or cfg.n
     if "fid" in metrics:  # before any sampling: FD's minimum for this feature width
         check_sample_count(cfg.n, network.num_features, "n", "samples per guidance scale")
@@ -122,7 +131,11 @@ def _lists_from_commas(argv: list[str]) -> list[str]:
 def main(cfg: DictConfig) -> None:
     if not OmegaConf.is_list(cfg.guidance):
         cfg.guidance = [cfg.guidance]
-    evaluate(cfg)
+    try:
+        evaluate(cfg)
+    except (ValueError, FileNotFoundError) as err:  # a setting or a file: its one line, not a traceback
+        print(f"ldmlab.evaluate: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from pytorch_lightning.loggers import WandbLogger
 from ldmlab.evaluation.features import build_feature_network
 from ldmlab.evaluation.reference import Reference, cached_reference, describe_data, real_batches, stats_path
 from ldmlab.evaluation.samples import Chunk, from_uint8
-from ldmlab.evaluation.score import Plan, score_guidance
+from ldmlab.evaluation.score import Plan, check_text_metrics, score_guidance
 from ldmlab.lit.conditioning import TextConditioner
 from ldmlab.lit.ldm import LatentDiffusionModule
 from ldmlab.metrics import MetricOptions, check_sample_count, reference_statistics
@@ -60,6 +60,7 @@ class SampleQuality(pl.Callback):
                                      f"VAE; set {WHERE}.features.path=<the VAE that made them>")
                 args["autoencoder"] = pl_module.vae
             self.network = build_feature_network(**args)
+        check_text_metrics(self.metrics, pl_module, self.network, f"{WHERE}.metrics")
         if "fid" in self.metrics:
             check_sample_count(self.n, self.network.num_features, f"{WHERE}.n", "samples per guidance scale")
             check_sample_count(self.reference_n, self.network.num_features, f"{WHERE}.reference_n",
