@@ -1,10 +1,13 @@
-"""The LDM's grouped settings (model.training, model.sampling): typed, with one-line errors for unknown keys."""
+"""The modules' grouped settings, typed, with one-line errors for unknown keys and bad values: the LDM's
+model.training and model.sampling, the VAE's model.loss and model.gan."""
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, fields
 from typing import Any
+
+from ldmlab.losses import vae as losses
 
 
 @dataclass(frozen=True)
@@ -36,7 +39,45 @@ class Sampling:
         object.__setattr__(self, "guidance_scales", tuple(self.guidance_scales))  # a config list
 
 
-def settings(cls: type, given: dict[str, Any] | None, field: str) -> Any:
+@dataclass(frozen=True)
+class VAELoss:
+    """model.loss: the VAE's reconstruction terms (LDM contperceptual): the pixel loss `rec_loss` plus
+    perceptual_weight × LPIPS under a Laplace log-variance (from logvar_init; optimised if learn_logvar, which
+    LDM never does), plus kl_weight × KL."""
+
+    rec_loss: str = "l1"
+    kl_weight: float = 1e-6
+    perceptual_weight: float = 1.0
+    logvar_init: float = 0.0
+    learn_logvar: bool = False
+
+    def __post_init__(self) -> None:
+        _by_name(losses.get_pixel_loss, "model.loss.rec_loss", self.rec_loss, losses.PIXEL_LOSSES)
+
+
+@dataclass(frozen=True)
+class GAN:
+    """model.gan: the PatchGAN from step disc_start (before it the discriminator neither runs nor steps): its loss
+    `disc_loss` × disc_factor, and on the generator's side disc_weight × the adaptive weight (VQGAN eq. 7)."""
+
+    disc_start: int = 50001
+    disc_weight: float = 0.5
+    disc_factor: float = 1.0
+    disc_loss: str = "hinge"
+
+    def __post_init__(self) -> None:
+        _by_name(losses.get_d_loss, "model.gan.disc_loss", self.disc_loss, losses.D_LOSSES)
+
+
+def _by_name(lookup: Callable[[str], Any], key: str, name: str, valid: Mapping[str, Any]) -> None:
+    """`lookup(name)` knows `name`, else one line naming `key` and the valid names."""
+    try:
+        lookup(name)
+    except ValueError:
+        raise ValueError(f"{key}={name!r}: valid are {', '.join(sorted(valid))}") from None
+
+
+def settings(cls: type, given: Mapping[str, Any] | None, field: str) -> Any:
     """`cls` from a config dict; an unknown key is one line naming it and the valid ones."""
     valid = [f.name for f in fields(cls)]
     if unknown := sorted(set(given or {}) - set(valid)):
