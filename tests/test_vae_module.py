@@ -146,3 +146,30 @@ def test_grouped_settings_fail_in_one_line() -> None:
     with pytest.raises(ValueError, match=r"^model.gan.disc_strat is unknown: valid are disc_start, "):
         tiny_module(gan={"disc_strat": 0})
 
+
+def test_checkpoint_with_flat_hyperparameters_loads(tmp_path: Path) -> None:
+    """A checkpoint from before model.loss and model.gan stores those settings flat: they are regrouped."""
+    loss = {"rec_loss": "l2", "kl_weight": 1e-5, "perceptual_weight": 0.2, "logvar_init": 0.5, "learn_logvar": True}
+    gan = {"disc_start": 1, "disc_weight": 0.3, "disc_factor": 0.7, "disc_loss": "vanilla"}
+    trained = tiny_module(loss=loss, gan=gan, grad_clip=1.0, sample_posterior=False)
+    fit(trained, tmp_path, max_steps=2).save_checkpoint(tmp_path / "new.ckpt")
+    ckpt = torch.load(tmp_path / "new.ckpt", weights_only=True)
+    assert ckpt["hyper_parameters"] == {"loss": loss, "gan": gan, "grad_clip": 1.0, "scale_lr": False,
+                                        "sample_posterior": False}
+    ckpt["hyper_parameters"] = {**loss, **gan, "grad_clip": 1.0, "scale_lr": False, "sample_posterior": False}
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    networks = lambda: {"autoencoder": AutoencoderKL(base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                                                     norm_groups=8),
+                        "discriminator": NLayerDiscriminator(base_channels=8, n_layers=2),
+                        "lpips": partial(LPIPS, backbone="random")}
+    for name in ("old.ckpt", "new.ckpt"):
+        module = VAEModule.load_from_checkpoint(tmp_path / name, **networks())
+        assert (module.loss_cfg, module.gan_cfg) == (trained.loss_cfg, trained.gan_cfg), name
+        assert module.hparams.loss == loss and module.hparams.gan == gan and module.hparams.grad_clip == 1.0
+        assert module.logvar.requires_grad and module.lpips is not None
+        weights = {k: v for k, v in trained.state_dict().items() if not k.startswith("lpips.")}
+        assert weights.keys() <= module.state_dict().keys()
+        for key, value in weights.items():
+            torch.testing.assert_close(module.state_dict()[key], value, rtol=0, atol=0)
+    given = VAEModule.load_from_checkpoint(tmp_path / "old.ckpt", **networks(), gan={"disc_start": 7})
+    assert given.gan_cfg.disc_start == 7 and given.gan_cfg.disc_loss == "hinge"  # a given group replaces the stored

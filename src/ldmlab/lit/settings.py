@@ -5,7 +5,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, fields
+from functools import partial
+from pathlib import Path
 from typing import Any
+
+import torch
 
 from ldmlab.losses import vae as losses
 
@@ -77,6 +81,10 @@ def _by_name(lookup: Callable[[str], Any], key: str, name: str, valid: Mapping[s
         raise ValueError(f"{key}={name!r}: valid are {', '.join(sorted(valid))}") from None
 
 
+LDM_GROUPS: dict[str, type] = {"training": Training, "sampling": Sampling}
+VAE_GROUPS: dict[str, type] = {"loss": VAELoss, "gan": GAN}
+
+
 def settings(cls: type, given: Mapping[str, Any] | None, field: str) -> Any:
     """`cls` from a config dict; an unknown key is one line naming it and the valid ones."""
     valid = [f.name for f in fields(cls)]
@@ -85,11 +93,27 @@ def settings(cls: type, given: Mapping[str, Any] | None, field: str) -> Any:
     return cls(**(given or {}))
 
 
-def regroup(model: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    """A stored `model` config from before model.training and model.sampling, with its flat keys moved there."""
-    for group, cls in (("training", Training), ("sampling", Sampling)):
+def regroup(model: MutableMapping[str, Any], groups: Mapping[str, type] = LDM_GROUPS) -> MutableMapping[str, Any]:
+    """A stored `model` config or hyper-parameters from before the `groups` (LDM's by default, VAE_GROUPS for the
+    VAE's), with its flat keys moved there."""
+    for group, cls in groups.items():
         for name in [f.name for f in fields(cls) if f.name in model]:
-            if group not in model:
+            if model.get(group) is None:
                 model[group] = {}
             model[group][name] = model.pop(name)
     return model
+
+
+def stored_groups(checkpoint: Any, groups: Mapping[str, type], weights_only: bool | None = None) -> dict[str, Any]:
+    """The `groups` of the hyper-parameters a checkpoint (a path or a seekable file) stores, flat keys of older
+    checkpoints regrouped; {} for what is not read here (a URL): Lightning's loader reads it as stored."""
+    load = partial(torch.load, map_location="cpu", weights_only=weights_only is not False)
+    if hasattr(checkpoint, "seek"):
+        start, ckpt = checkpoint.tell(), load(checkpoint)
+        checkpoint.seek(start)
+    elif Path(checkpoint).is_file():
+        ckpt = load(checkpoint, mmap=True)  # the pickle only: tensors stay on disk
+    else:
+        return {}
+    stored = regroup(dict(ckpt.get("hyper_parameters") or {}), groups)
+    return {group: stored[group] for group in groups if group in stored}

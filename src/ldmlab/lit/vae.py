@@ -19,7 +19,7 @@ from torch.optim import Optimizer
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from ldmlab.lit.contract import TrainingModule
-from ldmlab.lit.settings import GAN, VAELoss, settings
+from ldmlab.lit.settings import GAN, VAE_GROUPS, VAELoss, settings, stored_groups
 from ldmlab.lit.weights import save_weights
 from ldmlab.losses import vae as losses
 from ldmlab.nn.autoencoder import AutoencoderKL
@@ -68,6 +68,12 @@ class VAEModule(TrainingModule):
         self.d_loss_fn = losses.get_d_loss(self.gan_cfg.disc_loss)
         self.val_psnr = PeakSignalNoiseRatio(data_range=1.0)
         self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
+        """Lightning's (give autoencoder=, discriminator=); older checkpoints' flat hyper-parameters regrouped."""
+        groups = stored_groups(checkpoint_path, VAE_GROUPS, kwargs.get("weights_only"))
+        return super().load_from_checkpoint(checkpoint_path, *args, **{**groups, **kwargs})
 
     # ------------------------------------------------------------------ training
 
