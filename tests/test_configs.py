@@ -52,6 +52,8 @@ def test_models_instantiate(option: str, tmp_path: Path, tiny_assets: dict[str, 
     cfg = compose_train([f"model={option}", *model_standins(option, tiny_assets)], tmp_path)
     module = hydra.utils.instantiate(cfg.model, _convert_="all", optimizer=hydra.utils.instantiate(cfg.optimizer))
     assert isinstance(module, pl.LightningModule)
+    if option.startswith("unet"):  # the run's seed seeds the training noise (model.training.seed)
+        assert module.train_cfg.seed == cfg.seed and "seed" not in cfg.model
     if option == "unet_sd15":
         assert sum(p.numel() for p in module.unet.parameters()) == 859_520_964
 

@@ -17,13 +17,14 @@ from ldmlab.losses import vae as losses
 @dataclass(frozen=True)
 class Training:
     """model.training: CFG condition dropout (Ho & Salimans 2022), the loss weighting (uniform | min_snr, Hang et
-    al. 2023), offset noise and input perturbation (Ning et al. 2023)."""
+    al. 2023), offset noise, input perturbation (Ning et al. 2023), the training noise's seed (with step, rank)."""
 
     p_uncond: float = 0.1
     loss_weighting: str = "uniform"
     min_snr_gamma: float = 5.0
     offset_noise: float = 0.0
     input_perturbation: float = 0.0
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.loss_weighting not in ("uniform", "min_snr"):
