@@ -80,7 +80,7 @@ def vae_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cwd = tmp_path_factory.mktemp("vae_e2e")
     run_dir = cwd / "run"
     run_train(["model=vae_tiny", "trainer.max_steps=150", "trainer.val_check_interval=50",
-               "trainer.limit_val_batches=4", "trainer.log_every_n_steps=5", "model.disc_start=100",
+               "trainer.limit_val_batches=4", "trainer.log_every_n_steps=5", "model.gan.disc_start=100",
                f"hydra.run.dir={run_dir}", "seed=0"], cwd=cwd)
     return run_dir
 

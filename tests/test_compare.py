@@ -26,21 +26,22 @@ def test_many_loggers_sweep_wandb_runs_and_compare(tmp_path: Path, monkeypatch: 
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: offline fallback
     sweep = tmp_path / "kl"
     run_train(["-m", "model=vae_tiny", "debug=limit", "data.batch_size=4", "data.num_workers=0",
-               "trainer.num_sanity_val_steps=0", "trainer.limit_val_batches=1", "model.kl_weight=1e-6,1e-5",
+               "trainer.num_sanity_val_steps=0", "trainer.limit_val_batches=1", "model.loss.kl_weight=1e-6,1e-5",
                "logger=many", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
     runs = [offline_run(sweep / str(n)) for n in range(2)]
     assert {r["group"] for r in runs} == {"debug-kl"} and runs[0]["id"] != runs[1]["id"]
     assert {r["job_type"] for r in runs} == {"sweep"}
     for run, kl in zip(runs, ["1e-06", "1e-05"]):
-        assert run["tags"][0] == "dev" and f"model.kl_weight={kl}" in run["tags"] and "logger=many" in run["tags"]
+        assert run["tags"][0] == "dev" and f"model.loss.kl_weight={kl}" in run["tags"] and "logger=many" in run["tags"]
         assert all(len(t) <= 64 for t in run["tags"])  # long path overrides are shortened, not rejected
-        assert run["config"]["model"]["kl_weight"] == float(kl) and run["config"]["optimized_metric"] == "val/psnr"
+        assert run["config"]["model"]["loss"]["kl_weight"] == float(kl)
+        assert run["config"]["optimized_metric"] == "val/psnr"
     png = tmp_path / "psnr.png"
     proc = subprocess.run([sys.executable, "-m", "ldmlab.compare", str(sweep), "--plot", str(png)], check=False,
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines[0] == "| job | model.kl_weight | val/psnr (final) |"  # only the override that differs
+    assert lines[0] == "| job | model.loss.kl_weight | val/psnr (final) |"  # only the override that differs
     rows = [line.split(" | ") for line in lines[2:4]]
     assert [r[:2] for r in rows] == [["| 0", "1e-06"], ["| 1", "1e-05"]]
     assert all(float(r[2].rstrip(" |")) > 0 for r in rows)

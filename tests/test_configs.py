@@ -52,6 +52,8 @@ def test_models_instantiate(option: str, tmp_path: Path, tiny_assets: dict[str, 
     cfg = compose_train([f"model={option}", *model_standins(option, tiny_assets)], tmp_path)
     module = hydra.utils.instantiate(cfg.model, _convert_="all", optimizer=hydra.utils.instantiate(cfg.optimizer))
     assert isinstance(module, pl.LightningModule)
+    if option.startswith("unet"):  # the run's seed seeds the training noise (model.training.seed)
+        assert module.train_cfg.seed == cfg.seed and "seed" not in cfg.model
     if option == "unet_sd15":
         assert sum(p.numel() for p in module.unet.parameters()) == 859_520_964
 
@@ -102,7 +104,8 @@ def test_sd_vae_config_is_sd(tmp_path: Path) -> None:
     assert sum(p.numel() for p in ae.encoder.parameters()) == 34_163_592
     assert sum(p.numel() for p in ae.decoder.parameters()) == 49_490_179
     assert ae.downsample_factor == 8 and ae.embed_dim == 4
-    assert cfg.model.kl_weight == 1e-6 and cfg.model.disc_start == 50001 and cfg.model.disc_weight == 0.5
+    assert cfg.model.loss.kl_weight == 1e-6 and cfg.model.gan.disc_start == 50001
+    assert cfg.model.gan.disc_weight == 0.5 and cfg.model.gan.disc_loss == "hinge"
     assert list(cfg.optimizer.betas) == [0.5, 0.9] and cfg.optimizer.lr == 4.5e-6
 
 

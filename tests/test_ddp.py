@@ -17,7 +17,7 @@ from ldmlab.nn.unet_blocks import ResBlock
 from ldmlab.utils.distributed import config_flags
 
 DDP_CPU = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true", *TINY,
-           "model.perceptual_weight=0"]
+           "model.loss.perceptual_weight=0"]
 
 
 def test_scale_out_trainer_configs(tmp_path: Path) -> None:
@@ -67,14 +67,14 @@ def test_ddp_multirun_runs_each_job_once_in_its_own_dir(tmp_path: Path) -> None:
     """`-m` + DDP: each job's rank 1 runs that job only (not the sweep again), in the job's dir; the second job
     starts a fresh process group."""
     sweep = tmp_path / "sweep"
-    proc = run_train(["-m", *DDP_CPU, "model.kl_weight=1e-6,1e-5", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    proc = run_train(["-m", *DDP_CPU, "model.loss.kl_weight=1e-6,1e-5", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
     out = proc.stdout + proc.stderr
     assert out.count("GLOBAL_RANK: 1, MEMBER: 2/2") == 2  # one rank 1 per job
     assert sorted(p.name for p in sweep.iterdir()) == ["0", "1", "multirun.yaml"]
     assert not (tmp_path / "outputs").exists()  # no child made a sweep or run dir of its own
     for job, kl in (("0", "1e-06"), ("1", "1e-05")):
         run_dir = sweep / job
-        assert f"model.kl_weight={kl}" in (run_dir / ".hydra" / "overrides.yaml").read_text()
+        assert f"model.loss.kl_weight={kl}" in (run_dir / ".hydra" / "overrides.yaml").read_text()
         assert (run_dir / "train_rank1.log").exists()
         ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
         assert ckpt["global_step"] == 6

@@ -89,7 +89,7 @@ def test_installed_package_runs_its_entry_points_from_another_directory(installe
 
     run_dir = installed["cwd"] / "run"
     output(run(installed, str(src / "train.py"), "--config-dir", str(installed["confdir"]), "trainer.max_steps=2",
-               "model.perceptual_weight=0", "data.batch_size=4", "data.num_workers=0",
+               "model.loss.perceptual_weight=0", "data.batch_size=4", "data.num_workers=0",
                "trainer.num_sanity_val_steps=0", "trainer.enable_progress_bar=false", "~callbacks.progress_bar",
                f"paths.root_dir={installed['cwd']}", f"paths.data_dir={shared_data_dir()}",
                f"hydra.run.dir={run_dir}"))

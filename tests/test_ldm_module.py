@@ -146,7 +146,7 @@ def test_unknown_grouped_setting_names_its_key() -> None:
 
 def test_flat_keys_of_older_checkpoints_are_regrouped() -> None:
     """sample.py rebuilds a model from a checkpoint's stored config; before model.training and model.sampling
-    those keys sat flat under model."""
+    those keys (and the training noise's seed) sat flat under model."""
     from omegaconf import OmegaConf
 
     from ldmlab.lit.settings import regroup
@@ -154,5 +154,5 @@ def test_flat_keys_of_older_checkpoints_are_regrouped() -> None:
     old = OmegaConf.create({"_target_": "x", "p_uncond": 0.2, "loss_weighting": "min_snr", "guidance_scales": [1.0, 3.0],
                             "sample_seed": 4, "seed": 7, "latent_scale": None})
     assert OmegaConf.to_container(regroup(old)) == {
-        "_target_": "x", "seed": 7, "latent_scale": None, "training": {"p_uncond": 0.2, "loss_weighting": "min_snr"},
+        "_target_": "x", "latent_scale": None, "training": {"p_uncond": 0.2, "loss_weighting": "min_snr", "seed": 7},
         "sampling": {"guidance_scales": [1.0, 3.0], "sample_seed": 4}}

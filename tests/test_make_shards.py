@@ -64,7 +64,7 @@ def test_folder_round_trips_through_the_loader_and_a_training_step(tmp_path):
 
     torch.manual_seed(0)
     module = VAEModule(AutoencoderKL(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, norm_groups=4),
-                       NLayerDiscriminator(base_channels=8, n_layers=2), perceptual_weight=0.0)
+                       NLayerDiscriminator(base_channels=8, n_layers=2), loss={"perceptual_weight": 0.0})
     trainer = pl.Trainer(accelerator="cpu", max_steps=1, limit_val_batches=1, val_check_interval=1, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          num_sanity_val_steps=0)

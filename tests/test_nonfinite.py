@@ -175,7 +175,7 @@ def nan_d_loss_at_batch_3(module: pl.LightningModule) -> None:
 def test_vae_skips_the_generator_and_the_discriminator_step(tmp_path: Path) -> None:
     """Batch 1: NaN image → no G and no D step; batch 3: the D loss is NaN (injected) → G steps, D does not.
     Plain Adam: each flag is read before its step, which is left out on the host."""
-    module = tiny_module(disc_start=0)
+    module = tiny_module(gan={"disc_start": 0})
     nan_d_loss_at_batch_3(module)
     trace, guard = ParamTrace(), NonFiniteGuard()
     fit_on_cpu(module, NaNImages(), 5, tmp_path, [trace, guard])
@@ -190,7 +190,8 @@ def test_vae_with_fused_adam_skips_on_the_device_and_learns_a_step_late(tmp_path
     a run of skips is read at once, of batch 2 at once; batch 3's skip is read at batch 4. Each LR schedule
     leaves out one step per update its optimizer skipped, in the batch that learns of it."""
     fused_adam = partial(torch.optim.Adam, lr=1e-3, betas=(0.5, 0.9), fused=True)
-    module = tiny_module(disc_start=0, optimizer=fused_adam, lr_scheduler=partial(warmup_cosine, warmup_steps=10))
+    module = tiny_module(gan={"disc_start": 0}, optimizer=fused_adam,
+                         lr_scheduler=partial(warmup_cosine, warmup_steps=10))
     module.skips.defer = True
     nan_d_loss_at_batch_3(module)
     trace, reports, guard = ParamTrace(), Reports(), NonFiniteGuard()
@@ -211,7 +212,8 @@ def test_vae_with_fused_adam_skips_on_the_device_and_learns_a_step_late(tmp_path
 def test_vae_before_disc_start_reports_and_unschedules_the_generator_only(tmp_path: Path) -> None:
     """Device-side skips before the GAN starts: the discriminator neither steps nor owes a scheduler step."""
     fused_adam = partial(torch.optim.Adam, lr=1e-3, betas=(0.5, 0.9), fused=True)
-    module = tiny_module(disc_start=100, optimizer=fused_adam, lr_scheduler=partial(warmup_cosine, warmup_steps=10))
+    module = tiny_module(gan={"disc_start": 100}, optimizer=fused_adam,
+                         lr_scheduler=partial(warmup_cosine, warmup_steps=10))
     module.skips.defer = True
     trace, reports = ParamTrace(), Reports()
     trainer = fit_on_cpu(module, NaNImages(), 4, tmp_path, [trace, reports])
@@ -324,7 +326,7 @@ def test_vae_ranks_skip_together_under_ddp(tmp_path: Path, defer: bool) -> None:
     not have. Read at once or, as on a GPU, a step late (forced here), the skipped batch counts as a global step
     (fused Adam's found_inf), so each optimizer stepped 3 times in 4 batches."""
     fused_adam = partial(torch.optim.Adam, lr=1e-3, betas=(0.5, 0.9), fused=True)
-    module = tiny_module(disc_start=0, optimizer=fused_adam)
+    module = tiny_module(gan={"disc_start": 0}, optimizer=fused_adam)
     module.skips.defer = defer
     last = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn_find_unused_parameters_true",

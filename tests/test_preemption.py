@@ -23,7 +23,7 @@ from test_resume import finish, launch, saved_step
 import ldmlab.checkpointing
 from ldmlab.checkpointing import AtomicCheckpointIO, newest_checkpoint
 
-TINY_VAE = ["model=vae_tiny", "model.perceptual_weight=0", "data.batch_size=4", "data.num_workers=1",
+TINY_VAE = ["model=vae_tiny", "model.loss.perceptual_weight=0", "data.batch_size=4", "data.num_workers=1",
             "trainer.val_check_interval=50", "trainer.limit_val_batches=1", "trainer.num_sanity_val_steps=0",
             "trainer.log_every_n_steps=1", "callbacks.last_checkpoint.every_n_train_steps=1",
             "trainer.enable_progress_bar=false", "~callbacks.progress_bar"]

@@ -201,8 +201,8 @@ def check_killed_run_resumes_exactly(tmp_path: Path, args: list[str], steps: int
 @pytest.mark.slow
 def test_killed_vae_run_resumes_bit_exact(tmp_path: Path) -> None:
     """VAE on the demo photos (posterior sampling: global RNG), GAN on from step 2, 2 DataLoader workers."""
-    ref = check_killed_run_resumes_exactly(tmp_path, ["model=vae_tiny", "model.perceptual_weight=0",
-                                                      "model.disc_start=2", "data.batch_size=4",
+    ref = check_killed_run_resumes_exactly(tmp_path, ["model=vae_tiny", "model.loss.perceptual_weight=0",
+                                                      "model.gan.disc_start=2", "data.batch_size=4",
                                                       "data.num_workers=2"])
     assert len(ref["optimizer_states"]) == 2 and ref["optimizer_states"][1]["state"]  # D has stepped
 
@@ -264,7 +264,7 @@ def test_csv_logger_continues_and_drops_rows_after_the_resume_step(tmp_path: Pat
 
 # ---------------------------------------------------------------- which checkpoint files a run leaves
 
-KILL_VAE = ["model=vae_tiny", "model.perceptual_weight=0", "data.batch_size=4", "data.num_workers=0",
+KILL_VAE = ["model=vae_tiny", "model.loss.perceptual_weight=0", "data.batch_size=4", "data.num_workers=0",
             "trainer.val_check_interval=3", "trainer.limit_val_batches=1", "trainer.num_sanity_val_steps=0",
             "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "~callbacks.progress_bar",
             "callbacks.image_grids=null"]

@@ -20,7 +20,7 @@ from test_sweeps import TINY, global_step, last_metric, logged_steps, wandb_runs
 
 pytestmark = pytest.mark.slurm
 
-CPU = [*TINY, "model.perceptual_weight=0", "trainer.accelerator=cpu", "trainer.precision=32-true"]
+CPU = [*TINY, "model.loss.perceptual_weight=0", "trainer.accelerator=cpu", "trainer.precision=32-true"]
 # the emulated nodes have no GPUs and 1-2 CPUs: override the script's per-node GPU request
 NO_GPU = ["--gpus-per-node=0", "--cpus-per-task=1", "--time=10"]
 
@@ -143,7 +143,7 @@ def test_multirun_through_the_slurm_launcher_runs_two_jobs(cluster: SlurmCluster
     sweep = tmp_path / "sweep"
     cmd = [sys.executable, str(REPO / "train.py"), "-m", "hydra/launcher=slurm", "hydra.launcher.partition=multi",
            "hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=10",
-           *CPU, "logger=[csv,wandb]", "model.kl_weight=1e-6,1e-5", f"hydra.sweep.dir={sweep}",
+           *CPU, "logger=[csv,wandb]", "model.loss.kl_weight=1e-6,1e-5", f"hydra.sweep.dir={sweep}",
            f"paths.root_dir={tmp_path}", f"paths.data_dir={shared_data_dir()}"]
     proc = subprocess.run(cmd, cwd=tmp_path, env={**job_env(tmp_path), **cluster.env}, capture_output=True,
                           text=True, timeout=480, check=False)
@@ -153,7 +153,7 @@ def test_multirun_through_the_slurm_launcher_runs_two_jobs(cluster: SlurmCluster
     job_ids, ids = set(), set()
     for num, kl in (("0", "1e-06"), ("1", "1e-05")):
         job = sweep / num
-        assert f"model.kl_weight={kl}" in (job / ".hydra" / "overrides.yaml").read_text()
+        assert f"model.loss.kl_weight={kl}" in (job / ".hydra" / "overrides.yaml").read_text()
         assert global_step(job / "checkpoints" / "last.ckpt") == 6
         job_ids.add(history(job)[0]["job_id"])  # SlurmRequeue only records on SLURM
         [run] = wandb_runs(job)

@@ -213,7 +213,8 @@ def test_inductor_settings_are_named_and_checked(tmp_path: Path) -> None:
 
 def ldm(precision_seed: int = 0) -> LatentDiffusionModule:
     return LatentDiffusionModule(unet=tiny_unet(context_dim=None), noise_schedule=scaled_linear(),
-                                 prediction=EpsPrediction(), sampler=ddim_sample, latent_scale=1.0, seed=precision_seed,
+                                 prediction=EpsPrediction(), sampler=ddim_sample, latent_scale=1.0,
+                                 training={"seed": precision_seed},
                                  optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3))
 
 

@@ -45,16 +45,16 @@ def test_grid_runs_four_jobs_each_its_own_wandb_run_in_one_group(tmp_path: Path,
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
     sweep = tmp_path / "grid"
-    run_train(["-m", *TINY, "model.kl_weight=1e-6,1e-5", "optimizer.lr=2e-4,5e-4", "logger=[csv,wandb]",
+    run_train(["-m", *TINY, "model.loss.kl_weight=1e-6,1e-5", "optimizer.lr=2e-4,5e-4", "logger=[csv,wandb]",
                f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
     jobs = [sweep / str(n) for n in range(4)]
     points = set()
     for job in jobs:
         overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())
-        points.add(tuple(o for o in overrides if o.startswith(("model.kl_weight=", "optimizer.lr="))))
+        points.add(tuple(o for o in overrides if o.startswith(("model.loss.kl_weight=", "optimizer.lr="))))
         assert global_step(job / "checkpoints" / "last.ckpt") == 6
         assert last_metric(job, "val/psnr") > 0
-    assert points == set(itertools.product(["model.kl_weight=1e-06", "model.kl_weight=1e-05"],
+    assert points == set(itertools.product(["model.loss.kl_weight=1e-06", "model.loss.kl_weight=1e-05"],
                                            ["optimizer.lr=0.0002", "optimizer.lr=0.0005"]))
     runs = [wandb_runs(job) for job in jobs]
     assert [len(r) for r in runs] == [1, 1, 1, 1]
@@ -80,7 +80,7 @@ def test_optuna_search_maximises_what_train_returns(tmp_path: Path) -> None:
     assert result["best_value"] == pytest.approx(max(psnr), rel=1e-6)
     best = trials[psnr.index(max(psnr))]
     chosen = dict(o.split("=", 1) for o in yaml.safe_load((best / ".hydra" / "overrides.yaml").read_text()))
-    assert set(result["best_params"]) == {"optimizer.lr", "model.kl_weight", "model.perceptual_weight"}
+    assert set(result["best_params"]) == {"optimizer.lr", "model.loss.kl_weight", "model.loss.perceptual_weight"}
     for key, value in result["best_params"].items():
         assert float(chosen[key]) == pytest.approx(float(value))
     assert 5e-5 <= float(result["best_params"]["optimizer.lr"]) <= 1e-3

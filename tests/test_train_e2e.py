@@ -55,7 +55,7 @@ def test_all_loggers_offline_and_multirun(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
     sweep = tmp_path / "sweep"
-    proc = run_train(["-m", "debug=limit", "logger=many", "model.kl_weight=1e-6,1e-5",
+    proc = run_train(["-m", "debug=limit", "logger=many", "model.loss.kl_weight=1e-6,1e-5",
                       f"hydra.sweep.dir={sweep}", "data.batch_size=4"], cwd=tmp_path)
     assert "wandb sync" in proc.stdout + proc.stderr
     for job in ("0", "1"):
@@ -64,4 +64,4 @@ def test_all_loggers_offline_and_multirun(tmp_path: Path, monkeypatch: pytest.Mo
         assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
         assert series(read_metrics(run_dir), "val/psnr")
     kl_weights = [(sweep / j / ".hydra" / "overrides.yaml").read_text() for j in ("0", "1")]
-    assert "model.kl_weight=1e-06" in kl_weights[0] and "model.kl_weight=1e-05" in kl_weights[1]
+    assert "model.loss.kl_weight=1e-06" in kl_weights[0] and "model.loss.kl_weight=1e-05" in kl_weights[1]

@@ -77,7 +77,7 @@ def time_vae_training(pixels: int, batch: int, steps: int, scope: str = "regiona
     torch.manual_seed(0)
     module = VAEModule(AutoencoderKL(), NLayerDiscriminator(), lpips=lambda: LPIPS(backbone="random"),
                        optimizer=partial(torch.optim.Adam, lr=4.5e-6, betas=(0.5, 0.9), fused=fused),
-                       disc_start=0)  # random VGG: same cost as the real weights, which cannot be loaded here
+                       gan={"disc_start": 0})  # random VGG: same cost as the real weights, which cannot be loaded here
     data = SyntheticDataModule(kind="image", shape=(3, pixels, pixels), batch_size=batch, num_workers=2)
     timer = StepTimer(skip=10)
     with tempfile.TemporaryDirectory() as tmp:

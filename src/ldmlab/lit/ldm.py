@@ -49,7 +49,6 @@ class LatentDiffusionModule(TrainingModule):
         latent_scale: float | None = 0.18215,
         training: dict[str, Any] | None = None,
         sampling: dict[str, Any] | None = None,
-        seed: int = 0,
         unet_init: str | None = None,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         lr_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
@@ -120,9 +119,9 @@ class LatentDiffusionModule(TrainingModule):
         return weighted_mse(out, target, uniform_weight(snr, self.prediction))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        # noise seeded by (seed, step, rank): reproducible and resume-exact
+        # noise seeded by (model.training.seed, step, rank): reproducible and resume-exact
         g = torch.Generator(device=self.device)
-        g.manual_seed(hash((self.hparams.seed, self.global_step, self.global_rank, 0)) % (2**63))
+        g.manual_seed(hash((self.train_cfg.seed, self.global_step, self.global_rank, 0)) % (2**63))
         loss = self.diffusion_loss(batch, g, self.train_cfg.p_uncond)
         self.log("train/loss", loss.detach(), batch_size=self._batch_size(batch))  # NaN too: no stale value
         # NaN/Inf too: every rank runs its backward (DDP's all-reduce stays in step); lit.nonfinite skips the update

@@ -1,22 +1,30 @@
-"""The LDM's grouped settings (model.training, model.sampling): typed, with one-line errors for unknown keys."""
+"""The modules' grouped settings, typed, with one-line errors for unknown keys and bad values: the LDM's
+model.training and model.sampling, the VAE's model.loss and model.gan."""
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, fields
+from functools import partial
+from pathlib import Path
 from typing import Any
+
+import torch
+
+from ldmlab.losses import vae as losses
 
 
 @dataclass(frozen=True)
 class Training:
     """model.training: CFG condition dropout (Ho & Salimans 2022), the loss weighting (uniform | min_snr, Hang et
-    al. 2023), offset noise and input perturbation (Ning et al. 2023)."""
+    al. 2023), offset noise, input perturbation (Ning et al. 2023), the training noise's seed (with step, rank)."""
 
     p_uncond: float = 0.1
     loss_weighting: str = "uniform"
     min_snr_gamma: float = 5.0
     offset_noise: float = 0.0
     input_perturbation: float = 0.0
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.loss_weighting not in ("uniform", "min_snr"):
@@ -36,7 +44,49 @@ class Sampling:
         object.__setattr__(self, "guidance_scales", tuple(self.guidance_scales))  # a config list
 
 
-def settings(cls: type, given: dict[str, Any] | None, field: str) -> Any:
+@dataclass(frozen=True)
+class VAELoss:
+    """model.loss: the VAE's reconstruction terms (LDM contperceptual): the pixel loss `rec_loss` plus
+    perceptual_weight × LPIPS under a Laplace log-variance (from logvar_init; optimised if learn_logvar, which
+    LDM never does), plus kl_weight × KL."""
+
+    rec_loss: str = "l1"
+    kl_weight: float = 1e-6
+    perceptual_weight: float = 1.0
+    logvar_init: float = 0.0
+    learn_logvar: bool = False
+
+    def __post_init__(self) -> None:
+        _by_name(losses.get_pixel_loss, "model.loss.rec_loss", self.rec_loss, losses.PIXEL_LOSSES)
+
+
+@dataclass(frozen=True)
+class GAN:
+    """model.gan: the PatchGAN from step disc_start (before it the discriminator neither runs nor steps): its loss
+    `disc_loss` × disc_factor, and on the generator's side disc_weight × the adaptive weight (VQGAN eq. 7)."""
+
+    disc_start: int = 50001
+    disc_weight: float = 0.5
+    disc_factor: float = 1.0
+    disc_loss: str = "hinge"
+
+    def __post_init__(self) -> None:
+        _by_name(losses.get_d_loss, "model.gan.disc_loss", self.disc_loss, losses.D_LOSSES)
+
+
+def _by_name(lookup: Callable[[str], Any], key: str, name: str, valid: Mapping[str, Any]) -> None:
+    """`lookup(name)` knows `name`, else one line naming `key` and the valid names."""
+    try:
+        lookup(name)
+    except ValueError:
+        raise ValueError(f"{key}={name!r}: valid are {', '.join(sorted(valid))}") from None
+
+
+LDM_GROUPS: dict[str, type] = {"training": Training, "sampling": Sampling}
+VAE_GROUPS: dict[str, type] = {"loss": VAELoss, "gan": GAN}
+
+
+def settings(cls: type, given: Mapping[str, Any] | None, field: str) -> Any:
     """`cls` from a config dict; an unknown key is one line naming it and the valid ones."""
     valid = [f.name for f in fields(cls)]
     if unknown := sorted(set(given or {}) - set(valid)):
@@ -44,11 +94,27 @@ def settings(cls: type, given: dict[str, Any] | None, field: str) -> Any:
     return cls(**(given or {}))
 
 
-def regroup(model: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    """A stored `model` config from before model.training and model.sampling, with its flat keys moved there."""
-    for group, cls in (("training", Training), ("sampling", Sampling)):
+def regroup(model: MutableMapping[str, Any], groups: Mapping[str, type] = LDM_GROUPS) -> MutableMapping[str, Any]:
+    """A stored `model` config or hyper-parameters from before the `groups` (LDM's by default, VAE_GROUPS for the
+    VAE's), with its flat keys moved there."""
+    for group, cls in groups.items():
         for name in [f.name for f in fields(cls) if f.name in model]:
-            if group not in model:
+            if model.get(group) is None:
                 model[group] = {}
             model[group][name] = model.pop(name)
     return model
+
+
+def stored_groups(checkpoint: Any, groups: Mapping[str, type], weights_only: bool | None = None) -> dict[str, Any]:
+    """The `groups` of the hyper-parameters a checkpoint (a path or a seekable file) stores, flat keys of older
+    checkpoints regrouped; {} for what is not read here (a URL): Lightning's loader reads it as stored."""
+    load = partial(torch.load, map_location="cpu", weights_only=weights_only is not False)
+    if hasattr(checkpoint, "seek"):
+        start, ckpt = checkpoint.tell(), load(checkpoint)
+        checkpoint.seek(start)
+    elif Path(checkpoint).is_file():
+        ckpt = load(checkpoint, mmap=True)  # the pickle only: tensors stay on disk
+    else:
+        return {}
+    stored = regroup(dict(ckpt.get("hyper_parameters") or {}), groups)
+    return {group: stored[group] for group in groups if group in stored}

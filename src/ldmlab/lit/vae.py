@@ -19,6 +19,7 @@ from torch.optim import Optimizer
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from ldmlab.lit.contract import TrainingModule
+from ldmlab.lit.settings import GAN, VAE_GROUPS, VAELoss, settings, stored_groups
 from ldmlab.lit.weights import save_weights
 from ldmlab.losses import vae as losses
 from ldmlab.nn.autoencoder import AutoencoderKL
@@ -46,15 +47,8 @@ class VAEModule(TrainingModule):
         lpips: Callable[[], nn.Module] | None = None,
         optimizer: OptimizerFactory | None = None,
         lr_scheduler: SchedulerFactory | None = None,
-        rec_loss: str = "l1",
-        kl_weight: float = 1e-6,
-        perceptual_weight: float = 1.0,
-        disc_weight: float = 0.5,
-        disc_start: int = 50001,
-        disc_factor: float = 1.0,
-        disc_loss: str = "hinge",
-        logvar_init: float = 0.0,
-        learn_logvar: bool = False,
+        loss: dict[str, Any] | None = None,
+        gan: dict[str, Any] | None = None,
         grad_clip: float | None = None,
         scale_lr: bool = False,
         sample_posterior: bool = True,
@@ -62,18 +56,24 @@ class VAEModule(TrainingModule):
         super().__init__()
         self.automatic_optimization = False  # explicit G and D steps (STYLE 12)
         self.save_hyperparameters(ignore=["autoencoder", "discriminator", "lpips", "optimizer", "lr_scheduler"])
-        losses.get_pixel_loss(rec_loss), losses.get_d_loss(disc_loss)  # fail at construction on a bad name
-        self.autoencoder = autoencoder
-        self.discriminator = discriminator
+        self.loss_cfg: VAELoss = settings(VAELoss, loss, "loss")  # a bad or unknown key fails here, in one line
+        self.gan_cfg: GAN = settings(GAN, gan, "gan")
+        self.autoencoder, self.discriminator, hp = autoencoder, discriminator, self.loss_cfg
         # LPIPS is built only when used, so a missing VGG16 file only matters when perceptual_weight > 0
-        self.lpips = lpips() if (lpips is not None and perceptual_weight > 0) else None
+        self.lpips = lpips() if (lpips is not None and hp.perceptual_weight > 0) else None
         # LDM's learned log-variance of the Laplace likelihood; LDM never optimises it (learn_logvar=False)
-        self.logvar = nn.Parameter(torch.full((), float(logvar_init)), requires_grad=learn_logvar)
+        self.logvar = nn.Parameter(torch.full((), float(hp.logvar_init)), requires_grad=hp.learn_logvar)
         self.optimizer_factory = optimizer or partial(torch.optim.Adam, lr=4.5e-6, betas=(0.5, 0.9), fused=True)
         self.scheduler_factory = lr_scheduler
-        self.d_loss_fn = losses.get_d_loss(disc_loss)
+        self.d_loss_fn = losses.get_d_loss(self.gan_cfg.disc_loss)
         self.val_psnr = PeakSignalNoiseRatio(data_range=1.0)
         self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
+        """Lightning's (give autoencoder=, discriminator=); older checkpoints' flat hyper-parameters regrouped."""
+        groups = stored_groups(checkpoint_path, VAE_GROUPS, kwargs.get("weights_only"))
+        return super().load_from_checkpoint(checkpoint_path, *args, **{**groups, **kwargs})
 
     # ------------------------------------------------------------------ training
 
@@ -82,7 +82,7 @@ class VAEModule(TrainingModule):
         leaves both updates out, a non-finite D loss the D update (lit.nonfinite)."""
         x = batch["image"]
         opt_g, opt_d = self.optimizers()
-        gan_active = losses.disc_factor(self.global_step, self.hparams.disc_start, self.hparams.disc_factor) > 0
+        gan_active = losses.disc_factor(self.global_step, self.gan_cfg.disc_start, self.gan_cfg.disc_factor) > 0
         with self.toggled_optimizer(opt_g):
             rec, posterior = self.autoencoder(x, sample_posterior=self.hparams.sample_posterior)
             g_total, logs = self._generator_loss(x, rec, posterior, gan_active)
@@ -99,7 +99,7 @@ class VAEModule(TrainingModule):
 
     def _generator_loss(self, x: Tensor, rec: Tensor, posterior: Any, gan_active: bool) -> tuple[Tensor, dict]:
         """LDM contperceptual, optimizer_idx 0: nll + kl_weight·KL + d_weight·disc_factor·g_loss."""
-        hp = self.hparams
+        hp, gan = self.loss_cfg, self.gan_cfg
         perceptual = self.lpips(x, rec) if self.lpips is not None else None
         rec_elem = losses.reconstruction_loss(x, rec, perceptual, hp.perceptual_weight, hp.rec_loss)
         nll = losses.nll_with_learned_logvar(rec_elem, self.logvar)
@@ -113,8 +113,8 @@ class VAEModule(TrainingModule):
             logits_fake = self.discriminator(rec)
             g_loss = losses.generator_loss(logits_fake)
             # VQGAN eq. 7: balance the GAN gradient against the reconstruction gradient at the last layer
-            d_weight = losses.adaptive_weight(nll, g_loss, self.autoencoder.last_layer) * hp.disc_weight
-            total = total + d_weight * hp.disc_factor * g_loss
+            d_weight = losses.adaptive_weight(nll, g_loss, self.autoencoder.last_layer) * gan.disc_weight
+            total = total + d_weight * gan.disc_factor * g_loss
             logs.update({"train/g_loss": g_loss.detach(), "train/d_weight": d_weight})
         logs["train/total_loss"] = total.detach()
         return total, logs
@@ -123,7 +123,7 @@ class VAEModule(TrainingModule):
         """LDM contperceptual, optimizer_idx 1: disc_factor·d_loss(D(x), D(x̂))."""
         logits_real = self.discriminator(x)
         logits_fake = self.discriminator(rec)
-        d_loss = self.hparams.disc_factor * self.d_loss_fn(logits_real, logits_fake)
+        d_loss = self.gan_cfg.disc_factor * self.d_loss_fn(logits_real, logits_fake)
         logs = {"train/d_loss": d_loss.detach(), "train/logits_real": logits_real.mean().detach(),
                 "train/logits_fake": logits_fake.mean().detach()}
         return d_loss, logs
@@ -133,8 +133,7 @@ class VAEModule(TrainingModule):
 
         Lightning 2 counts every LightningOptimizer.step as a global step in manual optimisation, which
         would make one G+D iteration count twice; the D step goes through the strategy directly (same
-        precision plugin and hooks, not counted) so max_steps and disc_start mean iterations, as in LDM.
-        """
+        precision plugin and hooks, not counted) so max_steps and disc_start mean iterations, as in LDM."""
         opt.zero_grad(set_to_none=True)
         self.manual_backward(loss)  # NaN too: every rank runs its backward, DDP's all-reduce stays in step
         if self.hparams.grad_clip:
@@ -164,7 +163,7 @@ class VAEModule(TrainingModule):
         self.val_ssim(_to_unit(rec), _to_unit(x))
         # torchmetrics objects reduce across ranks themselves; plain tensors need sync_dist
         self.log_dict({"val/psnr": self.val_psnr, "val/ssim": self.val_ssim}, prog_bar=True, batch_size=len(x))
-        metrics = {"val/rec_loss": losses.get_pixel_loss(self.hparams.rec_loss)(x, rec).mean(),
+        metrics = {"val/rec_loss": losses.get_pixel_loss(self.loss_cfg.rec_loss)(x, rec).mean(),
                    "val/kl": losses.kl_loss(posterior.kl())}
         if self.lpips is not None:
             metrics["val/lpips"] = self.lpips(x, rec).mean()
@@ -178,9 +177,8 @@ class VAEModule(TrainingModule):
     # ------------------------------------------------------------------ optimisers, checkpoints, export
 
     def configure_optimizers(self) -> Any:
-        g_params = list(self.autoencoder.parameters()) + ([self.logvar] if self.hparams.learn_logvar else [])
-        opt_g = self.optimizer_factory(g_params)
-        opt_d = self.optimizer_factory(list(self.discriminator.parameters()))
+        g_params = list(self.autoencoder.parameters()) + ([self.logvar] if self.loss_cfg.learn_logvar else [])
+        opt_g, opt_d = self.optimizer_factory(g_params), self.optimizer_factory(list(self.discriminator.parameters()))
         if self.hparams.scale_lr:  # before the schedulers record each group's initial_lr
             self._scale_lr(opt_g, opt_d)
         (opt_g, sched_g), (opt_d, sched_d) = (self.skipping(name, opt, self.scheduler_factory)
@@ -207,9 +205,8 @@ class VAEModule(TrainingModule):
         # the architecture travels with the weights so ldmlab.convert.load.load_vae can rebuild it
         checkpoint["autoencoder_config"] = dict(self.autoencoder.config)
         # the frozen LPIPS network is rebuilt from its own files: keep its 58 MB out of every checkpoint
-        state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith("lpips.")]:
-            del state[key]
+        for key in [k for k in checkpoint["state_dict"] if k.startswith("lpips.")]:
+            del checkpoint["state_dict"][key]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)

@@ -31,7 +31,7 @@ PIXEL_LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"l1": l1, "l2": l
 
 
 def get_pixel_loss(name: str) -> Callable[[Tensor, Tensor], Tensor]:
-    """Pixel reconstruction loss by name (`rec_loss` in the model config)."""
+    """Pixel reconstruction loss by name (`model.loss.rec_loss` in the VAE's config)."""
     if name not in PIXEL_LOSSES:
         raise ValueError(f"unknown rec_loss {name!r}; valid: {', '.join(sorted(PIXEL_LOSSES))}")
     return PIXEL_LOSSES[name]

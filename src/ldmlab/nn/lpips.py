@@ -74,7 +74,7 @@ class VGG16Features(nn.Module):
         """Load the `features.*` keys of a torchvision VGG16 file (strict for those; `classifier.*` ignored)."""
         path = Path(path)
         hint = (f"download torchvision's vgg16-397923af.pth ({VGG16_URL}) and set "
-                f"model.loss.lpips_backbone=<path>, or set backbone=random / perceptual_weight=0")
+                f"model.lpips.backbone=<path>, or set model.lpips.backbone=random / model.loss.perceptual_weight=0")
         state = _load_state(path, "backbone", hint)
         prefix = "features."
         feats = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}

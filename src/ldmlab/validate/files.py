@@ -68,10 +68,10 @@ def weight_problems(cfg: DictConfig) -> list[str]:
         problems += _exists("model.conditioner.path", get(cfg, "model.conditioner.path"),
                             "a directory with a save_pretrained CLIPTextModel and tokenizer",
                             lambda p: (p / "config.json").is_file())
-    if (get(cfg, "model.perceptual_weight") or 0) > 0 and get(cfg, "model.lpips.backbone") != "random":
+    if (get(cfg, "model.loss.perceptual_weight") or 0) > 0 and get(cfg, "model.lpips.backbone") != "random":
         problems += checkpoint_problems("model.lpips.backbone", get(cfg, "model.lpips.backbone"),
                                         "torchvision's vgg16-397923af.pth, or set "
-                                        "model.lpips.backbone=random or model.perceptual_weight=0")
+                                        "model.lpips.backbone=random or model.loss.perceptual_weight=0")
     return problems + checkpoint_problems("ckpt_path", get(cfg, "ckpt_path"))
 
 
