@@ -114,8 +114,8 @@ def evaluate(cfg: DictConfig) -> list[dict[str, float]]:
                                         options, cache, on_chunk=lambda *_: bar.update())
             results.append({"guidance": float(guidance), **scores})
     if rank == 0:
-        header = (f"`{cfg.ckpt}`: {cfg.n} samples per guidance scale, sampler {cfg.sampler or 'the model'}'s "
-                  f"({cfg.steps or 'default'} steps), features **{network.name}**, reference {reference!r}")
+        header = (f"`{cfg.ckpt}`: {cfg.n} samples per guidance scale, sampler {cfg.sampler or 'of the model'}, "
+                  f"{cfg.steps or 'its default'} steps, features **{network.name}**, reference {reference!r}")
         for written in write_report(results, out, header, network.name):
             log.info("wrote %s", written)
         print(markdown_table(results, header))

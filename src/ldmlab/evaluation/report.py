@@ -40,7 +40,7 @@ def plot_tradeoff(rows: Sequence[dict], path: Path, features: str) -> Path:
     ax.plot(xs, ys, "o-")
     for r, x, y in zip(rows, xs, ys, strict=True):
         ax.annotate(f"w={r['guidance']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_xlabel("Inception Score" if x_key == "is" else "guidance scale")
+    ax.set_xlabel(f"Inception Score ({features} logits)" if x_key == "is" else "guidance scale")
     ax.set_ylabel("FID")
     ax.set_title(f"{'FID vs IS' if x_key == 'is' else 'FID vs guidance'} ({features} features)", fontsize=9)
     fig.tight_layout()
