@@ -142,3 +142,44 @@ def test_a_class_conditional_checkpoint_gets_unet_and_vae_only(
     assert not (tmp_path / "pipe/model_index.json").exists()
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and NEEDS_TEXT in err[0] and "class-conditional" in err[0]
+
+
+def test_cli_refuses_ckpt_with_other_formats_or_parts(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit):
+        main(["--from", "ldmlab", "--to", "sd", "--ckpt", "x.ckpt", "--out", str(tmp_path / "m.safetensors")])
+    with pytest.raises(SystemExit):
+        main(["--from", "ldmlab", "--to", "diffusers", "--ckpt", "x.ckpt", "--unet", "x.ckpt", "--out", "d"])
+
+
+@pytest.mark.slow
+def test_a_trained_text_model_converts_to_a_pipeline(tiny_assets: dict[str, Path], tmp_path: Path) -> None:
+    """Two `train.py` steps of the text model on synthetic latents with CLIP-shaped context: the real checkpoint
+    (EMA on, latent scale estimated) becomes a pipeline whose DDIM images equal sample()'s."""
+    from conftest import run_train
+
+    run = tmp_path / "run"
+    run_train([*text_overrides(tiny_assets["clip32"], tiny_assets["vae"]), "model.latent_scale=null",
+               "data=synthetic_latents", "data.shape=[4,8,8]", "data.context_shape=[77,32]", "data.batch_size=4",
+               "data.num_workers=0", "data.pool=8", "data.val_samples=4", "trainer.max_steps=2",
+               "trainer.num_sanity_val_steps=0", "trainer.limit_val_batches=0", "callbacks.image_grids=null",
+               f"hydra.run.dir={run}"], cwd=tmp_path)
+    last = run / "checkpoints/last.ckpt"
+    main(["--from", "ldmlab", "--to", "diffusers", "--ema", "--ckpt", str(last), "--out", str(tmp_path / "pipe")])
+    module = load_ldm(last, use_ema=True)
+    ours = module.sample(PROMPTS, 2, 2.0, seed=0)
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(tmp_path / "pipe", dtype=torch.float32)
+    assert pipe.vae.config.scaling_factor == pytest.approx(float(module.latent_scale))
+    x_T = torch.randn((2, *LATENT), generator=torch.Generator().manual_seed(0))
+    theirs = pipe(PROMPTS, height=32, width=32, num_inference_steps=5, guidance_scale=2.0, latents=x_T,
+                  output_type="pt").images * 2 - 1
+    assert (ours - theirs).abs().max() < TOLERANCE
+
+
+def test_settings_the_pipeline_would_change_are_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """StableDiffusionPipeline rewrites steps_offset to 1; DDIMScheduler steps by T // n off 'leading' spacing."""
+    from ldmlab.convert.pipeline import _check_scheduler
+
+    _check_scheduler(scheduler_of(["model/sampler=ddpm", "model.sampler.num_steps=50"], tmp_path))
+    _check_scheduler(scheduler_of(["model.sampler.spacing=trailing"], tmp_path))
+    err = capsys.readouterr().err
+    assert "steps_offset=0" in err and "#12633" in err
