@@ -201,7 +201,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--vae-scaling-factor",
         type=float,
         default=ckpt.SD_VAE_SCALING_FACTOR,
-        help="--to diffusers: latent scale written into the VAE config (SD1.x 0.18215)",
+        help="--to diffusers: latent scale written into the VAE config (SD1.x 0.18215; --ckpt: the model's own)",
     )
     args = p.parse_args(argv)
     if args.ckpt is not None and (args.src, args.dst) != ("ldmlab", "diffusers"):
