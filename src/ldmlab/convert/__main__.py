@@ -1,8 +1,12 @@
 """Convert U-Net and VAE weights between the ldmlab, SD-original and diffusers layouts.
 
     python -m ldmlab.convert --from FORMAT --to FORMAT [--unet IN] [--vae IN] --out OUT [options]
+    python -m ldmlab.convert --from ldmlab --to diffusers --ckpt CKPT --out DIR [--ema] [--text-encoder DIR]
 
-Give --unet and/or --vae; each part is converted on its own. What IN and OUT are, per format:
+Give --unet and/or --vae; each part is converted on its own. Or give --ckpt, a train.py checkpoint of a text
+model, for a complete StableDiffusionPipeline directory (convert/pipeline.py): model_index.json, unet/, vae/
+(scaling_factor = the model's latent_scale), text_encoder/ and tokenizer/ (from model.conditioner.path, or
+--text-encoder), scheduler/ (the training schedule, prediction type and sampler). What IN and OUT are, per format:
 
     ldmlab     IN: `unet.safetensors` / `vae.safetensors` (our names, `config` in the metadata: what
                `export_weights` writes), or an LDM training checkpoint `.ckpt` for both (--ema: its EMA
@@ -29,6 +33,8 @@ Examples:
     # an ldmlab training export -> one SD-original file for SD tooling
     python -m ldmlab.convert --from ldmlab --to sd \\
         --unet run/export/unet.safetensors --vae run/export/vae.safetensors --out model.safetensors
+    # an ldmlab text model's training checkpoint -> StableDiffusionPipeline.from_pretrained("sd-pipe")
+    python -m ldmlab.convert --from ldmlab --to diffusers --ema --ckpt run/checkpoints/last.ckpt --out sd-pipe
     # a diffusers pipeline's U-Net and VAE -> ldmlab files to fine-tune from
     python -m ldmlab.convert --from diffusers --to ldmlab --unet sd15/unet --vae sd15/vae --out weights
 """
@@ -49,6 +55,7 @@ from torch import Tensor
 from ldmlab.convert import checkpoint as ckpt
 from ldmlab.convert import vae as vae_map
 from ldmlab.convert.load import infer_vae_config, read_state_dict
+from ldmlab.convert.pipeline import write_pipeline
 from ldmlab.convert.unet import (
     diffusers_unet_config,
     infer_unet_config,
@@ -180,7 +187,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--out", type=Path, required=True, help="output directory (a .safetensors file for --to sd)"
     )
-    p.add_argument("--ema", action="store_true", help="--from sd: take the U-Net's EMA weights (model_ema.*)")
+    p.add_argument("--ckpt", type=Path, help="a train.py checkpoint of a text model: a whole diffusers pipeline")
+    p.add_argument("--text-encoder", type=Path, help="--ckpt: the CLIP directory, if not model.conditioner.path")
+    p.add_argument("--ema", action="store_true", help="take the U-Net's EMA weights (SD model_ema.*, ldmlab EMA)")
     p.add_argument(
         "--num-heads", type=int, default=8, help="--from sd without ldmlab metadata: heads (SD1.x 8)"
     )
@@ -192,11 +201,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--vae-scaling-factor",
         type=float,
         default=ckpt.SD_VAE_SCALING_FACTOR,
-        help="--to diffusers: latent scale written into the VAE config (SD1.x 0.18215)",
+        help="--to diffusers: latent scale written into the VAE config (SD1.x 0.18215; --ckpt: the model's own)",
     )
     args = p.parse_args(argv)
-    if args.unet is None and args.vae is None:
-        p.error("give --unet and/or --vae")
+    if args.ckpt is not None and (args.src, args.dst) != ("ldmlab", "diffusers"):
+        p.error("--ckpt writes a diffusers pipeline from an ldmlab checkpoint: use --from ldmlab --to diffusers")
+    if args.ckpt is not None and (args.unet or args.vae):
+        p.error("give --ckpt alone (it holds the U-Net and the VAE), or --unet / --vae")
+    if args.ckpt is None and args.unet is None and args.vae is None:
+        p.error("give --unet and/or --vae, or --ckpt")
     if args.dst == "sd" and args.out.suffix != ".safetensors":
         p.error(f"--to sd writes one file: give --out ending in .safetensors, not '{args.out}'")
     return args
@@ -205,6 +218,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> list[Path]:
     """Run the conversion; returns the paths written."""
     args = parse_args(argv)
+    if args.ckpt is not None:
+        paths = write_pipeline(args.ckpt, args.out, ema=args.ema, text_encoder=args.text_encoder)
+        for path in paths:
+            print(f"wrote {path}")
+        return paths
     inputs = {kind: getattr(args, kind) for kind in KINDS if getattr(args, kind) is not None}
     try:
         parts = {kind: READERS[args.src](path, kind, args) for kind, path in inputs.items()}
