@@ -14,6 +14,7 @@ from ldmlab.finetune.lora import (
     CONVOLUTIONS,
     FEED_FORWARD,
     add_lora,
+    base_state_dict,
     load_lora,
     lora_modules,
     lora_parameters,
@@ -25,6 +26,8 @@ from ldmlab.finetune.lora import (
 from ldmlab.finetune.lora_formats import load_lora_file, save_lora, save_lora_diffusers, save_lora_kohya
 from ldmlab.nn.unet import UNetModel
 
+# one pattern per kind of layer: attention (self and cross), feed-forward, 3x3 conv, 1x1 conv
+ALL_KINDS = (r".*attn[12]\.to_(q|k|v|out\.0)", r".*ff\.net\.(0\.proj|2)", r".*in_layers\.2", r".*proj_in")
 CONFIG = {"model_channels": 32, "channel_mult": (1, 2), "num_res_blocks": 1, "attention_levels": (1,),
           "num_heads": 4, "context_dim": 16}
 
@@ -81,6 +84,7 @@ def test_only_adapters_train_and_the_base_stays_bit_identical() -> None:
         model(x, t, c).square().mean().backward()
         opt.step(), opt.zero_grad()
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in base.items())
+    assert base_state_dict(model).keys() == small_unet().state_dict().keys()
     after = lora_state_dict(model)
     assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith("B.weight"))
 
@@ -158,3 +162,26 @@ def test_wrong_architecture_peft_file(tmp_path) -> None:
     save_file(sd, tmp_path / "x.safetensors")
     with pytest.raises(ValueError, match="made for another architecture"):
         load_lora_file(tmp_path / "x.safetensors", small_unet())
+
+
+@pytest.mark.parametrize("save", [save_lora_diffusers, save_lora_kohya], ids=["peft", "kohya"])
+def test_diffusers_loads_our_files_and_agrees(tmp_path, save, monkeypatch) -> None:
+    """diffusers' own loader (StableDiffusionPipeline's LoRA mixin, via peft) on a converted base U-Net."""
+    pytest.importorskip("peft")
+    diffusers = pytest.importorskip("diffusers")
+    from ldmlab.convert.unet import diffusers_unet_config, unet_ldmlab_to_diffusers
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    ours, (x, t, c) = trained(rank=3, alpha=5.0, targets=(*ALL_KINDS,)), inputs()
+    base = small_unet()
+    cfg = {k: v for k, v in diffusers_unet_config(ours.config).items() if not k.startswith("_")}
+    theirs = diffusers.UNet2DConditionModel(**cfg).eval()
+    theirs.load_state_dict(unet_ldmlab_to_diffusers(base.state_dict(), ours.config))
+    save(tmp_path / "lora.safetensors", ours)
+    pipe = diffusers.StableDiffusionPipeline
+    sd, alphas, meta = pipe.lora_state_dict(str(tmp_path / "lora.safetensors"), return_lora_metadata=True)
+    pipe.load_lora_into_unet(sd, alphas, theirs, metadata=meta)
+    with torch.no_grad():
+        want, got, plain = ours(x, t, c), theirs(x, t, c).sample, base(x, t, c)
+    assert (want - plain).abs().max() > 1e-2  # the adapters matter
+    assert torch.allclose(got, want, atol=1e-5)

@@ -110,6 +110,11 @@ def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return {k: v for k, v in model.state_dict().items() if re.search(r"(^|\.)lora\.(A\.weight|B\.weight|alpha)$", k)}
 
 
+def base_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The base weights only, under their own names (what the base checkpoint and its exporters take)."""
+    return {k: v for k, v in model.state_dict().items() if not re.search(r"(^|\.)lora\.(A|B|alpha)", k)}
+
+
 def load_lora(model: nn.Module, state: dict[str, Tensor]) -> None:
     """Load adapter tensors strictly: one line on missing/unexpected keys or a shape mismatch."""
     own = lora_state_dict(model)
