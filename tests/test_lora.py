@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from ldmlab.finetune.lora import (
     CONVOLUTIONS,
     FEED_FORWARD,
+    TEXT_ENCODER,
     add_lora,
     base_state_dict,
     load_lora,
@@ -77,6 +78,8 @@ def test_only_adapters_train_and_the_base_stays_bit_identical() -> None:
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora." in n for n in trainable)
     assert len(trainable) == len(lora_parameters(model))
+    add_lora(model, 2, 2.0, targets=FEED_FORWARD)  # a second call keeps the first adapters trainable
+    assert all(p.requires_grad for p in lora_parameters(model)) and len(lora_parameters(model)) > len(trainable)
     base = {k: v.clone() for k, v in model.state_dict().items() if ".lora." not in k}
     before = {k: v.clone() for k, v in lora_state_dict(model).items()}
     opt = torch.optim.AdamW(lora_parameters(model), lr=1e-2)
@@ -172,7 +175,11 @@ def test_diffusers_loads_our_files_and_agrees(tmp_path, save, monkeypatch) -> No
     from ldmlab.convert.unet import diffusers_unet_config, unet_ldmlab_to_diffusers
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    ours, (x, t, c) = trained(rank=3, alpha=5.0, targets=(*ALL_KINDS,)), inputs()
+    ours, (x, t, c) = trained(rank=3, alpha=5.0, targets=ALL_KINDS[:-1]), inputs()
+    add_lora(ours, 2, 1.0, targets=ALL_KINDS[-1:])  # a second rank and alpha: PEFT's rank/alpha_pattern
+    for name, lora in lora_modules(ours):
+        if name.endswith("proj_in"):
+            torch.nn.init.normal_(lora.B.weight, std=0.5)
     base = small_unet()
     cfg = {k: v for k, v in diffusers_unet_config(ours.config).items() if not k.startswith("_")}
     theirs = diffusers.UNet2DConditionModel(**cfg).eval()
@@ -184,4 +191,44 @@ def test_diffusers_loads_our_files_and_agrees(tmp_path, save, monkeypatch) -> No
     with torch.no_grad():
         want, got, plain = ours(x, t, c), theirs(x, t, c).sample, base(x, t, c)
     assert (want - plain).abs().max() > 1e-2  # the adapters matter
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def tiny_text_encoder():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(3)
+    config = transformers.CLIPTextConfig(vocab_size=99, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                         num_attention_heads=2, max_position_embeddings=8)
+    return transformers.CLIPTextModel(config).eval()
+
+
+@pytest.mark.parametrize("save", [save_lora_diffusers, save_lora_kohya], ids=["peft", "kohya"])
+def test_unet_and_text_encoder_in_one_file(tmp_path, save, monkeypatch) -> None:
+    """One pipeline file for both parts; diffusers' text-encoder loader agrees with ours."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    unet, encoder, tokens = trained(), tiny_text_encoder(), torch.tensor([[1, 5, 7, 2]])
+    add_lora(encoder, 2, 4.0, targets=TEXT_ENCODER)
+    torch.manual_seed(4)
+    for _, lora in lora_modules(encoder):
+        torch.nn.init.normal_(lora.B.weight, std=0.1)
+    save(tmp_path / "both.safetensors", unet, encoder)
+    keys = load_file(tmp_path / "both.safetensors")
+    prefix = "lora_te_" if save is save_lora_kohya else "text_encoder."
+    assert any(k.startswith(f"{prefix}text_model") and "self_attn" in k and "q_proj" in k for k in keys)
+    fresh_unet, fresh_encoder = small_unet(), tiny_text_encoder()
+    load_lora_file(tmp_path / "both.safetensors", fresh_unet)
+    names = load_lora_file(tmp_path / "both.safetensors", fresh_encoder, component="text_encoder")
+    assert len(names) == 2 * 4
+    x, t, c = inputs()
+    assert torch.equal(fresh_unet(x, t, c), unet(x, t, c))
+    want = encoder(tokens).last_hidden_state
+    assert torch.equal(fresh_encoder(tokens).last_hidden_state, want)
+    diffusers = pytest.importorskip("diffusers")
+    pytest.importorskip("peft")
+    theirs, pipe = tiny_text_encoder(), diffusers.StableDiffusionPipeline
+    sd, alphas, meta = pipe.lora_state_dict(str(tmp_path / "both.safetensors"), return_lora_metadata=True)
+    pipe.load_lora_into_text_encoder(sd, alphas, theirs, metadata=meta)
+    with torch.no_grad():
+        got = theirs(tokens).last_hidden_state
+    assert (want - tiny_text_encoder()(tokens).last_hidden_state).abs().max() > 1e-2
     assert torch.allclose(got, want, atol=1e-5)

@@ -92,11 +92,13 @@ def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
         raise ValueError(f"LoRA targets {list(targets)} match no Linear/Conv2d module; candidates: {few}, ...")
     for name in names:
         _check_rank(name, candidates[name], rank)
-    model.requires_grad_(False)
     for name in names:
         module = candidates[name]
         module.lora = LoRA(module, rank, alpha, dropout)
         module.register_forward_hook(_hook)
+    model.requires_grad_(False)
+    for _, lora in lora_modules(model):  # also those of earlier calls
+        lora.requires_grad_(True)
     return names
 
 

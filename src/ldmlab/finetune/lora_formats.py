@@ -30,10 +30,12 @@ KOHYA_PREFIX = {"unet": "lora_unet", "text_encoder": "lora_te"}
 
 
 def _external_name(model: nn.Module, name: str) -> str:
-    """diffusers name of one of `model`'s modules: renamed for an ldmlab UNetModel, else unchanged."""
+    """diffusers/kohya name of one of `model`'s modules: renamed for an ldmlab UNetModel, else its own."""
     config = getattr(model, "config", None)
     if isinstance(config, dict) and "num_res_blocks" in config:
         return unet_module_ldmlab_to_diffusers(name, config)
+    if hasattr(model, "embeddings") and hasattr(model, "encoder") and not hasattr(model, "text_model"):
+        return f"text_model.{name}"  # transformers 5 flattened CLIPTextModel; files keep the 4.x names
     return name
 
 
@@ -58,30 +60,47 @@ def save_lora(path: str | Path, model: nn.Module) -> None:
     save_file(_contiguous(lora_state_dict(model)), str(path))
 
 
-def save_lora_diffusers(path: str | Path, model: nn.Module, component: str = "unet") -> None:
-    """PEFT/diffusers LoRA safetensors that `pipe.load_lora_weights(path)` loads into `pipe.<component>`."""
-    sd, alphas, ranks = {}, {}, {}
-    for name, lora in lora_modules(model):
-        ext = _external_name(model, name)
-        sd[f"{component}.{ext}.lora_A.weight"] = lora.A.weight
-        sd[f"{component}.{ext}.lora_B.weight"] = lora.B.weight
-        alphas[ext], ranks[ext] = float(lora.alpha), lora.rank
-    r = Counter(ranks.values()).most_common(1)[0][0]
-    alpha = Counter(alphas.values()).most_common(1)[0][0]
-    config = {"r": r, "lora_alpha": alpha, "target_modules": sorted(ranks), "lora_dropout": 0.0, "bias": "none",
-              "rank_pattern": {k: v for k, v in ranks.items() if v != r},
-              "alpha_pattern": {k: v for k, v in alphas.items() if v != alpha}}
-    meta = json.dumps({f"{component}.{k}": v for k, v in config.items()}, indent=2, sort_keys=True)
+def _components(unet: nn.Module | None, text_encoder: nn.Module | None) -> dict[str, nn.Module]:
+    """The adapted networks to write, by diffusers component name; one line when there is none."""
+    models = {k: m for k, m in (("unet", unet), ("text_encoder", text_encoder)) if m is not None}
+    if not any(True for m in models.values() for _ in lora_modules(m)):
+        raise ValueError("no LoRA adapters to export: call add_lora on the U-Net or text encoder first")
+    return models
+
+
+def _peft_config(model: nn.Module) -> dict:
+    """LoraConfig arguments of `model`'s adapters: the commonest rank/alpha, the others as patterns."""
+    # PEFT matches these names as suffixes: without 'text_model.' they fit transformers 4.x and 5 alike
+    names = {n: _external_name(model, n).removeprefix("text_model.") for n, _ in lora_modules(model)}
+    ranks = {names[n]: lora.rank for n, lora in lora_modules(model)}
+    alphas = {names[n]: float(lora.alpha) for n, lora in lora_modules(model)}
+    r, alpha = (Counter(d.values()).most_common(1)[0][0] for d in (ranks, alphas))
+    return {"r": r, "lora_alpha": alpha, "target_modules": sorted(ranks), "lora_dropout": 0.0, "bias": "none",
+            "rank_pattern": {k: v for k, v in ranks.items() if v != r},
+            "alpha_pattern": {k: v for k, v in alphas.items() if v != alpha}}
+
+
+def save_lora_diffusers(path: str | Path, unet: nn.Module | None, text_encoder: nn.Module | None = None) -> None:
+    """PEFT/diffusers LoRA safetensors that `pipe.load_lora_weights(path)` loads (U-Net and/or text encoder)."""
+    sd, config = {}, {}
+    for component, model in _components(unet, text_encoder).items():
+        for name, lora in lora_modules(model):
+            ext = f"{component}.{_external_name(model, name)}"
+            sd[f"{ext}.lora_A.weight"], sd[f"{ext}.lora_B.weight"] = lora.A.weight, lora.B.weight
+        if any(True for _ in lora_modules(model)):
+            config.update({f"{component}.{k}": v for k, v in _peft_config(model).items()})
+    meta = json.dumps(config, indent=2, sort_keys=True)
     save_file(_contiguous(sd), str(path), metadata={"format": "pt", METADATA_KEY: meta})
 
 
-def save_lora_kohya(path: str | Path, model: nn.Module, component: str = "unet") -> None:
+def save_lora_kohya(path: str | Path, unet: nn.Module | None, text_encoder: nn.Module | None = None) -> None:
     """kohya/A1111 LoRA safetensors (`lora_unet_..._to_q.lora_down.weight`, `.lora_up.weight`, `.alpha`)."""
     sd = {}
-    for name, lora in lora_modules(model):
-        key = f"{KOHYA_PREFIX[component]}_{_external_name(model, name).replace('.', '_')}"
-        sd[f"{key}.lora_down.weight"], sd[f"{key}.lora_up.weight"] = lora.A.weight, lora.B.weight
-        sd[f"{key}.alpha"] = lora.alpha.float()
+    for component, model in _components(unet, text_encoder).items():
+        for name, lora in lora_modules(model):
+            key = f"{KOHYA_PREFIX[component]}_{_external_name(model, name).replace('.', '_')}"
+            sd[f"{key}.lora_down.weight"], sd[f"{key}.lora_up.weight"] = lora.A.weight, lora.B.weight
+            sd[f"{key}.alpha"] = lora.alpha.float()
     save_file(_contiguous(sd), str(path), metadata={"ss_network_module": "networks.lora"})
 
 
@@ -91,10 +110,12 @@ def _from_diffusers(sd: dict[str, Tensor], meta: dict[str, str], component: str)
     config = {k.removeprefix(f"{component}."): v for k, v in config.items() if k.startswith(f"{component}.")}
     out = {}
     for key, a in sd.items():
-        if key.endswith(".lora_A.weight"):
+        if key.startswith(f"{component}.") and key.endswith(".lora_A.weight"):
             module = key.removesuffix(".lora_A.weight").removeprefix(f"{component}.")
             # PEFT: alpha_pattern entry, else lora_alpha; diffusers without metadata: alpha = r
-            alpha = config.get("alpha_pattern", {}).get(module, config.get("lora_alpha", a.shape[0]))
+            pattern = config.get("alpha_pattern", {})
+            alpha = pattern.get(module, pattern.get(module.removeprefix("text_model."),
+                                                    config.get("lora_alpha", a.shape[0])))
             out[module] = (a, sd[key.replace(".lora_A.", ".lora_B.")], float(alpha))
     return out
 
@@ -104,7 +125,7 @@ def _from_kohya(sd: dict[str, Tensor], component: str, table: dict[str, str]) ->
     flat = {f"{KOHYA_PREFIX[component]}_{ext.replace('.', '_')}": ext for ext in table}
     out = {}
     for key, a in sd.items():
-        if key.endswith(".lora_down.weight"):
+        if key.startswith(f"{KOHYA_PREFIX[component]}_") and key.endswith(".lora_down.weight"):
             stem = key.removesuffix(".lora_down.weight")
             alpha = sd.get(f"{stem}.alpha", torch.tensor(float(a.shape[0])))
             out[flat.get(stem, stem)] = (a, sd[f"{stem}.lora_up.weight"], float(alpha))
@@ -127,6 +148,9 @@ def _read(path: str | Path, model: nn.Module, component: str) -> dict[str, tuple
     table = _name_table(model)
     kohya = any(".lora_down." in k for k in sd)
     modules = _from_kohya(sd, component, table) if kohya else _from_diffusers(sd, meta, component)
+    if not modules:
+        raise ValueError(f"LoRA file {Path(path).name} has no adapters for the {component} (its keys: "
+                         f"{sorted(sd)[:2]}, ...)")
     unknown = sorted(set(modules) - set(table))
     if unknown:
         raise ValueError(f"LoRA file made for another architecture: {len(unknown)} of its modules are not in "
@@ -135,7 +159,8 @@ def _read(path: str | Path, model: nn.Module, component: str) -> dict[str, tuple
 
 
 def load_lora_file(path: str | Path, model: nn.Module, component: str = "unet") -> list[str]:
-    """Load an ldmlab, PEFT/diffusers or kohya LoRA file into `model`; adds the file's adapters if it has none."""
+    """Load an ldmlab, PEFT/diffusers or kohya LoRA file into `model` (the file's `component`: 'unet' or
+    'text_encoder'); adds the file's adapters (its ranks and alphas) where `model` has none."""
     modules = _read(path, model, component)
     if not any(True for _ in lora_modules(model)):
         known = dict(model.named_modules())
