@@ -232,3 +232,17 @@ def test_unet_and_text_encoder_in_one_file(tmp_path, save, monkeypatch) -> None:
         got = theirs(tokens).last_hidden_state
     assert (want - tiny_text_encoder()(tokens).last_hidden_state).abs().max() > 1e-2
     assert torch.allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("save", [save_lora, save_lora_diffusers, save_lora_kohya])
+def test_other_adapter_kinds_and_damaged_files_are_one_line(tmp_path, save) -> None:
+    save(tmp_path / "a.safetensors", trained())
+    sd = load_file(tmp_path / "a.safetensors")
+    first = next(k for k in sorted(sd) if k.endswith(("A.weight", "lora_down.weight")))
+    save_file({**sd, first.replace("weight", "dora_scale"): torch.ones(1)}, tmp_path / "dora.safetensors")
+    with pytest.raises(ValueError, match="is not plain LoRA"):
+        load_lora_file(tmp_path / "dora.safetensors", small_unet())
+    up = first.replace("lora_A", "lora_B").replace("lora_down", "lora_up").replace("A.weight", "B.weight")
+    save_file({k: v for k, v in sd.items() if k != up}, tmp_path / "damaged.safetensors")
+    with pytest.raises(ValueError, match="lacks its down .A. or up .B. weight"):
+        load_lora_file(tmp_path / "damaged.safetensors", small_unet())

@@ -134,9 +134,28 @@ def _from_kohya(sd: dict[str, Tensor], component: str, table: dict[str, str]) ->
 
 def _from_ldmlab(sd: dict[str, Tensor]) -> dict[str, tuple]:
     """module -> (A, B, alpha) of ldmlab's own file (save_lora)."""
-    return {k.removesuffix(".lora.A.weight"): (a, sd.get(k.replace(".A.weight", ".B.weight")),
+    return {k.removesuffix(".lora.A.weight"): (a, sd[k.replace(".A.weight", ".B.weight")],
                                                float(sd.get(k.replace(".A.weight", ".alpha"), a.shape[0])))
             for k, a in sd.items() if k.endswith(".lora.A.weight")}
+
+
+_PARTS = re.compile(r"^(.*?)\.(lora_A\.weight|lora\.A\.weight|lora_down\.weight|lora_B\.weight|lora\.B\.weight"
+                    r"|lora_up\.weight|lora\.alpha|alpha)$")
+
+
+def _check_plain(sd: dict[str, Tensor], prefix: str) -> None:
+    """One line for keys of other adapter kinds (DoRA, LoHa, LoKr, biases) or a down/up weight without its pair."""
+    parts: dict[str, set[str]] = {}
+    for key in (k for k in sd if k.startswith(prefix)):
+        match = _PARTS.match(key)
+        if match is None:
+            raise ValueError(f"LoRA file key '{key}' is not plain LoRA: DoRA, LoHa, LoKr and LoRA biases are "
+                             "not supported")
+        part = match.group(2).replace("_", ".").split(".")
+        parts.setdefault(match.group(1), set()).add(part[-2] if part[-1] == "weight" else "alpha")
+    for stem, kinds in parts.items():
+        if len(kinds & {"A", "down"}) != 1 or len(kinds & {"B", "up"}) != 1:
+            raise ValueError(f"LoRA file entry '{stem}' lacks its down (A) or up (B) weight: a damaged file")
 
 
 def _read(path: str | Path, model: nn.Module, component: str) -> dict[str, tuple]:
@@ -144,9 +163,11 @@ def _read(path: str | Path, model: nn.Module, component: str) -> dict[str, tuple
     with safe_open(str(path), "pt") as f:  # not a dict: iterate its keys()
         sd, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}  # noqa: SIM118
     if not any(".lora_A." in k or ".lora_down." in k for k in sd):
+        _check_plain(sd, "")
         return _from_ldmlab(sd)
     table = _name_table(model)
     kohya = any(".lora_down." in k for k in sd)
+    _check_plain(sd, f"{KOHYA_PREFIX[component]}_" if kohya else f"{component}.")
     modules = _from_kohya(sd, component, table) if kohya else _from_diffusers(sd, meta, component)
     if not modules:
         raise ValueError(f"LoRA file {Path(path).name} has no adapters for the {component} (its keys: "
