@@ -88,8 +88,9 @@ def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
                   if not re.search(r"(^|\.)lora\.[AB]$", n) and not isinstance(getattr(m, "lora", None), LoRA)}
     names = [n for n in candidates if any(re.fullmatch(p, n) for p in targets)]
     if not names:
-        few = ", ".join(list(candidates)[:6])
-        raise ValueError(f"LoRA targets {list(targets)} match no Linear/Conv2d module; candidates: {few}, ...")
+        ends = sorted({".".join(re.sub(r"\d+", "N", n).split(".")[-3:]) for n in candidates})  # N: any index
+        raise ValueError(f"LoRA targets {list(targets)} match no Linear/Conv2d module; candidate names end in: "
+                         f"{', '.join(ends[:16])}{', ...' if len(ends) > 16 else ''} (N: any index)")
     for name in names:
         _check_rank(name, candidates[name], rank)
     for name in names:
