@@ -145,6 +145,18 @@ def unet_diffusers_to_ldmlab(sd: dict[str, Tensor], config: dict[str, Any]) -> d
     return {_translate(k, table, _RES_TO_LDM, "diffusers"): v for k, v in sd.items()}
 
 
+def unet_module_ldmlab_to_diffusers(name: str, config: dict[str, Any]) -> str:
+    """diffusers name of one ldmlab U-Net module (e.g. a LoRA target), for a model with `config`."""
+    table = {ours: (theirs, kind) for ours, theirs, kind in _block_prefixes(config)}
+    return _translate(f"{name}.weight", table, _RES_TO_DIFF, "ldmlab").removesuffix(".weight")
+
+
+def unet_module_diffusers_to_ldmlab(name: str, config: dict[str, Any]) -> str:
+    """ldmlab name of one diffusers U-Net module, for an ldmlab model with `config`."""
+    table = {theirs: (ours, kind) for ours, theirs, kind in _block_prefixes(config)}
+    return _translate(f"{name}.weight", table, _RES_TO_LDM, "diffusers").removesuffix(".weight")
+
+
 def _heads_per_level(config: dict[str, Any]) -> int | list[int]:
     """diffusers' `attention_head_dim`, which (for legacy reasons) holds the number of heads per level."""
     if config["head_dim"] is None:
