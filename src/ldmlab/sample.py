@@ -13,6 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldmlab import accel
 from ldmlab.configs import CONF_DIR as CONF
+from ldmlab.finetune.lora import set_lora_scale
+from ldmlab.finetune.lora_formats import load_lora_file
 from ldmlab.lit.conditioning import ClassConditioner
 from ldmlab.lit.ldm import LatentDiffusionModule
 from ldmlab.lit.settings import regroup
@@ -32,13 +34,15 @@ def load_ldm(ckpt_path: str | Path, use_ema: bool = True) -> LatentDiffusionModu
     model_cfg = regroup(OmegaConf.create(ckpt["ldmlab_config"]).model)  # older checkpoints: flat keys
     if "vae_config" in ckpt:  # weights come from the checkpoint: the original VAE file need not exist
         model_cfg.vae = {"_target_": "ldmlab.nn.autoencoder.AutoencoderKL", **ckpt["vae_config"]}
+    if model_cfg.get("unet_init"):  # the U-Net's weights come from the checkpoint too: the init file need not exist
+        model_cfg.unet_init = None
     module: LatentDiffusionModule = hydra.utils.instantiate(model_cfg)
     module.config_yaml = ckpt["ldmlab_config"]
     module.on_load_checkpoint(ckpt)  # the latent shape, the text encoder's weights
     module.load_state_dict(ckpt["state_dict"])
     ema = ckpt.get("callbacks", {}).get("EMA")
-    if use_ema and ema is not None:
-        module.unet.load_state_dict(ema["shadow"])
+    if use_ema and ema is not None:  # the shadow holds the trainable tensors: all, or a LoRA run's adapters
+        module.unet.load_state_dict({**module.unet.state_dict(), **ema["shadow"]})
     return module.eval()
 
 
@@ -93,6 +97,10 @@ def sample(cfg: DictConfig) -> Path:
     validate_sample(cfg)  # one line per problem (unsafe ckpt, guidance without p_uncond, ...) before loading
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     module = load_ldm(cfg.ckpt, cfg.ema).to(device)
+    if cfg.get("lora"):  # an adapter file (ldmlab, PEFT/diffusers or kohya names) on the checkpoint's U-Net
+        load_lora_file(cfg.lora, module.unet)
+    if cfg.get("lora_scale") is not None:
+        set_lora_scale(module.unet, float(cfg.lora_scale))
     if module.vae is None:
         raise ValueError("this checkpoint has no VAE to decode latents into images")
     sampler, values = _sampler(module, cfg.sampler, cfg.steps), _cond_values(module, cfg)

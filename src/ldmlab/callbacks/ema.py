@@ -44,7 +44,8 @@ class EMA(pl.Callback):
         return "EMA"
 
     def _params(self, pl_module: pl.LightningModule) -> dict[str, nn.Parameter]:
-        return dict(getattr(pl_module, self.attr).named_parameters())
+        """The trainable tensors of `pl_module.<attr>`: all of them, or a LoRA run's adapters (the base is frozen)."""
+        return {k: p for k, p in getattr(pl_module, self.attr).named_parameters() if p.requires_grad}
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if "FSDP" in type(trainer.strategy).__name__ and trainer.world_size > 1:

@@ -28,6 +28,7 @@ from ldmlab.diffusion.timesteps import sample_timesteps
 from ldmlab.diffusion.weighting import noisy_inputs, weighted_mse
 from ldmlab.lit.conditioning import TextConditioner
 from ldmlab.lit.contract import TrainingModule
+from ldmlab.lit.finetune import FineTune
 from ldmlab.lit.settings import Sampling, Training, settings
 from ldmlab.lit.weights import load_unet_init, save_weights, scale_by_std
 from ldmlab.nn.autoencoder import AutoencoderKL
@@ -52,10 +53,11 @@ class LatentDiffusionModule(TrainingModule):
         unet_init: str | None = None,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         lr_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
+        finetune: FineTune | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["unet", "noise_schedule", "prediction", "sampler", "vae", "conditioner",
-                                          "optimizer", "lr_scheduler"])
+                                          "optimizer", "lr_scheduler", "finetune"])
         self.train_cfg: Training = settings(Training, training, "training")
         self.sample_cfg: Sampling = settings(Sampling, sampling, "sampling")
         unet_in = getattr(unet, "config", {}).get("in_channels")
@@ -64,6 +66,9 @@ class LatentDiffusionModule(TrainingModule):
                              f"set model.unet.in_channels=model.unet.out_channels={vae.embed_dim}")
         if unet_init is not None:
             load_unet_init(unet, unet_init)
+        if finetune is not None:  # after the base weights: LoRA wraps them (conf/finetune/)
+            finetune.apply(unet)
+        self.finetune = finetune
         self.unet, self.schedule, self.prediction, self.sampler = unet, noise_schedule, prediction, sampler
         self.vae = vae.eval().requires_grad_(False) if vae is not None else None
         self.conditioner = conditioner
@@ -203,14 +208,18 @@ class LatentDiffusionModule(TrainingModule):
             checkpoint["state_dict"].update({f"conditioner.{k}": v for k, v in self.conditioner.state_dict().items()})
 
     def export_weights(self, dirpath: str | Path, ema: dict[str, dict[str, Tensor]] | None = None) -> list[Path]:
-        """`unet.safetensors` (EMA weights when given) and `vae.safetensors`, ldmlab names + config metadata."""
+        """`unet.safetensors` (EMA weights when given) and `vae.safetensors`, ldmlab names + config metadata;
+        a fine-tune with its own export (LoRA: the adapters alone) writes that instead of the U-Net."""
         ema_unet = (ema or {}).get("unet")
         # the trained size travels as diffusers' sample_size (latent side; image side for the VAE): convert reads it
         side = {} if self._latent_shape is None else {"sample_size": str(self._latent_shape[-1])}
-        paths = [save_weights(Path(dirpath) / "unet.safetensors",
-                              ema_unet if ema_unet is not None else self.unet.state_dict(),
-                              getattr(self.unet, "config", {}), "unet", latent_scale=str(float(self.latent_scale)),
-                              ema=str(ema_unet is not None), **side)]
+        if self.finetune is not None:
+            paths = self.finetune.export(Path(dirpath), self.unet, ema_unet)
+        else:
+            paths = [save_weights(Path(dirpath) / "unet.safetensors",
+                                  ema_unet if ema_unet is not None else self.unet.state_dict(),
+                                  getattr(self.unet, "config", {}), "unet", latent_scale=str(float(self.latent_scale)),
+                                  ema=str(ema_unet is not None), **side)]
         if self.vae is not None:
             image = {k: str(int(v) * self.vae.downsample_factor) for k, v in side.items()}
             paths.append(save_weights(Path(dirpath) / "vae.safetensors", self.vae.state_dict(), self.vae.config, "vae",
