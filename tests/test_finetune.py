@@ -95,6 +95,11 @@ def test_sample_py_lora_scale(lora_run: dict[str, Path], tmp_path: Path) -> None
     assert np.array_equal(on, own)
 
 
+def test_sample_py_names_a_missing_lora_file(lora_run: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(Exception, match=r"lora=\S*nothere.safetensors not found"):
+        _sample(lora_run["ckpt"], tmp_path / "x.png", lora=tmp_path / "nothere.safetensors")
+
+
 def test_finetune_full_changes_nothing(tmp_path: Path, tiny_assets: dict[str, Path]) -> None:
     args = ["model=unet_small", f"model.vae.path={tiny_assets['vae']}"]
     full, default = compose_train([*args, "finetune=full"], tmp_path), compose_train(args, tmp_path)

@@ -3,6 +3,8 @@ the model is rebuilt (a text model's rebuild loads its CLIP encoder)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from omegaconf import DictConfig, OmegaConf
 
 from ldmlab.configs import CONF_DIR as CONF
@@ -71,6 +73,9 @@ def sample_problems(cfg: DictConfig) -> list[str]:
         problems.append(f"sampler={cfg.sampler} is unknown: valid are {', '.join(samplers)} (or null)")
     if cfg.get("compile", "auto") not in ("auto", "none", "regional", "full"):
         problems.append(f"compile={cfg.compile} is unknown: valid are auto, none, regional, full")
+    lora = cfg.get("lora")
+    if lora is not None and not (Path(str(lora)).is_file() and str(lora).endswith(".safetensors")):
+        problems.append(f"lora={lora} not found: give a LoRA .safetensors file, e.g. <run>/export/unet_lora.safetensors")
     ckpt = get(cfg, "ckpt")
     if ckpt is None:
         return problems
