@@ -22,6 +22,7 @@ from ldmlab.lit.weights import save_weights
 from ldmlab.nn.safe_load import load_weights_only
 from ldmlab.sample import load_ldm, sample
 from ldmlab.utils.images import make_grid, save_png
+from ldmlab.validate import check_config
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +99,11 @@ def test_sample_py_lora_scale(lora_run: dict[str, Path], tmp_path: Path) -> None
 def test_sample_py_names_a_missing_lora_file(lora_run: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(Exception, match=r"lora=\S*nothere.safetensors not found"):
         _sample(lora_run["ckpt"], tmp_path / "x.png", lora=tmp_path / "nothere.safetensors")
+
+
+def test_lora_on_a_model_without_unet_is_one_line(tmp_path: Path) -> None:
+    problems = check_config(compose_train(["finetune=lora"], tmp_path))  # the default model: the tiny VAE
+    assert [p for p in problems if p.startswith("model.finetune is set")] == problems
 
 
 def test_finetune_full_changes_nothing(tmp_path: Path, tiny_assets: dict[str, Path]) -> None:

@@ -22,6 +22,7 @@ from ldmlab.validate.files import data_problems, weight_problems
 from ldmlab.validate.overrides import exit_on_bad_overrides, override_problems
 from ldmlab.validate.rules import (
     batch_problems,
+    finetune_problems,
     fsdp_problems,
     guidance_problems,
     missing_values,
@@ -45,7 +46,8 @@ def check_config(cfg: DictConfig, entry: str = "train.py") -> list[str]:
     from ldmlab.validate.networks import network_problems  # torch: not needed by the command-line check
 
     missing = missing_values(cfg, entry)
-    rules = (data_problems, weight_problems, network_problems, guidance_problems, batch_problems, fsdp_problems)
+    rules = (data_problems, weight_problems, network_problems, guidance_problems, batch_problems, fsdp_problems,
+             finetune_problems)
     return missing + [line for rule in rules for line in rule(cfg)]
 
 

@@ -37,6 +37,15 @@ def missing_values(cfg: DictConfig, entry: str = "train.py") -> list[str]:
 # ---------------------------------------------------------------- guidance, batches
 
 
+def finetune_problems(cfg: DictConfig) -> list[str]:
+    """`finetune=lora` adapts a latent diffusion U-Net: a model without one would fail on an unknown argument."""
+    if get(cfg, "model.finetune") is None or get(cfg, "model.unet") is not None:
+        return []
+    line = (f"model.finetune is set (finetune=lora) but model {get(cfg, 'model._target_')} has no U-Net to adapt: "
+            "use a latent diffusion model (model=unet_small, model=unet_sd15) or finetune=full")
+    return [line]
+
+
 def guidance_problems(cfg: DictConfig) -> list[str]:
     """Classifier-free guidance > 1 needs a model that also learned the unconditional prediction."""
     scales, p_uncond = get(cfg, "model.sampling.guidance_scales"), get(cfg, "model.training.p_uncond")
