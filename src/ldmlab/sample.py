@@ -14,8 +14,9 @@ from omegaconf import DictConfig, OmegaConf
 from ldmlab import accel
 from ldmlab.configs import CONF_DIR as CONF
 from ldmlab.finetune.lora import set_lora_scale
-from ldmlab.finetune.lora_formats import load_lora_file
-from ldmlab.lit.conditioning import ClassConditioner
+from ldmlab.finetune.lora_formats import load_lora_file, lora_components
+from ldmlab.finetune.textual_inversion import load_learned_embeds
+from ldmlab.lit.conditioning import ClassConditioner, TextConditioner
 from ldmlab.lit.ldm import LatentDiffusionModule
 from ldmlab.lit.settings import regroup
 from ldmlab.nn.safe_load import load_weights_only
@@ -92,15 +93,31 @@ def prepare_for_sampling(module: LatentDiffusionModule, bf16: bool = True, compi
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=bool(bf16))
 
 
+def add_fine_tunes(module: LatentDiffusionModule, cfg: DictConfig) -> None:
+    """`lora=` (ldmlab, PEFT/diffusers or kohya file: U-Net and text-encoder adapters), `lora_scale=`, and
+    `embedding=` (a Textual Inversion learned-embeds file, its token renamed by `embedding_token=`)."""
+    text = module.conditioner if isinstance(module.conditioner, TextConditioner) else None
+    if cfg.get("embedding"):
+        if text is None:
+            raise ValueError(f"embedding={cfg.embedding} needs a text-conditioned checkpoint; {cfg.ckpt} is not one")
+        tokens = load_learned_embeds(cfg.embedding, text.tokenizer, text.encoder, cfg.get("embedding_token"))
+        print(f"embedding: added {' '.join(tokens)}")
+    if cfg.get("lora"):
+        load_lora_file(cfg.lora, module.unet)
+        if text is not None and lora_components(cfg.lora) >= {"text_encoder"}:
+            load_lora_file(cfg.lora, text.encoder, component="text_encoder")
+    if cfg.get("lora_scale") is not None:
+        for model in (module.unet, text.encoder if text is not None else None):
+            if model is not None:
+                set_lora_scale(model, float(cfg.lora_scale))
+
+
 def sample(cfg: DictConfig) -> Path:
     """Generate cfg.n images in batches and write the grid (and single PNGs if asked); returns the grid path."""
     validate_sample(cfg)  # one line per problem (unsafe ckpt, guidance without p_uncond, ...) before loading
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     module = load_ldm(cfg.ckpt, cfg.ema).to(device)
-    if cfg.get("lora"):  # an adapter file (ldmlab, PEFT/diffusers or kohya names) on the checkpoint's U-Net
-        load_lora_file(cfg.lora, module.unet)
-    if cfg.get("lora_scale") is not None:
-        set_lora_scale(module.unet, float(cfg.lora_scale))
+    add_fine_tunes(module, cfg)
     if module.vae is None:
         raise ValueError("this checkpoint has no VAE to decode latents into images")
     sampler, values = _sampler(module, cfg.sampler, cfg.steps), _cond_values(module, cfg)

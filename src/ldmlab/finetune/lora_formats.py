@@ -179,6 +179,14 @@ def _read(path: str | Path, model: nn.Module, component: str) -> dict[str, tuple
     return {table[ext]: value for ext, value in modules.items()}
 
 
+def lora_components(path: str | Path) -> set[str]:
+    """Which networks a LoRA file adapts: {'unet'}, {'text_encoder'} or both (ldmlab's own files: {'unet'})."""
+    with safe_open(str(path), "pt") as f:
+        keys = list(f.keys())
+    found = {c for c, kohya in KOHYA_PREFIX.items() for k in keys if k.startswith((f"{c}.", f"{kohya}_"))}
+    return found or {"unet"}
+
+
 def load_lora_file(path: str | Path, model: nn.Module, component: str = "unet") -> list[str]:
     """Load an ldmlab, PEFT/diffusers or kohya LoRA file into `model` (the file's `component`: 'unet' or
     'text_encoder'); adds the file's adapters (its ranks and alphas) where `model` has none."""
@@ -198,4 +206,4 @@ def load_lora_file(path: str | Path, model: nn.Module, component: str = "unet") 
     return list(modules)
 
 
-__all__ = ["load_lora_file", "save_lora", "save_lora_diffusers", "save_lora_kohya"]
+__all__ = ["load_lora_file", "lora_components", "save_lora", "save_lora_diffusers", "save_lora_kohya"]

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ldmlab.diffusion.conditioning import drop_condition
+from ldmlab.finetune.textual_inversion import expand_prompt
 
 
 class ClassConditioner(nn.Module):
@@ -75,11 +76,18 @@ class TextConditioner(nn.Module):
         self.encoder.eval()  # frozen: dropout off even while the U-Net trains
         return self
 
-    @torch.no_grad()
+    @property
+    def trainable(self) -> bool:
+        """Whether a fine-tune trains part of the encoder (Textual Inversion rows, text-encoder LoRA)."""
+        return any(p.requires_grad for p in self.encoder.parameters())
+
     def encode(self, prompts: list[str], device: torch.device) -> Tensor:
+        # multi-vector Textual Inversion tokens are spelled out first, as diffusers' pipelines do
+        prompts = [expand_prompt(p, self.tokenizer) for p in prompts]
         tokens = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
                                 return_tensors="pt").input_ids.to(device)
-        return self.encoder(tokens).last_hidden_state  # (B, 77, D)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.trainable):
+            return self.encoder(tokens).last_hidden_state  # (B, 77, D)
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         if "context" in batch:
@@ -95,9 +103,12 @@ class TextConditioner(nn.Module):
         return list(batch["text"])[:n]
 
     def unconditional(self, batch_size: int, device: torch.device) -> dict[str, Tensor]:
-        # the empty prompt's embedding is fixed (frozen encoder): encode it once per device, not every step
+        if self.trainable:  # a trained encoder (text-encoder LoRA) moves the empty prompt's embedding too
+            return {self.key: self.encode([""], device).expand(batch_size, -1, -1)}
+        # a frozen encoder's empty-prompt embedding is fixed: encode it once per device, not every step
         if getattr(self, "_null", None) is None or self._null.device != torch.device(device):
-            self._null = self.encode([""], device)
+            with torch.no_grad():
+                self._null = self.encode([""], device)
         return {self.key: self._null.expand(batch_size, -1, -1)}
 
     def drop(self, cond: dict[str, Tensor], p_uncond: float, generator: torch.Generator | None) -> dict[str, Tensor]:

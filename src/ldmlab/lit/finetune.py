@@ -1,5 +1,8 @@
-"""How a LatentDiffusionModule fine-tunes its U-Net (`model.finetune`, conf/finetune/): None = every weight
-trains (`finetune=full`); `LoRA` wraps the base in adapters (ldmlab.finetune.lora) and exports only those."""
+"""How a LatentDiffusionModule fine-tunes (`model.finetune`, conf/finetune/): None = every U-Net weight trains
+(`finetune=full`); `LoRA` wraps the U-Net (and, when asked, the text encoder) in adapters and exports only those
+(ldmlab.finetune.lora); `TextualInversion` trains the embedding rows of new tokens alone
+(ldmlab.finetune.textual_inversion). What a fine-tune leaves trainable (`requires_grad`) is what the optimizer,
+the EMA and the checkpoint's conditioner part hold."""
 
 from __future__ import annotations
 
@@ -10,49 +13,90 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from ldmlab.finetune.lora import PRESETS, add_lora, lora_state_dict
+from ldmlab.finetune.lora import PRESETS, TEXT_ENCODER, add_lora, lora_modules, lora_state_dict
 from ldmlab.finetune.lora_formats import save_lora_diffusers, save_lora_kohya
+from ldmlab.finetune.textual_inversion import add_concept, init_vector, save_learned_embeds
+from ldmlab.lit.conditioning import TextConditioner
 
 
 class FineTune(Protocol):
     """What LatentDiffusionModule asks of `model.finetune`."""
 
-    def apply(self, unet: nn.Module) -> None:
-        """Change `unet` in place after its initial weights are loaded (freeze, wrap)."""
+    def apply(self, unet: nn.Module, conditioner: nn.Module | None) -> None:
+        """Change `unet` / `conditioner` in place after the initial weights are loaded (freeze, wrap, add)."""
 
-    def export(self, dirpath: Path, unet: nn.Module, ema: dict[str, Tensor] | None) -> list[Path]:
+    def export(self, dirpath: Path, unet: nn.Module, conditioner: nn.Module | None,
+               ema: dict[str, Tensor] | None) -> list[Path]:
         """Write what this fine-tune produced (`ema`: the EMA shadow of the U-Net's trainable tensors)."""
 
 
+def _text_conditioner(conditioner: nn.Module | None, what: str) -> TextConditioner:
+    if not isinstance(conditioner, TextConditioner):
+        raise ValueError(f"{what} needs a text-conditioned model (model.conditioner: TextConditioner), not "
+                         f"{type(conditioner).__name__}")
+    return conditioner
+
+
 class LoRA:
-    """LoRA on the U-Net: `targets` a preset (attention | feed_forward | conv) or a list of name regexes."""
+    """LoRA on the U-Net: `targets` a preset (attention | feed_forward | conv) or a list of name regexes;
+    `text_encoder=true` also adapts the CLIP text encoder's attention with the same rank and alpha."""
 
     def __init__(self, rank: int = 16, alpha: float = 16.0, dropout: float = 0.0,
-                 targets: str | Sequence[str] = "attention") -> None:
+                 targets: str | Sequence[str] = "attention", text_encoder: bool = False) -> None:
         if isinstance(targets, str):
             if targets not in PRESETS:
                 raise ValueError(f"model.finetune.targets={targets!r} unknown; presets: {', '.join(PRESETS)} "
                                  "(or a list of module-name regexes)")
             targets = PRESETS[targets]
         self.rank, self.alpha, self.dropout, self.targets = rank, float(alpha), dropout, tuple(map(str, targets))
+        self.text_encoder = text_encoder
 
-    def apply(self, unet: nn.Module) -> None:
+    def apply(self, unet: nn.Module, conditioner: nn.Module | None) -> None:
         add_lora(unet, self.rank, self.alpha, self.dropout, self.targets)
+        if self.text_encoder:
+            encoder = _text_conditioner(conditioner, "model.finetune.text_encoder=true").encoder
+            add_lora(encoder, self.rank, self.alpha, self.dropout, TEXT_ENCODER)
 
     @torch.no_grad()
-    def export(self, dirpath: Path, unet: nn.Module, ema: dict[str, Tensor] | None) -> list[Path]:
-        """`unet_lora.safetensors` (PEFT/diffusers) and `unet_lora_kohya.safetensors`, EMA adapters when given."""
+    def export(self, dirpath: Path, unet: nn.Module, conditioner: nn.Module | None,
+               ema: dict[str, Tensor] | None) -> list[Path]:
+        """`unet_lora.safetensors` (PEFT/diffusers) and `unet_lora_kohya.safetensors`, EMA adapters when given;
+        a text-encoder LoRA goes into the same files (diffusers and kohya keep both in one)."""
         params = dict(unet.named_parameters())
         trained = {k: v.detach().clone() for k, v in lora_state_dict(unet).items() if k in params}
+        encoder = getattr(conditioner, "encoder", None)
+        encoder = encoder if encoder is not None and any(True for _ in lora_modules(encoder)) else None
         if ema:
             for k in trained:
                 params[k].copy_(ema[k])
         try:
             paths = [Path(dirpath) / "unet_lora.safetensors", Path(dirpath) / "unet_lora_kohya.safetensors"]
             paths[0].parent.mkdir(parents=True, exist_ok=True)
-            save_lora_diffusers(paths[0], unet)
-            save_lora_kohya(paths[1], unet)
+            save_lora_diffusers(paths[0], unet, encoder)
+            save_lora_kohya(paths[1], unet, encoder)
         finally:
             for k, v in trained.items():
                 params[k].copy_(v)
         return paths
+
+
+class TextualInversion:
+    """A new token `token` (n = `num_vectors` embeddings, initialised from `init_word`) on a frozen model."""
+
+    def __init__(self, token: str = "<concept>", init_word: str = "object", num_vectors: int = 1) -> None:
+        if num_vectors < 1:
+            raise ValueError(f"model.finetune.num_vectors={num_vectors} must be >= 1")
+        self.token, self.init_word, self.num_vectors = token, init_word, num_vectors
+
+    def apply(self, unet: nn.Module, conditioner: nn.Module | None) -> None:
+        text = _text_conditioner(conditioner, "finetune=textual_inversion")
+        unet.requires_grad_(False)
+        init = init_vector(text.tokenizer, text.encoder, self.init_word)
+        add_concept(text.tokenizer, text.encoder, self.token, init.expand(self.num_vectors, -1).clone())
+
+    def export(self, dirpath: Path, unet: nn.Module, conditioner: nn.Module | None,
+               ema: dict[str, Tensor] | None) -> list[Path]:
+        """`learned_embeds.safetensors` ({token: (n, D)}, for `pipe.load_textual_inversion`)."""
+        text = _text_conditioner(conditioner, "finetune=textual_inversion")
+        return [save_learned_embeds(Path(dirpath) / "learned_embeds.safetensors", text.tokenizer, text.encoder,
+                                    self.token)]

@@ -66,8 +66,8 @@ class LatentDiffusionModule(TrainingModule):
                              f"set model.unet.in_channels=model.unet.out_channels={vae.embed_dim}")
         if unet_init is not None:
             load_unet_init(unet, unet_init)
-        if finetune is not None:  # after the base weights: LoRA wraps them (conf/finetune/)
-            finetune.apply(unet)
+        if finetune is not None:  # after the base weights: LoRA wraps them, TI adds tokens (conf/finetune/)
+            finetune.apply(unet, conditioner)
         self.finetune = finetune
         self.unet, self.schedule, self.prediction, self.sampler = unet, noise_schedule, prediction, sampler
         self.vae = vae.eval().requires_grad_(False) if vae is not None else None
@@ -142,7 +142,7 @@ class LatentDiffusionModule(TrainingModule):
         return len(batch["latent"] if "latent" in batch else batch["image"])
 
     def configure_optimizers(self) -> Any:
-        params = [p for p in self.unet.parameters() if p.requires_grad]
+        params = [p for p in self.parameters() if p.requires_grad]  # the U-Net's, and a fine-tune's text parts
         opt, scheduler = self.skipping("train/loss", self.optimizer_factory(params), self.scheduler_factory)
         if scheduler is None:
             return opt
@@ -196,8 +196,9 @@ class LatentDiffusionModule(TrainingModule):
         if self._latent_shape is not None:
             checkpoint["latent_shape"] = list(self._latent_shape)
         if isinstance(self.conditioner, TextConditioner):
-            # the frozen text encoder is reloaded from its own directory: keep it out of checkpoints
-            for key in [k for k in checkpoint["state_dict"] if k.startswith("conditioner.")]:
+            # the frozen text encoder is reloaded from its own directory: keep only what a fine-tune trains
+            trained = {f"conditioner.{k}" for k, p in self.conditioner.named_parameters() if p.requires_grad}
+            for key in [k for k in checkpoint["state_dict"] if k.startswith("conditioner.") and k not in trained]:
                 del checkpoint["state_dict"][key]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -205,7 +206,8 @@ class LatentDiffusionModule(TrainingModule):
         if "latent_shape" in checkpoint:
             self._latent_shape = tuple(checkpoint["latent_shape"])
         if self.conditioner is not None:
-            checkpoint["state_dict"].update({f"conditioner.{k}": v for k, v in self.conditioner.state_dict().items()})
+            for k, v in self.conditioner.state_dict().items():  # the frozen parts; trained ones are stored
+                checkpoint["state_dict"].setdefault(f"conditioner.{k}", v)
 
     def export_weights(self, dirpath: str | Path, ema: dict[str, dict[str, Tensor]] | None = None) -> list[Path]:
         """`unet.safetensors` (EMA weights when given) and `vae.safetensors`, ldmlab names + config metadata;
@@ -214,7 +216,7 @@ class LatentDiffusionModule(TrainingModule):
         # the trained size travels as diffusers' sample_size (latent side; image side for the VAE): convert reads it
         side = {} if self._latent_shape is None else {"sample_size": str(self._latent_shape[-1])}
         if self.finetune is not None:
-            paths = self.finetune.export(Path(dirpath), self.unet, ema_unet)
+            paths = self.finetune.export(Path(dirpath), self.unet, self.conditioner, ema_unet)
         else:
             paths = [save_weights(Path(dirpath) / "unet.safetensors",
                                   ema_unet if ema_unet is not None else self.unet.state_dict(),

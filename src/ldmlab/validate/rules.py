@@ -38,12 +38,22 @@ def missing_values(cfg: DictConfig, entry: str = "train.py") -> list[str]:
 
 
 def finetune_problems(cfg: DictConfig) -> list[str]:
-    """`finetune=lora` adapts a latent diffusion U-Net: a model without one would fail on an unknown argument."""
-    if get(cfg, "model.finetune") is None or get(cfg, "model.unet") is not None:
+    """A fine-tune adapts a latent diffusion U-Net (a model without one would fail on an unknown argument);
+    Textual Inversion and a text-encoder LoRA also need the model's text encoder."""
+    finetune = get(cfg, "model.finetune")
+    if finetune is None:
         return []
-    line = (f"model.finetune is set (finetune=lora) but model {get(cfg, 'model._target_')} has no U-Net to adapt: "
-            "use a latent diffusion model (model=unet_small, model=unet_sd15) or finetune=full")
-    return [line]
+    kind = target(cfg, "model.finetune").rsplit(".", 1)[-1]
+    if get(cfg, "model.unet") is None:
+        return [f"model.finetune is set ({kind}) but model {get(cfg, 'model._target_')} has no U-Net to adapt: "
+                "use a latent diffusion model (model=unet_small, model=unet_sd15) or finetune=full"]
+    needs_text = kind == "TextualInversion" or bool(get(cfg, "model.finetune.text_encoder"))
+    if needs_text and not target(cfg, "model.conditioner").endswith("TextConditioner"):
+        what = "finetune=textual_inversion" if kind == "TextualInversion" else "model.finetune.text_encoder=true"
+        return [f"{what} trains part of a text encoder, but model.conditioner is "
+                f"{target(cfg, 'model.conditioner') or 'null'}: use a text-conditioned model (model.conditioner: "
+                "TextConditioner with a CLIP path)"]
+    return []
 
 
 def guidance_problems(cfg: DictConfig) -> list[str]:

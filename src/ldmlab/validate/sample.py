@@ -44,6 +44,9 @@ def conditioning_problems(cfg: DictConfig, stored: DictConfig) -> list[str]:
     if get(stored, "model.conditioner") is None:
         return [f"{key}={value} but {ckpt} is unconditional (trained with model.conditioner=null), so it would be "
                 f"ignored: drop {key}=" for key, value in (("prompt", prompt), ("label", label)) if value is not None]
+    if cfg.get("embedding") is not None and not kind.endswith("TextConditioner"):
+        return [f"embedding={cfg.embedding} but {ckpt} is not text-conditional: a Textual Inversion token needs a "
+                "text model"]
     if kind.endswith("TextConditioner"):
         if label is not None:
             return [(f"label={label} but {ckpt} is text-conditional, so the label would be ignored: give "
@@ -76,6 +79,10 @@ def sample_problems(cfg: DictConfig) -> list[str]:
     lora = cfg.get("lora")
     if lora is not None and not (Path(str(lora)).is_file() and str(lora).endswith(".safetensors")):
         problems.append(f"lora={lora} not found: give a LoRA .safetensors file, e.g. <run>/export/unet_lora.safetensors")
+    embedding = cfg.get("embedding")
+    if embedding is not None and not Path(str(embedding)).is_file():
+        problems.append(f"embedding={embedding} not found: give a Textual Inversion file, e.g. "
+                        "<run>/export/learned_embeds.safetensors")
     ckpt = get(cfg, "ckpt")
     if ckpt is None:
         return problems
