@@ -115,7 +115,7 @@ def test_bad_tokens_words_and_files_are_one_line(tiny_assets: dict[str, Path], t
 
 def test_textual_inversion_on_a_class_model_is_refused_at_config_time(tmp_path: Path) -> None:
     cfg = compose_train(["model=unet_small", "finetune=textual_inversion"], tmp_path)
-    assert [line for line in check_config(cfg) if "finetune=textual_inversion trains part of a text encoder" in line]
+    assert [line for line in check_config(cfg) if "finetune=textual_inversion needs prompts" in line]
     assert cfg.callbacks.get("ema") is None  # nothing of the U-Net trains: no EMA
 
 

@@ -20,6 +20,7 @@ _EXPORTS = {
     "ldmlab.data.latents": ["LatentDecoder"],
     "ldmlab.data.module": ["ShardDataModule", "ShardSource", "StreamSettings"],
     "ldmlab.data.folder": ["FolderShards"],
+    "ldmlab.data.paired": ["DreamBoothData"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = [name for names in _EXPORTS.values() for name in names]

@@ -26,9 +26,11 @@ class FolderShards:
     """`data=folder`'s shard source: make_shards of `src` written once (rebuilt when src changes)."""
 
     def __init__(self, src: str | None = None, data_dir: str = "data", resize: int | None = None,
-                 val_fraction: float = 0.05, shard_size: int = 1000) -> None:
+                 val_fraction: float = 0.05, shard_size: int = 1000, caption: str | None = None) -> None:
         self.src, self.data_dir = src, data_dir
         self.shard_args = {"resize": resize, "val_fraction": val_fraction, "max_count": shard_size}
+        if caption is not None:  # of images without a .txt (DreamBooth's instance prompt); absent: same hash
+            self.shard_args["caption"] = caption
         self._root: str | None = None
 
     @property

@@ -23,7 +23,7 @@ import random
 import re
 import sys
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -62,6 +62,7 @@ class MakeShardsArgs:
     seed: int = field(default=0, metadata=_help("seed of the shuffle and the val split"))
     workers: int = field(default=0, metadata=_help("processes that read and re-encode (0: this one)"))
     overwrite: bool = field(default=False, metadata=_help("replace shards already in out"))
+    caption: str | None = field(default=None, metadata=_help("caption of images without a same-name .txt"))
 
 
 @dataclass
@@ -261,6 +262,8 @@ def make_shards(args: MakeShardsArgs) -> Path:
     if not src.exists():
         raise FileNotFoundError(f"src={src} does not exist: give an image folder or a .jsonl manifest")
     items, classes = list_jsonl(src) if src.is_file() else list_folder(src)
+    if args.caption is not None:
+        items = [replace(item, text=args.caption) if item.text is None else item for item in items]
     _prepare_out(out, args.overwrite)
     pool = multiprocessing.Pool(args.workers) if args.workers > 0 else None  # before tqdm starts its thread
     counts, skipped, splits = {}, [], {}

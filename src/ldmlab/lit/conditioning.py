@@ -99,8 +99,9 @@ class TextConditioner(nn.Module):
         return {self.key: self.encode(prompts, device)}
 
     def grid_values(self, batch: dict[str, Any], n: int) -> list[str]:
-        """The batch's first n prompts, for a sample grid."""
-        return list(batch["text"])[:n]
+        """The batch's first n prompts (cycled when the batch holds fewer), for a sample grid."""
+        prompts = list(batch["text"])
+        return [prompts[i % len(prompts)] for i in range(n)]
 
     def unconditional(self, batch_size: int, device: torch.device) -> dict[str, Tensor]:
         if self.trainable:  # a trained encoder (text-encoder LoRA) moves the empty prompt's embedding too

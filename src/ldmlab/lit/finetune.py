@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
+from ldmlab.finetune.dreambooth import class_images_ready, write_class_images
 from ldmlab.finetune.lora import PRESETS, TEXT_ENCODER, add_lora, lora_modules, lora_state_dict
 from ldmlab.finetune.lora_formats import save_lora_diffusers, save_lora_kohya
 from ldmlab.finetune.textual_inversion import add_concept, init_vector, save_learned_embeds
@@ -22,12 +23,18 @@ from ldmlab.lit.conditioning import TextConditioner
 class FineTune(Protocol):
     """What LatentDiffusionModule asks of `model.finetune`."""
 
+    prior_weight: float  # λ of a prior-preservation loss on batches with a "prior" part (DreamBooth); else 0
+
     def apply(self, unet: nn.Module, conditioner: nn.Module | None) -> None:
         """Change `unet` / `conditioner` in place after the initial weights are loaded (freeze, wrap, add)."""
 
+    def prepare(self, module: nn.Module) -> None:
+        """Data the fine-tune makes with the base model before training (Lightning's prepare_data)."""
+
     def export(self, dirpath: Path, unet: nn.Module, conditioner: nn.Module | None,
-               ema: dict[str, Tensor] | None) -> list[Path]:
-        """Write what this fine-tune produced (`ema`: the EMA shadow of the U-Net's trainable tensors)."""
+               ema: dict[str, Tensor] | None) -> list[Path] | None:
+        """Write what this fine-tune produced (`ema`: the EMA shadow of the U-Net's trainable tensors);
+        None: the module's own export (the whole U-Net)."""
 
 
 def _text_conditioner(conditioner: nn.Module | None, what: str) -> TextConditioner:
@@ -41,6 +48,8 @@ class LoRA:
     """LoRA on the U-Net: `targets` a preset (attention | feed_forward | conv) or a list of name regexes;
     `text_encoder=true` also adapts the CLIP text encoder's attention with the same rank and alpha."""
 
+    prior_weight = 0.0
+
     def __init__(self, rank: int = 16, alpha: float = 16.0, dropout: float = 0.0,
                  targets: str | Sequence[str] = "attention", text_encoder: bool = False) -> None:
         if isinstance(targets, str):
@@ -50,6 +59,9 @@ class LoRA:
             targets = PRESETS[targets]
         self.rank, self.alpha, self.dropout, self.targets = rank, float(alpha), dropout, tuple(map(str, targets))
         self.text_encoder = text_encoder
+
+    def prepare(self, module: nn.Module) -> None:
+        pass
 
     def apply(self, unet: nn.Module, conditioner: nn.Module | None) -> None:
         add_lora(unet, self.rank, self.alpha, self.dropout, self.targets)
@@ -83,10 +95,15 @@ class LoRA:
 class TextualInversion:
     """A new token `token` (n = `num_vectors` embeddings, initialised from `init_word`) on a frozen model."""
 
+    prior_weight = 0.0
+
     def __init__(self, token: str = "<concept>", init_word: str = "object", num_vectors: int = 1) -> None:
         if num_vectors < 1:
             raise ValueError(f"model.finetune.num_vectors={num_vectors} must be >= 1")
         self.token, self.init_word, self.num_vectors = token, init_word, num_vectors
+
+    def prepare(self, module: nn.Module) -> None:
+        pass
 
     def apply(self, unet: nn.Module, conditioner: nn.Module | None) -> None:
         text = _text_conditioner(conditioner, "finetune=textual_inversion")
@@ -100,3 +117,53 @@ class TextualInversion:
         text = _text_conditioner(conditioner, "finetune=textual_inversion")
         return [save_learned_embeds(Path(dirpath) / "learned_embeds.safetensors", text.tokenizer, text.encoder,
                                     self.token)]
+
+
+class DreamBooth:
+    """DreamBooth (Ruiz et al. 2023): the whole U-Net, or LoRA adapters when `lora` gives their settings, trained on
+    "a [identifier] [class noun]" instance images plus `prior_weight` × the loss on `num_class_images` images the
+    base model draws from "a [class noun]" before training (cached in `class_dir`; data=dreambooth streams both)."""
+
+    def __init__(self, identifier: str, class_noun: str, class_dir: str, prior_weight: float = 1.0,
+                 num_class_images: int = 200, image_size: int = 512, guidance: float = 5.0,
+                 lora: dict[str, Any] | None = None, seed: int = 0, batch_size: int = 4) -> None:
+        if prior_weight < 0:
+            raise ValueError(f"model.finetune.prior_weight={prior_weight} must be >= 0 (0: no prior preservation)")
+        if prior_weight > 0 and num_class_images < 1:
+            raise ValueError(f"model.finetune.prior_weight={prior_weight} needs class images: set "
+                             "model.finetune.num_class_images>0 (the paper draws 200), or prior_weight=0")
+        self.identifier, self.class_noun, self.class_dir = identifier, class_noun, class_dir
+        self.prior_weight, self.num_class_images, self.image_size = float(prior_weight), num_class_images, image_size
+        self.guidance, self.seed, self.batch_size = guidance, seed, batch_size
+        self.lora = LoRA(**lora) if lora else None
+
+    @property
+    def class_prompt(self) -> str:
+        return f"a {self.class_noun}"
+
+    def apply(self, unet: nn.Module, conditioner: nn.Module | None) -> None:
+        _text_conditioner(conditioner, "finetune=dreambooth")
+        if self.lora is not None:
+            self.lora.apply(unet, conditioner)
+
+    @torch.no_grad()
+    def prepare(self, module: nn.Module) -> None:
+        """Draw the class images with the base weights (before a resumed checkpoint is loaded), once."""
+        if self.prior_weight == 0 or class_images_ready(self.class_dir, self.class_prompt, self.num_class_images):
+            return
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        side = self.image_size // module.vae.downsample_factor
+        shape = (module.vae.embed_dim, side, side)
+        was = module.device
+        module.to(device)
+        try:
+            with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
+                draw = lambda start, n: module.sample([self.class_prompt] * n, n, self.guidance,  # noqa: E731
+                                                      seed=self.seed + start, latent_shape=shape).float()
+                write_class_images(self.class_dir, self.class_prompt, self.num_class_images, draw, self.batch_size)
+        finally:
+            module.to(was)
+
+    def export(self, dirpath: Path, unet: nn.Module, conditioner: nn.Module | None,
+               ema: dict[str, Tensor] | None) -> list[Path] | None:
+        return self.lora.export(dirpath, unet, conditioner, ema) if self.lora is not None else None

@@ -123,11 +123,20 @@ class LatentDiffusionModule(TrainingModule):
             return weighted_mse(out, target, min_snr_weight(snr, self.prediction, cfg.min_snr_gamma))
         return weighted_mse(out, target, uniform_weight(snr, self.prediction))
 
+    def prepare_data(self) -> None:
+        if self.finetune is not None:  # DreamBooth's class images, drawn by the base model
+            self.finetune.prepare(self)
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         # noise seeded by (model.training.seed, step, rank): reproducible and resume-exact
         g = torch.Generator(device=self.device)
         g.manual_seed(hash((self.train_cfg.seed, self.global_step, self.global_rank, 0)) % (2**63))
-        loss = self.diffusion_loss(batch, g, self.train_cfg.p_uncond)
+        if "prior" in batch:  # data=dreambooth: L_instance + λ L_prior in one step (DreamBooth eq. 2)
+            loss, prior = (self.diffusion_loss(batch[k], g, self.train_cfg.p_uncond) for k in ("instance", "prior"))
+            self.log("train/prior_loss", prior.detach(), batch_size=self._batch_size(batch["prior"]))
+            loss, batch = loss + self.finetune.prior_weight * prior, batch["instance"]
+        else:
+            loss = self.diffusion_loss(batch, g, self.train_cfg.p_uncond)
         self.log("train/loss", loss.detach(), batch_size=self._batch_size(batch))  # NaN too: no stale value
         # NaN/Inf too: every rank runs its backward (DDP's all-reduce stays in step); lit.nonfinite skips the update
         return loss
@@ -215,9 +224,8 @@ class LatentDiffusionModule(TrainingModule):
         ema_unet = (ema or {}).get("unet")
         # the trained size travels as diffusers' sample_size (latent side; image side for the VAE): convert reads it
         side = {} if self._latent_shape is None else {"sample_size": str(self._latent_shape[-1])}
-        if self.finetune is not None:
-            paths = self.finetune.export(Path(dirpath), self.unet, self.conditioner, ema_unet)
-        else:
+        paths = self.finetune.export(Path(dirpath), self.unet, self.conditioner, ema_unet) if self.finetune else None
+        if paths is None:
             paths = [save_weights(Path(dirpath) / "unet.safetensors",
                                   ema_unet if ema_unet is not None else self.unet.state_dict(),
                                   getattr(self.unet, "config", {}), "unet", latent_scale=str(float(self.latent_scale)),

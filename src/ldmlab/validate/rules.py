@@ -40,19 +40,38 @@ def missing_values(cfg: DictConfig, entry: str = "train.py") -> list[str]:
 def finetune_problems(cfg: DictConfig) -> list[str]:
     """A fine-tune adapts a latent diffusion U-Net (a model without one would fail on an unknown argument);
     Textual Inversion and a text-encoder LoRA also need the model's text encoder."""
-    finetune = get(cfg, "model.finetune")
-    if finetune is None:
-        return []
+    if get(cfg, "model.finetune") is None:
+        return dreambooth_problems(cfg, False)
     kind = target(cfg, "model.finetune").rsplit(".", 1)[-1]
     if get(cfg, "model.unet") is None:
         return [f"model.finetune is set ({kind}) but model {get(cfg, 'model._target_')} has no U-Net to adapt: "
                 "use a latent diffusion model (model=unet_small, model=unet_sd15) or finetune=full"]
-    needs_text = kind == "TextualInversion" or bool(get(cfg, "model.finetune.text_encoder"))
+    what = {"TextualInversion": "finetune=textual_inversion", "DreamBooth": "finetune=dreambooth"}.get(
+        kind, "model.finetune.text_encoder=true")
+    needs_text = kind in ("TextualInversion", "DreamBooth") or bool(get(cfg, "model.finetune.text_encoder"))
     if needs_text and not target(cfg, "model.conditioner").endswith("TextConditioner"):
-        what = "finetune=textual_inversion" if kind == "TextualInversion" else "model.finetune.text_encoder=true"
-        return [f"{what} trains part of a text encoder, but model.conditioner is "
+        return [f"{what} needs prompts: it trains with or for a text encoder, but model.conditioner is "
                 f"{target(cfg, 'model.conditioner') or 'null'}: use a text-conditioned model (model.conditioner: "
                 "TextConditioner with a CLIP path)"]
+    return dreambooth_problems(cfg, kind == "DreamBooth")
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")  # what make_shards reads (data.make_shards pulls in torch)
+
+
+def dreambooth_problems(cfg: DictConfig, dreambooth: bool) -> list[str]:
+    """finetune=dreambooth and data=dreambooth go together; the instance folder holds images."""
+    paired = target(cfg, "data").endswith("DreamBoothData")
+    if dreambooth != paired:
+        return ["finetune=dreambooth trains on data=dreambooth (instance photos + class images): pass both"
+                if dreambooth else "data=dreambooth feeds finetune=dreambooth: pass both"]
+    src = get(cfg, "data.instance.source.src") if dreambooth else None
+    if not dreambooth or (src is not None and Path(str(src)).is_file()):
+        return []  # a .jsonl manifest: make_shards checks its rows
+    images = [p for p in Path(str(src)).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES] if src else []
+    if not images:
+        return [f"data.instance.source.src={src}: {'not set' if src is None else 'no .jpg/.png/.webp images there'}"
+                "; give the folder of the subject's photos (3-5 are enough)"]
     return []
 
 
