@@ -84,7 +84,7 @@ def test_the_prior_loss_is_added_with_its_weight_in_the_same_step(tiny_assets: d
 
 def test_dreambooth_config_mistakes_are_one_line(tiny_assets: dict[str, Path], tmp_path: Path) -> None:
     text = text_overrides(tiny_assets["clip32"], tiny_assets["vae"])
-    lines = lambda args: check_config(compose_train(args, tmp_path))  # noqa: E731
+    lines = lambda args: check_config(compose_train(args, tmp_path))
     assert any("finetune=dreambooth trains on data=dreambooth" in x for x in lines([*text, "finetune=dreambooth"]))
     assert any("data=dreambooth feeds finetune=dreambooth" in x for x in lines([*text, "data=dreambooth"]))
     both = [*text, "finetune=dreambooth", "data=dreambooth"]

@@ -14,7 +14,6 @@ from safetensors.torch import load_file, save_file
 
 from ldmlab.finetune.textual_inversion import (
     ExtendedEmbedding,
-    add_concept,
     expand_prompt,
     init_vector,
     load_learned_embeds,
@@ -169,7 +168,8 @@ def test_train_py_textual_inversion_exports_what_diffusers_and_sample_py_load(ti
     assert all(torch.equal(unet_after[k], v) for k, v in unet.state_dict().items())  # the U-Net is frozen
     new = [v for k, v in ckpt["state_dict"].items() if k.startswith("conditioner.")]
     assert len(new) == 1 and new[0].shape == (1, 32)  # only the trained rows are stored
-    start = init_vector(*(lambda t: (t.tokenizer, t.encoder))(TextConditioner(tiny_assets["clip32"])), INIT)
+    clip = TextConditioner(tiny_assets["clip32"])
+    start = init_vector(clip.tokenizer, clip.encoder, INIT)
     assert (new[0][0] - start).abs().max() > 1e-3
     embeds = run / "export" / "learned_embeds.safetensors"
     assert sorted(p.name for p in (run / "export").iterdir()) == ["learned_embeds.safetensors", "vae.safetensors"]

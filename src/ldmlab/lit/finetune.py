@@ -7,6 +7,7 @@ the EMA and the checkpoint's conditioner part hold."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -158,11 +159,15 @@ class DreamBooth:
         module.to(device)
         try:
             with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
-                draw = lambda start, n: module.sample([self.class_prompt] * n, n, self.guidance,  # noqa: E731
-                                                      seed=self.seed + start, latent_shape=shape).float()
-                write_class_images(self.class_dir, self.class_prompt, self.num_class_images, draw, self.batch_size)
+                write_class_images(self.class_dir, self.class_prompt, self.num_class_images,
+                                   partial(self._draw, module, shape), self.batch_size)
         finally:
             module.to(was)
+
+    def _draw(self, module: nn.Module, shape: tuple[int, int, int], start: int, n: int) -> Tensor:
+        """Class images start..start+n, each batch seeded by its first index (a resumed draw repeats them)."""
+        return module.sample([self.class_prompt] * n, n, self.guidance, seed=self.seed + start,
+                             latent_shape=shape).float()
 
     def export(self, dirpath: Path, unet: nn.Module, conditioner: nn.Module | None,
                ema: dict[str, Tensor] | None) -> list[Path] | None:

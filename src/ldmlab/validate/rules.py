@@ -44,15 +44,15 @@ def finetune_problems(cfg: DictConfig) -> list[str]:
         return dreambooth_problems(cfg, False)
     kind = target(cfg, "model.finetune").rsplit(".", 1)[-1]
     if get(cfg, "model.unet") is None:
-        return [f"model.finetune is set ({kind}) but model {get(cfg, 'model._target_')} has no U-Net to adapt: "
-                "use a latent diffusion model (model=unet_small, model=unet_sd15) or finetune=full"]
+        return [(f"model.finetune is set ({kind}) but model {get(cfg, 'model._target_')} has no U-Net to adapt: "
+                 "use a latent diffusion model (model=unet_small, model=unet_sd15) or finetune=full")]
     what = {"TextualInversion": "finetune=textual_inversion", "DreamBooth": "finetune=dreambooth"}.get(
         kind, "model.finetune.text_encoder=true")
     needs_text = kind in ("TextualInversion", "DreamBooth") or bool(get(cfg, "model.finetune.text_encoder"))
     if needs_text and not target(cfg, "model.conditioner").endswith("TextConditioner"):
-        return [f"{what} needs prompts: it trains with or for a text encoder, but model.conditioner is "
-                f"{target(cfg, 'model.conditioner') or 'null'}: use a text-conditioned model (model.conditioner: "
-                "TextConditioner with a CLIP path)"]
+        return [(f"{what} needs prompts: it trains with or for a text encoder, but model.conditioner is "
+                 f"{target(cfg, 'model.conditioner') or 'null'}: use a text-conditioned model (model.conditioner: "
+                 "TextConditioner with a CLIP path)")]
     return dreambooth_problems(cfg, kind == "DreamBooth")
 
 
@@ -70,8 +70,8 @@ def dreambooth_problems(cfg: DictConfig, dreambooth: bool) -> list[str]:
         return []  # a .jsonl manifest: make_shards checks its rows
     images = [p for p in Path(str(src)).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES] if src else []
     if not images:
-        return [f"data.instance.source.src={src}: {'not set' if src is None else 'no .jpg/.png/.webp images there'}"
-                "; give the folder of the subject's photos (3-5 are enough)"]
+        found = "not set" if src is None else "no .jpg/.png/.webp images there"
+        return [f"data.instance.source.src={src}: {found}; give the folder of the subject's photos (3-5 are enough)"]
     return []
 
 
