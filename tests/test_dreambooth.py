@@ -140,3 +140,24 @@ def test_train_py_dreambooth(tiny_assets: dict[str, Path], tmp_path: Path, varia
         stamp = {p.name: p.stat().st_mtime_ns for p in class_dir.iterdir()}
         run_train([*args, "trainer.max_steps=1", f"hydra.run.dir={tmp_path / 'b'}"], cwd=tmp_path)
         assert {p.name: p.stat().st_mtime_ns for p in class_dir.iterdir()} == stamp
+
+
+@pytest.mark.slow
+def test_dreambooth_lora_under_two_rank_ddp(tiny_assets: dict[str, Path], tmp_path: Path) -> None:
+    """gloo, 2 processes: rank 0 draws the class images before the others read them; only adapters train."""
+    photos = photo_folder(tmp_path / "photos", "a low er", n=3)
+    class_dir = tmp_path / "class_images"
+    run = tmp_path / "run"
+    proc = run_train([*text_overrides(tiny_assets["clip32"], tiny_assets["vae"]), "finetune=dreambooth",
+                      "data=dreambooth", f"data.instance.source.src={photos}", "data.instance.decoder.image_size=32",
+                      "data.instance.batch_size=2", "data.instance.num_workers=0", "data.instance.samples_per_epoch=8",
+                      "model.finetune.identifier=low", "model.finetune.class_noun=er", "model.finetune.num_class_images=4",
+                      f"model.finetune.class_dir={class_dir}", "model.finetune.guidance=1", "model.sampler.num_steps=2",
+                      "model.finetune.lora={rank: 2, alpha: 2}", "trainer.accelerator=cpu", "trainer.devices=2",
+                      "trainer.max_steps=2", "trainer.num_sanity_val_steps=0", "trainer.limit_val_batches=0",
+                      "callbacks.image_grids=null", f"hydra.run.dir={run}"], cwd=tmp_path)
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in proc.stdout + proc.stderr
+    assert json.loads((class_dir / "manifest.json").read_text())["splits"]["train"]["samples"] == 4
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 2 and set(ckpt["callbacks"]["EMA"]["shadow"]) == {
+        k.removeprefix("unet.") for k in ckpt["state_dict"] if ".lora." in k and k.endswith(".weight")}
