@@ -246,3 +246,21 @@ def test_other_adapter_kinds_and_damaged_files_are_one_line(tmp_path, save) -> N
     save_file({k: v for k, v in sd.items() if k != up}, tmp_path / "damaged.safetensors")
     with pytest.raises(ValueError, match="lacks its down .A. or up .B. weight"):
         load_lora_file(tmp_path / "damaged.safetensors", small_unet())
+
+
+@pytest.mark.parametrize("scope", ["full"])  # speed=gpu compiles the whole LDM U-Net
+def test_compiled_lora_unet_matches_eager_in_output_and_adapter_gradients(scope: str) -> None:
+    """speed=gpu's compile scopes trace the adapters' forward hooks (aot_eager: the GPU path's graphs on the CPU)."""
+    from ldmlab import accel
+
+    eager, compiled = trained(), trained()
+    torch._dynamo.reset()
+    assert accel.compile_model(compiled, scope, backend="aot_eager") > 0
+    x, t, c = inputs()
+    outs = [m(x, t, c) for m in (eager, compiled)]
+    assert torch.allclose(outs[1], outs[0], atol=1e-5)
+    for out in outs:
+        out.square().mean().backward()
+    grads = [{n: p.grad for n, p in m.named_parameters() if p.requires_grad} for m in (eager, compiled)]
+    assert grads[0].keys() == grads[1].keys() and all(".lora." in n for n in grads[0])
+    assert all(torch.allclose(grads[1][n], g, atol=1e-6) for n, g in grads[0].items())
