@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from torch import nn
 
+from ldmlab.data.buckets import parse_buckets
 from ldmlab.nn.autoencoder import AutoencoderKL
 from ldmlab.nn.unet import UNetModel
 from ldmlab.validate.fields import get, image_size, target
@@ -132,6 +133,41 @@ def latent_problems(cfg: DictConfig, unet: UNetModel, vae: AutoencoderKL | None,
     return problems + size_problems("model.unet", unet, size // vae.downsample_factor, what, fix)
 
 
+def bucket_problems(cfg: DictConfig, factor: int, what: str) -> list[str]:
+    """Every bucket side of data.decoder.buckets (or its generating step) is a multiple of `factor`."""
+    spec = get(cfg, "data.decoder.buckets")
+    if spec is None or not target(cfg, "data.decoder").endswith("ImageDecoder"):
+        return []
+    if isinstance(spec, DictConfig):
+        step = spec.get("step", 64)
+        return [] if step % factor == 0 else [(f"data.decoder.buckets.step={step} is not a multiple of {factor} "
+                                               f"({what}): set data.decoder.buckets.step={factor * max(1, round(step / factor))}")]
+    try:
+        sizes = parse_buckets(spec)
+    except ValueError as error:
+        return [str(error)]
+    bad = [list(s) for s in sizes if s[0] % factor or s[1] % factor]
+    return [f"data.decoder.buckets has {bad[0]}: not a multiple of {factor} ({what}): use sizes that are, e.g. "
+            f"{[factor * max(1, round(x / factor)) for x in bad[0]]}"] if bad else []
+
+
+def total_factor(unet: UNetModel, vae: AutoencoderKL | None) -> tuple[int, str]:
+    """(image side multiple, how it is made): the VAE's factor × the U-Net's 2^(levels−1)."""
+    f = vae.downsample_factor if vae is not None else 1
+    return f * unet.downsample_factor, (f"VAE factor {f} × U-Net factor {unet.downsample_factor} of "
+                                        f"model.unet.channel_mult={list(unet.channel_mult)}")
+
+
+def model_networks(cfg: DictConfig) -> tuple[UNetModel | None, AutoencoderKL | None, list[str]]:
+    """The configured U-Net and VAE (built on the meta device) and the refusals met building them."""
+    built, problems = build_networks(cfg)
+    vae = built.get("model.vae")
+    if vae is None and built.get("model.unet") is not None:
+        vae, refused = file_vae(cfg)
+        problems += refused
+    return built.get("model.unet"), vae, problems
+
+
 def network_problems(cfg: DictConfig) -> list[str]:
     """Each configured network builds (its constructor's rules), and the networks fit the data and each other."""
     built, problems = build_networks(cfg)
@@ -139,6 +175,7 @@ def network_problems(cfg: DictConfig) -> list[str]:
         size, field = image_size(cfg)
         problems += size_problems("model.autoencoder", ae, size, field,
                                   f"set {field} to a multiple of {ae.downsample_factor}, or use fewer levels")
+        problems += bucket_problems(cfg, ae.downsample_factor, "the downsampling of model.autoencoder")
     if (unet := built.get("model.unet")) is None:
         return problems
     vae, source = built.get("model.vae"), "model.vae"
@@ -146,4 +183,6 @@ def network_problems(cfg: DictConfig) -> list[str]:
         vae, refused = file_vae(cfg)
         problems += refused
         source = f"the VAE at model.vae.path={get(cfg, 'model.vae.path')}"
+    if vae is not None:
+        problems += bucket_problems(cfg, *total_factor(unet, vae))
     return problems + latent_problems(cfg, unet, vae, source)
