@@ -198,3 +198,59 @@ def test_make_shards_images_keep_their_sizes_and_train_in_buckets(tmp_path):
                          num_workers=0)
     batches = list(EpochLoader(dm.make_train_set()))
     assert len(batches) == 6 and all(math.prod(b["image"].shape[2:]) in (256, 192, 384) for b in batches)
+
+
+DDP_SCRIPT = '''
+import json, sys
+import pytorch_lightning as pl, torch
+from ldmlab.data import ImageDecoder, ShardDataModule
+
+out, urls = sys.argv[1], sys.argv[2]
+
+class Recorder(pl.LightningModule):
+    """Records (epoch, image shape) of every step; the loss makes DDP all-reduce gradients each step."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 1)
+        self.seen = []
+
+    def training_step(self, batch, i):
+        self.seen.append([self.current_epoch, list(batch["image"].shape), batch["original_size"].tolist()])
+        return self.lin(batch["image"].mean((2, 3))).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def on_fit_end(self):
+        with open(f"{out}/rank{self.global_rank}.json", "w") as f:
+            json.dump(self.seen, f)
+
+if __name__ == "__main__":
+    decoder = ImageDecoder(16, random_crop=True, buckets=%r)
+    dm = ShardDataModule(urls, decoder=decoder, batch_size=2, num_workers=2, shuffle_buffer=4)
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(Recorder(), datamodule=dm)
+''' % (BUCKETS,)
+
+
+@pytest.mark.slow
+def test_gloo_ranks_step_together_in_the_same_bucket_over_uneven_shards(tmp_path):
+    """Two real DDP processes (gloo) under a Trainer: as many steps each, the same bucket at every step."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    urls = mixed_shards(tmp_path / "shards", [17, 5, 2, 1])  # 25 samples, uneven
+    (tmp_path / "train_ddp.py").write_text(DDP_SCRIPT)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MASTER_ADDR": "127.0.0.1"}
+    proc = subprocess.run([sys.executable, "train_ddp.py", str(tmp_path), urls], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=180, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [e for e, _, _ in seen[0]] == [0] * 6 + [1] * 6 == [e for e, _, _ in seen[1]]  # 25 // (2 · 2)
+    shapes = [[(e, shape[2:]) for e, shape, _ in rank] for rank in seen]
+    assert shapes[0] == shapes[1] and len({tuple(s) for _, s in shapes[0]}) > 1
+    assert [o for _, _, o in seen[0]] != [o for _, _, o in seen[1]]  # different samples, same shapes
