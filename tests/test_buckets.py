@@ -15,7 +15,14 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from ldmlab.data.buckets import BucketBatcher, assign, bucket_schedule, make_buckets, nearest_bucket, parse_buckets
+from ldmlab.data.buckets import (
+    BucketBatcher,
+    assign,
+    bucket_schedule,
+    make_buckets,
+    nearest_bucket,
+    parse_buckets,
+)
 from ldmlab.data.decoders import ImageDecoder
 from ldmlab.data.filters import BadSample
 from ldmlab.data.make_shards import main as make_shards_main
@@ -206,6 +213,7 @@ import pytorch_lightning as pl, torch
 from ldmlab.data import ImageDecoder, ShardDataModule
 
 out, urls = sys.argv[1], sys.argv[2]
+BUCKETS = json.loads(sys.argv[3])
 
 class Recorder(pl.LightningModule):
     """Records (epoch, image shape) of every step; the loss makes DDP all-reduce gradients each step."""
@@ -227,12 +235,12 @@ class Recorder(pl.LightningModule):
             json.dump(self.seen, f)
 
 if __name__ == "__main__":
-    decoder = ImageDecoder(16, random_crop=True, buckets=%r)
+    decoder = ImageDecoder(16, random_crop=True, buckets=BUCKETS)
     dm = ShardDataModule(urls, decoder=decoder, batch_size=2, num_workers=2, shuffle_buffer=4)
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(Recorder(), datamodule=dm)
-''' % (BUCKETS,)
+'''
 
 
 @pytest.mark.slow
@@ -246,8 +254,8 @@ def test_gloo_ranks_step_together_in_the_same_bucket_over_uneven_shards(tmp_path
     urls = mixed_shards(tmp_path / "shards", [17, 5, 2, 1])  # 25 samples, uneven
     (tmp_path / "train_ddp.py").write_text(DDP_SCRIPT)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "MASTER_ADDR": "127.0.0.1"}
-    proc = subprocess.run([sys.executable, "train_ddp.py", str(tmp_path), urls], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=180, check=False)
+    cmd = [sys.executable, "train_ddp.py", str(tmp_path), urls, json.dumps(BUCKETS)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [e for e, _, _ in seen[0]] == [0] * 6 + [1] * 6 == [e for e, _, _ in seen[1]]  # 25 // (2 · 2)

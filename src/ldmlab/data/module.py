@@ -14,8 +14,8 @@ import json
 import logging
 import math
 import os
-import warnings
 import random
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path

@@ -133,6 +133,11 @@ def latent_problems(cfg: DictConfig, unet: UNetModel, vae: AutoencoderKL | None,
     return problems + size_problems("model.unet", unet, size // vae.downsample_factor, what, fix)
 
 
+def nearest_multiple(x: int, factor: int) -> int:
+    """The multiple of `factor` nearest `x` (halves up, at least `factor`): the fix an error line suggests."""
+    return factor * max(1, (x + factor // 2) // factor)
+
+
 def bucket_problems(cfg: DictConfig, factor: int, what: str) -> list[str]:
     """Every bucket side of data.decoder.buckets (or its generating step) is a multiple of `factor`."""
     spec = get(cfg, "data.decoder.buckets")
@@ -140,15 +145,17 @@ def bucket_problems(cfg: DictConfig, factor: int, what: str) -> list[str]:
         return []
     if isinstance(spec, DictConfig):
         step = spec.get("step", 64)
+        fix = nearest_multiple(step, factor)
         return [] if step % factor == 0 else [(f"data.decoder.buckets.step={step} is not a multiple of {factor} "
-                                               f"({what}): set data.decoder.buckets.step={factor * max(1, round(step / factor))}")]
+                                               f"({what}): set data.decoder.buckets.step={fix}")]
     try:
         sizes = parse_buckets(spec)
     except ValueError as error:
         return [str(error)]
     bad = [list(s) for s in sizes if s[0] % factor or s[1] % factor]
-    return [f"data.decoder.buckets has {bad[0]}: not a multiple of {factor} ({what}): use sizes that are, e.g. "
-            f"{[factor * max(1, round(x / factor)) for x in bad[0]]}"] if bad else []
+    fix = [nearest_multiple(x, factor) for x in bad[0]] if bad else None
+    return [(f"data.decoder.buckets has {bad[0]}: not a multiple of {factor} ({what}): use sizes that are, "
+             f"e.g. {fix}")] if bad else []
 
 
 def total_factor(unet: UNetModel, vae: AutoencoderKL | None) -> tuple[int, str]:

@@ -96,11 +96,15 @@ def size_problems(cfg: DictConfig, stored: DictConfig) -> list[str]:
         return bad
     if not sizes:
         return []
-    from ldmlab.validate.networks import model_networks, total_factor  # torch: only when a size is asked for
+    from ldmlab.validate.networks import (  # torch: only if asked
+        model_networks,
+        nearest_multiple,
+        total_factor,
+    )
 
     unet, vae, _ = model_networks(stored)
     if unet is None or vae is None:
         return []  # the rebuild reports what is missing
     factor, why = total_factor(unet, vae)
-    return [f"{k}={v} is not a multiple of {factor} ({why}): set {k}={factor * max(1, round(v / factor))}"
+    return [f"{k}={v} is not a multiple of {factor} ({why}): set {k}={nearest_multiple(v, factor)}"
             for k, v in sizes.items() if v % factor]
