@@ -87,3 +87,42 @@ def test_sample_config_refuses_a_size_off_the_total_downsampling(tmp_path: Path,
     why = "VAE factor 4 × U-Net factor 2 of model.unet.channel_mult=[1, 2]"
     assert sample_problems(cfg(height=50, width=80)) == [f"height=50 is not a multiple of 8 ({why}): set height=48"]
     assert sample_problems(cfg(width=0)) == ["width=0 must be a positive integer, e.g. width=512"]
+
+
+@pytest.mark.slow
+def test_train_with_buckets_then_sample_at_any_size(tmp_path: Path, tiny_assets: dict[str, Path]) -> None:
+    """train.py on mixed aspect ratios with buckets (validation and checkpoint included), then sample.py at a
+    size it never trained at, and refusing one off the multiple in one line."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    from conftest import REPO, run_train
+    from PIL import Image
+
+    from ldmlab.data.make_shards import main as make_shards_main
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "src" / "a").mkdir(parents=True)
+    (tmp_path / "src" / "b").mkdir()
+    for i, (h, w) in enumerate([(40, 40), (30, 50), (50, 30), (36, 60), (60, 36)] * 6):
+        image = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        image.save(tmp_path / "src" / "ab"[i % 2] / f"{i}.png")
+    make_shards_main([f"src={tmp_path / 'src'}", f"out={tmp_path / 'shards'}", "max_count=8", "val_fraction=0.2"])
+    run_dir = tmp_path / "run"
+    run_train(["model=unet_small", f"model.vae.path={tiny_assets['vae']}", "model.conditioner.num_classes=2",
+               "data=wds", f"data.root={tmp_path / 'shards'}", "data.decoder.buckets=[[32,32],[24,40],[40,24]]",
+               "data.batch_size=4", "data.num_workers=1", "debug=limit", "model.sampler.num_steps=2",
+               f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+
+    def sample(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(REPO / "sample.py"), f"ckpt={run_dir}/checkpoints/last.ckpt",
+                               "steps=2", "n=2", "individual=true", f"out={tmp_path / 'grid.png'}", *args],
+                              capture_output=True, text=True, cwd=tmp_path, timeout=300, check=False)
+
+    proc = sample("height=48", "width=80")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert Image.open(tmp_path / "grid_0000.png").size == (80, 48)  # PIL: (W, H)
+    proc = sample("height=50")
+    assert proc.returncode != 0
+    assert "height=50 is not a multiple of 8 (VAE factor 4 × U-Net factor 2" in proc.stderr + proc.stdout
