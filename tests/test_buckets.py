@@ -141,11 +141,13 @@ def test_two_ranks_agree_on_each_steps_bucket_over_uneven_shards(tmp_path):
     assert set(original) <= set(SHAPES)
 
 
-def test_stream_resumes_bit_exact_with_buckets_and_workers(tmp_path):
+@pytest.mark.parametrize("samples_per_epoch", [None, 16])  # exact and resampled epochs
+def test_stream_resumes_bit_exact_with_buckets_and_workers(tmp_path, samples_per_epoch):
     urls = mixed_shards(tmp_path, [9, 7, 4])
 
     def loader() -> EpochLoader:
-        return EpochLoader(bucket_module(urls, num_workers=2, bucket_buffer=2).make_train_set(), num_workers=2)
+        dm = bucket_module(urls, num_workers=2, bucket_buffer=2, samples_per_epoch=samples_per_epoch)
+        return EpochLoader(dm.make_train_set(), num_workers=2)
 
     def take(ld: EpochLoader, n: int) -> list[dict]:
         out = []
@@ -262,3 +264,20 @@ def test_gloo_ranks_step_together_in_the_same_bucket_over_uneven_shards(tmp_path
     shapes = [[(e, shape[2:]) for e, shape, _ in rank] for rank in seen]
     assert shapes[0] == shapes[1] and len({tuple(s) for _, s in shapes[0]}) > 1
     assert [o for _, _, o in seen[0]] != [o for _, _, o in seen[1]]  # different samples, same shapes
+
+
+@pytest.mark.slow
+def test_killed_run_with_buckets_resumes_bit_exact(tmp_path):
+    """train.py (the tiny VAE) on mixed aspect ratios with buckets and 2 workers, SIGKILLed mid-epoch and
+    restarted: its final checkpoint equals an uninterrupted run's bit for bit."""
+    from test_resume import check_killed_run_resumes_exactly
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "src").mkdir()
+    for i, (h, w) in enumerate([(40, 40), (30, 50), (50, 30), (36, 60), (60, 36)] * 8):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / "src" / f"{i}.png")
+    make_shards_main([f"src={tmp_path / 'src'}", f"out={tmp_path / 'shards'}", "max_count=7", "val_fraction=0.1"])
+    check_killed_run_resumes_exactly(tmp_path, ["model=vae_tiny", "model.loss.perceptual_weight=0", "data=wds",
+                                                f"data.root={tmp_path / 'shards'}", "data.batch_size=2",
+                                                "data.num_workers=2", "data.decoder.random_crop=true",
+                                                "data.decoder.buckets=[[32,32],[24,40],[40,24]]"])

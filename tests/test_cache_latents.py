@@ -156,3 +156,16 @@ def test_bucketed_cache_stores_each_latent_at_its_bucket_and_batches_by_bucket(s
     dm.setup("fit")
     batches = list(EpochLoader(dm.train_set))
     assert len(batches) == 6 and {b["latent"].shape[1:] for b in batches} == {(4, 6, 10), (4, 8, 8), (4, 10, 6)}
+
+    # the config check sees every bucket's latent side: 6 and 10 do not divide by a 3-level U-Net's 4
+    from conftest import compose_train
+
+    from ldmlab.validate import check_config
+
+    base = ["model=unet_small", f"model.vae.path={setup['vae_path']}", "data=wds_latents", f"data.root={out}"]
+    assert not [p for p in check_config(compose_train(base, tmp_path)) if "latent side" in p]
+    lines = [p for p in check_config(compose_train([*base, "model.unet.channel_mult=[1,2,2]"], tmp_path))
+             if "latent side" in p]
+    assert len(lines) == 1 and lines[0].startswith("model.unet.channel_mult=[1, 2, 2] downsamples H and W by 4, "
+                                                   "but the cached latent side (the latent cache data.root=")
+    assert "is 6, not a multiple of 4" in lines[0]

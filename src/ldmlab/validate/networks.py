@@ -110,6 +110,15 @@ def latent_manifest(cfg: DictConfig) -> list[int] | None:
     return json.loads(manifest.read_text()).get("latent_shape") if manifest.is_file() else None
 
 
+def latent_buckets(cfg: DictConfig) -> list[list[int]] | None:
+    """[[C, h, w], ...] of a bucketed latent cache's manifest.json, or None."""
+    root = get(cfg, "data.root")
+    manifest = Path(root) / "manifest.json" if root is not None else None
+    if manifest is None or not target(cfg, "data.decoder").endswith("LatentDecoder") or not manifest.is_file():
+        return None
+    return json.loads(manifest.read_text()).get("buckets")
+
+
 def latent_problems(cfg: DictConfig, unet: UNetModel, vae: AutoencoderKL | None, source: str) -> list[str]:
     """The U-Net's in/out channels match the latents; the latent side divides by the U-Net's factor."""
     shape = latent_manifest(cfg)
@@ -122,7 +131,9 @@ def latent_problems(cfg: DictConfig, unet: UNetModel, vae: AutoencoderKL | None,
                 for key in ("in_channels", "out_channels") if channels and unet.config[key] != channels]
     fix = f"change the image size so the latent side is a multiple of {unet.downsample_factor}, or use fewer levels"
     if shape:
-        return problems + size_problems("model.unet", unet, shape[-1], f"the cached latent side ({source})", fix)
+        sides = sorted({side for b in latent_buckets(cfg) or [shape] for side in b[-2:]})  # every bucket's h, w
+        return problems + [line for side in sides for line in size_problems(
+            "model.unet", unet, side, f"the cached latent side ({source})", fix)][:1]
     size, field = image_size(cfg)
     if vae is None or not isinstance(size, int):
         return problems
