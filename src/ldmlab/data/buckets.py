@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import random
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from ldmlab.data.filters import BadSample
@@ -150,6 +150,27 @@ class BucketBatcher:
         if not full:
             return None
         return (j := max(full, key=lambda j: len(self.pending[j]))), self._pop([j])
+
+    def groups(self, samples: Iterator[dict], steps: Sequence[int], bucket_of: Callable[[dict], tuple[int, Any]],
+               limit: int | None, on_bad: Callable[[int, BadSample], None]) -> Iterator[tuple[int, list, int]]:
+        """(bucket, [(sample, own bucket, note)], raw samples read) for each scheduled bucket of `steps`.
+
+        A function of the samples' headers (`bucket_of`) alone. `limit`: raw samples in one pass of the slot's
+        range; once read, short buckets are filled at once rather than from repeats. `on_bad(step, error)`
+        hears of samples `bucket_of` refused.
+        """
+        read = 0
+        for index, bucket in enumerate(steps):
+            while (group := self.take(bucket, limit is not None and read >= limit)) is None:
+                sample = next(samples)
+                read += 1
+                try:
+                    own, note = bucket_of(sample)
+                except BadSample as error:
+                    on_bad(index, error)
+                    continue
+                self.add(own, (sample, own, note))
+            yield group[0], group[1], read
 
     def _pop(self, order: Iterable[int]) -> list:
         items = []

@@ -16,6 +16,10 @@ share (`worker_share`), whatever the shards hold. Modes:
 * eval: fixed order, no shuffle; rank r owns positions [r·n, (r+1)·n) with n = ceil(samples / world_size),
   padded by wrapping around its own range to whole batches: deterministic, ranks disjoint, every sample seen.
 
+Aspect-ratio buckets (a decoder with `bucket_sizes`; `ldmlab.data.buckets`): step j of a pass uses the bucket a
+seeded schedule of (seed, epoch) gives it, the same on every rank; each slot fills its steps' buckets from its
+own samples through a bounded buffer, grouping by header alone, so the resume below replays the grouping.
+
 Bad samples are skipped and counted (`ldmlab.data.filters`); a slot that lost samples refills from its own
 range (exact, eval) so the batch count never changes.
 
@@ -255,30 +259,19 @@ class ShardStream(IterableDataset):
         Grouping reads headers only, so a resumed slot replays its first `done` groups without decoding (and
         without counting their samples again) and rebuilds the same pending buffer: the resume is bit-exact.
         """
-        for index, (bucket, members, read) in enumerate(self._bucket_groups(samples, steps, limit, done)):
+        batcher = BucketBatcher(self.decoder.bucket_sizes, self.batch_size, self.bucket_buffer * self.batch_size,
+                                self.decoder.reshapes)
+
+        def bad(index: int, error: BadSample) -> None:
+            if index >= done:  # replayed groups were counted by the run that made them
+                self.counter.bad(error)
+
+        for index, (bucket, members, read) in enumerate(batcher.groups(samples, steps, self.decoder.bucket_of,
+                                                                       limit, bad)):
             if index >= done:
                 if bucket != steps[index]:  # a decoder that cannot reshape took its fullest bucket instead
                     self.counter.note("off_schedule", len(members))
                 yield Positioned(self._bucket_batch(bucket, members, f"{name}/{index}"), read)
-
-    def _bucket_groups(self, samples: Iterator[dict], steps: list[int], limit: int | None,
-                       replay: int) -> Iterator[tuple[int, list, int]]:
-        """(bucket, [(sample, own bucket, note)], raw samples read) per scheduled step, in order."""
-        batcher = BucketBatcher(self.decoder.bucket_sizes, self.batch_size,
-                                self.bucket_buffer * self.batch_size, self.decoder.reshapes)
-        read = 0
-        for index, bucket in enumerate(steps):
-            while (group := batcher.take(bucket, limit is not None and read >= limit)) is None:
-                sample = next(samples)
-                read += 1
-                try:
-                    own, note = self.decoder.bucket_of(sample)
-                except BadSample as error:
-                    if index >= replay:
-                        self.counter.bad(error)
-                    continue
-                batcher.add(own, (sample, own, note))
-            yield group[0], group[1], read
 
     def _bucket_batch(self, bucket: int, members: list, seed: str) -> dict:
         """Decode one group into `bucket` with the batch's rng; notes and bad samples counted."""
