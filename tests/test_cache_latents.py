@@ -156,6 +156,10 @@ def test_bucketed_cache_stores_each_latent_at_its_bucket_and_batches_by_bucket(s
     dm.setup("fit")
     batches = list(EpochLoader(dm.train_set))
     assert len(batches) == 6 and {b["latent"].shape[1:] for b in batches} == {(4, 6, 10), (4, 8, 8), (4, 10, 6)}
+    for b in batches:  # the micro-conditioning of the encoded crop travels with the latent
+        for key, size, crop in zip(b["key"], b["original_size"].tolist(), b["crop_top_left"].tolist()):
+            image = Image.open(tmp_path / "src" / f"{key}.png")
+            assert size == [image.height, image.width] and crop[0] >= 0 and crop[1] >= 0
 
     # the config check sees every bucket's latent side: 6 and 10 do not divide by a 3-level U-Net's 4
     from conftest import compose_train

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import hydra
+import numpy as np
 import torch
 import webdataset as wds
 from hydra import compose, initialize_config_dir
@@ -37,7 +38,7 @@ from ldmlab.configs import CONF_DIR
 from ldmlab.data.cli import parse_args, split_args
 from ldmlab.data.decoders import ImageDecoder
 from ldmlab.data.filters import BadSample, SampleCounter
-from ldmlab.data.latents import load_npy, npy_bytes
+from ldmlab.data.latents import MICRO, load_npy, npy_bytes
 from ldmlab.data.module import ShardDataModule
 from ldmlab.data.shards import MANIFEST, DataConfigError, read_segment, scan_count, shard_count
 from ldmlab.data.tarstream import shard_samples
@@ -101,7 +102,9 @@ class ShardBatches(IterableDataset):
         start = 0
         for sample in read_segment(job.url, 0, None, self._shard_error):
             try:
-                item = (*self.decoder(sample, None)[:4], sample.get("json"))
+                pixels, label, text, key, *micro = self.decoder(sample, None)
+                # with buckets: [original H, W, crop top, left] (SDXL §2.2), stored beside the latent
+                item = (pixels, label, text, key, sample.get("json"), [*micro[0], *micro[1]] if micro else None)
             except BadSample as bad:
                 self.counter.bad(bad)
                 continue
@@ -117,10 +120,10 @@ class ShardBatches(IterableDataset):
         yield {"shard": job.name, "index": job.index, "end": True}
 
     def _batch(self, job: Job, items: list, start: int) -> dict:
-        images, labels, texts, keys, metas = zip(*items)
+        images, labels, texts, keys, metas, micro = zip(*items)
         return {"image": to_batch(images, uint8=True), "label": list(labels), "text": list(texts),
-                "key": list(keys),
-                "json": list(metas), "shard": job.name, "index": job.index, "start": start, "end": False}
+                "key": list(keys), "json": list(metas), "micro": list(micro), "shard": job.name, "index": job.index,
+                "start": start, "end": False}
 
     def _shard_error(self, url: str, error: Exception, missing: int | None) -> None:
         self.counter.bad(BadSample("shard", f"shard {url!r} ended early ({type(error).__name__}: {error})"))
@@ -153,6 +156,8 @@ class LatentShardWriter:
                 sample["txt"] = batch["text"][i].encode("utf-8")
             if batch["json"][i] is not None:
                 sample["json"] = batch["json"][i]
+            if batch["micro"][i] is not None:
+                sample[MICRO] = npy_bytes(np.asarray(batch["micro"][i], np.int32))
             self.open[name].write(sample)
 
     def _latent_fields(self, batch: dict, mean: torch.Tensor, std: torch.Tensor) -> dict:

@@ -1,7 +1,8 @@
 """Latent shards: the format `ldmlab.cache_latents` writes, and `LatentDecoder`, how `data=wds_latents` reads them.
 
 A sample is `{key}.mean.npy` + `{key}.std.npy` (the VAE posterior's mean and std, (C, h, w) float16) or
-`{key}.latent.npy` (one posterior sample, float16), plus the source's `.cls` / `.txt` / `.json`. Batches carry
+`{key}.latent.npy` (one posterior sample, float16), plus the source's `.cls` / `.txt` / `.json`; a bucketed cache
+adds `{key}.micro.npy` (original size and crop offset, batched as `original_size`, `crop_top_left`). Batches carry
 RAW latents: the LDM module multiplies by its latent scale factor itself (EDM2: raw latents offline, scaled
 just in time), so one cache serves any scale factor.
 """
@@ -21,6 +22,7 @@ from ldmlab.data.filters import BadSample
 from ldmlab.data.transforms import batch_buffer
 
 LATENT_FIELDS = ("mean.npy", "std.npy", "latent.npy")
+MICRO = "micro.npy"  # bucketed caches: [original H, W, crop top, left] int32 of the encoded crop (SDXL §2.2)
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -107,7 +109,8 @@ class LatentDecoder:
             raise BadSample("shape", f"{where(sample)}: latent shape {mean.shape} (std "
                                      f"{None if std is None else std.shape}) differs from {self.shape}")
         label, text = self.fields(sample)
-        return mean, std, label, text, sample["__key__"]
+        item = (mean, std, label, text, sample["__key__"])
+        return (*item, load_npy(sample[MICRO])) if MICRO in sample else item
 
     def _arrays(self, sample: dict) -> tuple[np.ndarray, np.ndarray | None]:
         """(mean or stored sample, std or None) of a raw sample."""
@@ -127,7 +130,7 @@ class LatentDecoder:
 
     def collate(self, items: list, rng: random.Random) -> dict:
         """Items → {"latent": (B,C,h,w) float32 raw, "label": (B,) int64, "text": [str], "key": [str]}."""
-        means, stds, labels, texts, keys = zip(*items)
+        means, stds, labels, texts, keys, *micro = zip(*items)
         latent = batch_buffer((len(means), *means[0].shape), torch.float32)
         np.stack(means, out=latent.numpy(), casting="same_kind")  # float16 → float32
         if self.sample_posterior and any(s is not None for s in stds):
@@ -135,5 +138,9 @@ class LatentDecoder:
                                              for m, s in zip(means, stds)]))
             eps = torch.randn(latent.shape, generator=torch.Generator().manual_seed(rng.getrandbits(63)))
             latent.addcmul_(std.float(), eps)  # mean + std·ε, in place in the (shared) batch buffer
-        return {"latent": latent, "label": torch.tensor(labels, dtype=torch.int64), "text": list(texts),
-                "key": list(keys)}
+        batch = {"latent": latent, "label": torch.tensor(labels, dtype=torch.int64), "text": list(texts),
+                 "key": list(keys)}
+        if micro:  # a bucketed cache: the image path's micro-conditioning, as ImageDecoder batches it
+            sizes = torch.from_numpy(np.stack(micro[0])).long()
+            batch["original_size"], batch["crop_top_left"] = sizes[:, :2], sizes[:, 2:]
+        return batch
