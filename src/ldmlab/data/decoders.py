@@ -180,9 +180,9 @@ class ImageDecoder:
     reshapes = True  # a sample can be resized into any bucket (a BucketBatcher may borrow)
     bucket_weights = None  # unknown up front: the DataModule counts a probe of the shards
 
-    def with_buckets(self, sizes: Sequence[tuple[int, int]]) -> ImageDecoder:
-        """This decoder restricted to `sizes` (the buckets the data uses)."""
-        stream = replace(self, buckets=[list(s) for s in sizes])
+    def with_buckets(self, sizes: Sequence[tuple[int, int]] | None) -> ImageDecoder:
+        """This decoder restricted to `sizes` (the buckets the data uses); None: image_size² squares."""
+        stream = replace(self, buckets=None if sizes is None else [list(s) for s in sizes])
         stream.uint8 = self.uint8
         return stream
 

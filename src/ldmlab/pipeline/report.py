@@ -134,6 +134,9 @@ def sample_section(samples: dict, names: Sequence[str]) -> list[str]:
     for g in samples["guidance"]:
         lines += [f"**Guidance {g['scale']:g}** (class accuracy {_pct(g['accuracy'])})", "",
                   f"![samples at guidance {g['scale']:g}]({g['grid']})", ""]
+    for size in samples.get("sizes", []):  # sample.sizes: the same model at other aspect ratios
+        lines += [f"**{size['width']}×{size['height']} (W×H)**, guidance {size['scale']:g}", "",
+                  f"![samples at {size['width']}×{size['height']}]({size['grid']})", ""]
     return lines
 
 
