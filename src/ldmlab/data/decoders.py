@@ -50,6 +50,8 @@ class Decoder(Protocol):
 
     def bucket_of(self, sample: dict) -> tuple[int, str | None]: ...
 
+    def with_buckets(self, sizes: Sequence[tuple[int, int]] | None) -> Decoder: ...
+
 
 def where(sample: dict) -> str:
     """`sample 'key' in shard 'url'`, for error messages."""

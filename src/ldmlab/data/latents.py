@@ -82,6 +82,11 @@ class LatentDecoder:
         shape = manifest.get("latent_shape")
         return replace(self, shape=shape) if shape and self.shape is None else replace(self)
 
+    def with_buckets(self, sizes: Sequence[tuple[int, int]] | None) -> LatentDecoder:
+        """This decoder restricted to the buckets of latent (h, w) in `sizes` (None: one latent shape)."""
+        keep = None if sizes is None else [b for b in self.buckets if tuple(b[-2:]) in {tuple(s) for s in sizes}]
+        return replace(self, buckets=keep, bucket_weights=None)
+
     def bucket_of(self, sample: dict) -> tuple[int, None]:
         """The bucket of a raw sample from its .npy header alone; BadSample when no bucket has its shape."""
         name = "mean.npy" if "mean.npy" in sample else "latent.npy"

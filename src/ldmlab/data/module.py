@@ -243,7 +243,7 @@ class ShardDataModule(pl.LightningDataModule):
     def _bucketed(self, decoder: Decoder, urls: list[str]) -> tuple[Decoder, list[float] | None]:
         """The decoder and its bucket schedule's weights (None: no buckets). Weights are the cache manifest's
         samples per bucket, else counted over data.bucket_probe samples from the heads of the shards (the same
-        on every rank); an image decoder keeps only the buckets seen, so no sample waits for a bucket that is
+        on every rank); a probed decoder keeps only the buckets seen, so no sample waits for a bucket that is
         never scheduled."""
         sizes = decoder.bucket_sizes
         if sizes is None:
@@ -255,9 +255,8 @@ class ShardDataModule(pl.LightningDataModule):
             if not any(weights):
                 raise DataConfigError(f"no usable image among the first samples of {self._field()} fits "
                                       f"data.decoder.buckets={sizes}: check the shards and data.decoder")
-            if decoder.reshapes:
-                decoder = decoder.with_buckets([s for s, w in zip(sizes, weights) if w])
-                weights = [w for w in weights if w]
+            decoder = decoder.with_buckets([s for s, w in zip(sizes, weights) if w])
+            weights = [w for w in weights if w]
         log.info("buckets %s, batches in proportion %s", decoder.bucket_sizes, [round(w) for w in weights])
         return decoder, weights
 
