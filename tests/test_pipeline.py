@@ -270,6 +270,7 @@ def test_bucket_demo_trains_mixed_aspect_ratios_and_samples_three(tmp_path: Path
     samples = json.loads((root / "samples" / "result.json").read_text())
     report = (root / "report.md").read_text()
     assert [(s["width"], s["height"]) for s in samples["sizes"]] == [(32, 32), (40, 24), (24, 40)]
+    assert "latents of one shape per bucket ((4, 6, 10), (4, 8, 8), (4, 10, 6))" in report
     for s in samples["sizes"]:
         w, h = s["width"], s["height"]
         assert f"![samples at {w}×{h}](samples/grid_{w}x{h}.png)" in report

@@ -116,6 +116,9 @@ def ldm_section(latents: dict, ldm: dict) -> list[str]:
     cache = (f"`ldmlab.cache_latents` encoded {latents['train_samples']} train + {latents['val_samples']} val "
              f"crops into {tuple(latents['latent_shape'])} latents (posterior mean and std) in "
              f"`{latents['dir']}/`.")
+    if latents.get("buckets"):  # aspect-ratio buckets: one latent shape per bucket
+        cache = cache.replace(f"{tuple(latents['latent_shape'])} latents",
+                              f"latents of one shape per bucket ({', '.join(map(str, map(tuple, latents['buckets'])))})")
     unet = (f"The U-Net ({ldm['params'] / 1e6:.2f} M parameters, label = source photo, CFG dropout "
             f"p_uncond = {ldm['p_uncond']}) trained {ldm['steps']} steps × batch {ldm['batch_size']} on the "
             f"cached latents ({_minutes(ldm.get('seconds'))}); final train loss (mean of the last 10 logs) "

@@ -124,7 +124,7 @@ def latents_stage(pipe: DictConfig, vae_cfg: DictConfig, out: Path, vae_path: Pa
                      num_workers=pipe.latents.num_workers)
     cache_latents(args, cfg)
     manifest = read_manifest(str(out / "manifest.json"))
-    return {"dir": out.name, "latent_shape": manifest["latent_shape"],
+    return {"dir": out.name, "latent_shape": manifest["latent_shape"], "buckets": manifest.get("buckets"),
             "train_samples": manifest["splits"]["train"]["samples"],
             "val_samples": manifest["splits"]["val"]["samples"]}
 
