@@ -120,3 +120,56 @@ def test_resume_skips_finished_shards_and_refuses_a_different_setup(setup, tmp_p
     refused = r"holds a cache made with different \['image_size'.*choose another out"
     with pytest.raises(ValueError, match=refused):
         run_cache(setup, out, "sample=true", "splits=[train]", "data.decoder.image_size=8")
+
+
+def test_bucketed_cache_stores_each_latent_at_its_bucket_and_batches_by_bucket(setup, tmp_path):
+    """Images of several aspect ratios: each latent is the VAE posterior of its bucket's centre crop, the
+    manifest lists the buckets and their counts, and data=wds_latents batches one bucket at a time."""
+    from ldmlab.data.buckets import nearest_bucket, parse_buckets
+    from ldmlab.data.transforms import cover_crop, to_batch
+
+    rng = np.random.default_rng(2)
+    (tmp_path / "src").mkdir()
+    shapes = [(16, 16), (12, 20), (20, 13), (18, 18), (10, 16), (24, 14)] * 2  # (H, W)
+    for i, (h, w) in enumerate(shapes):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / "src" / f"{i}.png")
+    make_shards_main([f"src={tmp_path / 'src'}", f"out={tmp_path / 'shards'}", "max_count=5"])
+    buckets = [[16, 16], [12, 20], [20, 12]]
+    out = cache_main([f"vae={setup['vae_path']}", f"out={tmp_path / 'lat'}", "data=wds",
+                      f"data.root={tmp_path / 'shards'}", "data.decoder.buckets=[[16,16],[12,20],[20,12]]",
+                      "trainer=cpu", "batch_size=3", "num_workers=0", f"paths.root_dir={setup['tmp']}"])
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["buckets"] == [[4, 6, 10], [4, 8, 8], [4, 10, 6]]  # the VAE halves H and W
+    assert sum(manifest["bucket_counts"]["train"]) == 12 and all(manifest["bucket_counts"]["train"])
+    sizes = parse_buckets(buckets)
+    for path in sorted(out.glob("*.tar")):
+        for s in wds.tarfile_samples([{"url": str(path)}]):
+            image = Image.open(tmp_path / "src" / f"{s['__key__']}.png").convert("RGB")
+            size = sizes[nearest_bucket(sizes, image.height, image.width)]
+            with torch.no_grad():
+                mean = setup["vae"].encode(to_batch([cover_crop(image, size, None)[0]])).mean[0]
+            torch.testing.assert_close(torch.from_numpy(load_npy(s["mean.npy"])).float(), mean,
+                                       rtol=1e-3, atol=1e-3)
+
+    dm = ShardDataModule(root=str(out), decoder=LatentDecoder(sample_posterior=False), batch_size=2,
+                         num_workers=0, shuffle_buffer=0)
+    dm.setup("fit")
+    batches = list(EpochLoader(dm.train_set))
+    assert len(batches) == 6 and {b["latent"].shape[1:] for b in batches} == {(4, 6, 10), (4, 8, 8), (4, 10, 6)}
+    for b in batches:  # the micro-conditioning of the encoded crop travels with the latent
+        for key, size, crop in zip(b["key"], b["original_size"].tolist(), b["crop_top_left"].tolist()):
+            image = Image.open(tmp_path / "src" / f"{key}.png")
+            assert size == [image.height, image.width] and crop[0] >= 0 and crop[1] >= 0
+
+    # the config check sees every bucket's latent side: 6 and 10 do not divide by a 3-level U-Net's 4
+    from conftest import compose_train
+
+    from ldmlab.validate import check_config
+
+    base = ["model=unet_small", f"model.vae.path={setup['vae_path']}", "data=wds_latents", f"data.root={out}"]
+    assert not [p for p in check_config(compose_train(base, tmp_path)) if "latent side" in p]
+    lines = [p for p in check_config(compose_train([*base, "model.unet.channel_mult=[1,2,2]"], tmp_path))
+             if "latent side" in p]
+    assert len(lines) == 1 and lines[0].startswith("model.unet.channel_mult=[1, 2, 2] downsamples H and W by 4, "
+                                                   "but the cached latent side (the latent cache data.root=")
+    assert "is 6, not a multiple of 4" in lines[0]

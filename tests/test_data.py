@@ -15,7 +15,7 @@ from test_data_pipeline import image_module
 
 from ldmlab.data import demo
 from ldmlab.data.decoders import ImageDecoder
-from ldmlab.data.demo import DemoShards, build_demo_shards, class_names, cut_crop, load_photo
+from ldmlab.data.demo import DemoShards, DemoSpec, build_demo_shards, class_names, cut_crop, load_photo
 from ldmlab.data.filters import BadSamplesError
 from ldmlab.data.module import ShardDataModule
 from ldmlab.data.pipeline import EpochLoader, ShardStream
@@ -117,6 +117,23 @@ def test_scaled_crops_cover_varied_fractions(tmp_path, photos):
     assert min(sides) < max(sides) and max(sides) > 16
     for s in samples[::25]:
         assert np.array_equal(s["crop"], cut_crop(photos[s["label"]], s["meta"]["box"], 16))
+
+
+def test_aspect_crops_vary_in_ratio_at_about_the_crop_area(tmp_path, photos):
+    """data.source.aspect (for buckets): W/H within [1/aspect, aspect], ~crop_size² pixels, held-out strip kept;
+    square specs keep their directory name, so existing demo shards are reused."""
+    d = build_demo_shards(tmp_path, aspect=2.0, **SMALL)
+    assert d.name != DemoSpec(**SMALL).dirname() and DemoSpec().dirname() == "c32-n500-v50-s0-ebd0b9fc"
+    for split in ("train", "val"):
+        samples = read_shards(d, split)
+        ratios = [s["crop"].shape[1] / s["crop"].shape[0] for s in samples]
+        assert min(ratios) < 0.8 and max(ratios) > 1.25 and all(0.45 <= r <= 2.2 for r in ratios)
+        assert all(abs(s["crop"].shape[0] * s["crop"].shape[1] / 16 ** 2 - 1) < 0.15 for s in samples)
+        for s in samples[::7]:
+            x0, y0, x1, y1 = s["meta"]["box"]
+            assert np.array_equal(s["crop"], photos[s["label"]][y0:y1, x0:x1])  # 1:1 pixels, the box's shape
+    train_right = max(s["meta"]["box"][2] for s in read_shards(d, "train") if s["label"] == 0)
+    assert train_right <= demo.split_bounds(photos[0].shape[1], 0.2)[0]
 
 
 def test_demo_is_reproducible_and_reused(tmp_path, demo_dir):

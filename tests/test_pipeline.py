@@ -259,6 +259,25 @@ def test_restart_skips_finished_stages_and_resumes_the_rest(pipeline_run: tuple[
     assert f"rm -r {root / 'ldm'} {root / 'samples'}" in output
 
 
+@pytest.mark.slow
+def test_bucket_demo_trains_mixed_aspect_ratios_and_samples_three(tmp_path: Path) -> None:
+    """pipeline=demo_buckets: crops of W/H in [1/2, 2] in three buckets through the VAE, the latent cache (one
+    latent shape per bucket) and the LDM; the report shows samples at 32×32, 40×24 and 24×40."""
+    root = tmp_path / "pipe"
+    run_pipeline_cli(root, tmp_path, "pipeline=demo_buckets")
+    manifest = json.loads((root / "latents" / "manifest.json").read_text())
+    assert manifest["buckets"] == [[4, 6, 10], [4, 8, 8], [4, 10, 6]] and all(manifest["bucket_counts"]["train"])
+    samples = json.loads((root / "samples" / "result.json").read_text())
+    report = (root / "report.md").read_text()
+    assert [(s["width"], s["height"]) for s in samples["sizes"]] == [(32, 32), (40, 24), (24, 40)]
+    assert "latents of one shape per bucket ((4, 6, 10), (4, 8, 8), (4, 10, 6))" in report
+    for s in samples["sizes"]:
+        w, h = s["width"], s["height"]
+        assert f"![samples at {w}×{h}](samples/grid_{w}x{h}.png)" in report
+        grid = Image.open(root / s["grid"])
+        assert grid.height == samples["grid_scale"] * (10 * (h + 2) + 2)  # 10 rows of H-pixel samples
+
+
 def test_repo_root_conf_is_where_the_entry_looks() -> None:
     from ldmlab.pipeline.__main__ import CONF_DIR
 

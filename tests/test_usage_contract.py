@@ -101,7 +101,7 @@ def overrides_of(args: list[str]) -> list[str]:
         if arg.startswith("-") or arg == "...":
             continue
         key, _, value = arg.partition("=")
-        if "," in value and not value.startswith(("[", "'", '"')):
+        if "," in value and not value.startswith(("[", "{", "'", '"')):  # a list or dict value is one value
             arg = f"{key}={value.split(',')[0]}"
         kept.append(arg)
     return kept

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import hydra
+import numpy as np
 import torch
 import webdataset as wds
 from hydra import compose, initialize_config_dir
@@ -37,7 +38,7 @@ from ldmlab.configs import CONF_DIR
 from ldmlab.data.cli import parse_args, split_args
 from ldmlab.data.decoders import ImageDecoder
 from ldmlab.data.filters import BadSample, SampleCounter
-from ldmlab.data.latents import load_npy, npy_bytes
+from ldmlab.data.latents import MICRO, load_npy, npy_bytes
 from ldmlab.data.module import ShardDataModule
 from ldmlab.data.shards import MANIFEST, DataConfigError, read_segment, scan_count, shard_count
 from ldmlab.data.tarstream import shard_samples
@@ -93,27 +94,36 @@ class ShardBatches(IterableDataset):
             yield from self._shard(job)
 
     def _shard(self, job: Job) -> Iterator[dict]:
-        """The decoded batches of one shard (bad samples skipped and counted), then {"end": True}."""
-        items, start = [], 0
+        """The decoded batches of one shard (bad samples skipped and counted), then {"end": True}.
+
+        With buckets, each image is at its bucket's size and a batch holds one bucket (one shape per encoder call).
+        """
+        groups: dict[tuple, list] = {}
+        start = 0
         for sample in read_segment(job.url, 0, None, self._shard_error):
             try:
-                items.append((*self.decoder(sample, None), sample.get("json")))
+                pixels, label, text, key, *micro = self.decoder(sample, None)
+                # with buckets: [original H, W, crop top, left] (SDXL §2.2), stored beside the latent
+                item = (pixels, label, text, key, sample.get("json"), [*micro[0], *micro[1]] if micro else None)
             except BadSample as bad:
                 self.counter.bad(bad)
                 continue
             self.counter.good()
+            items = groups.setdefault(item[0].shape, [])
+            items.append(item)
             if len(items) == self.batch_size:
-                yield self._batch(job, items, start)
-                items, start = [], start + len(items)
-        if items:
+                yield self._batch(job, groups.pop(item[0].shape), start)
+                start += self.batch_size
+        for items in groups.values():
             yield self._batch(job, items, start)
+            start += len(items)
         yield {"shard": job.name, "index": job.index, "end": True}
 
     def _batch(self, job: Job, items: list, start: int) -> dict:
-        images, labels, texts, keys, metas = zip(*items)
+        images, labels, texts, keys, metas, micro = zip(*items)
         return {"image": to_batch(images, uint8=True), "label": list(labels), "text": list(texts),
-                "key": list(keys),
-                "json": list(metas), "shard": job.name, "index": job.index, "start": start, "end": False}
+                "key": list(keys), "json": list(metas), "micro": list(micro), "shard": job.name, "index": job.index,
+                "start": start, "end": False}
 
     def _shard_error(self, url: str, error: Exception, missing: int | None) -> None:
         self.counter.bad(BadSample("shard", f"shard {url!r} ended early ({type(error).__name__}: {error})"))
@@ -128,6 +138,7 @@ class LatentShardWriter:
     def __init__(self, out: Path, sample: bool, seed: int) -> None:
         self.out, self.sample, self.seed = out, sample, seed
         self.open: dict[str, wds.TarWriter] = {}
+        self.shapes: dict[str, dict[str, int]] = {}  # per open shard: latent shape → samples (the manifest's buckets)
 
     def add(self, batch: dict, mean: torch.Tensor, std: torch.Tensor) -> None:
         """Write one batch's latents (B, C, h, w) and metadata."""
@@ -135,6 +146,8 @@ class LatentShardWriter:
         if name not in self.open:
             self.open[name] = wds.TarWriter(str(self.out / f".{name}.tmp"), encoder=False, mtime=0)
         fields = self._latent_fields(batch, mean.float().cpu(), std.float().cpu())
+        shapes, shape = self.shapes.setdefault(name, {}), json.dumps(list(mean.shape[1:]))
+        shapes[shape] = shapes.get(shape, 0) + len(batch["key"])
         for i, key in enumerate(batch["key"]):
             sample = {"__key__": key, **{k: npy_bytes(v[i]) for k, v in fields.items()}}
             if batch["label"][i] >= 0:
@@ -143,6 +156,8 @@ class LatentShardWriter:
                 sample["txt"] = batch["text"][i].encode("utf-8")
             if batch["json"][i] is not None:
                 sample["json"] = batch["json"][i]
+            if batch["micro"][i] is not None:
+                sample[MICRO] = npy_bytes(np.asarray(batch["micro"][i], np.int32))
             self.open[name].write(sample)
 
     def _latent_fields(self, batch: dict, mean: torch.Tensor, std: torch.Tensor) -> dict:
@@ -156,6 +171,7 @@ class LatentShardWriter:
     def finish(self, name: str) -> None:
         """Close the shard and give it its final name (only now does it count as done)."""
         tmp = self.out / f".{name}.tmp"
+        (self.out / f"{name}.shapes.json").write_text(json.dumps(self.shapes.pop(name, {})) + "\n")
         if name in self.open:
             self.open.pop(name).close()
         else:  # no usable sample in the input shard: an empty output shard still marks it done
@@ -217,10 +233,25 @@ def write_manifest(out: Path, jobs: Sequence[Job], plan: dict, dm: ShardDataModu
         shape = list(load_npy(sample.get("mean.npy", sample.get("latent.npy"))).shape)
     manifest = {"format": 1, "kind": "latents", **plan, "latent_shape": shape, "classes": dm.class_names,
                 "splits": splits, "counts": counts}
+    if dm.decoder.bucket_sizes is not None:
+        manifest.update(bucket_manifest(out, jobs))
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     if dm.class_names:
         (out / "classes.json").write_text(json.dumps(dm.class_names, indent=1) + "\n")
     return manifest
+
+
+def bucket_manifest(out: Path, jobs: Sequence[Job]) -> dict:
+    """{"buckets": [[C, h, w], ...], "bucket_counts": {split: [samples per bucket]}} from the shards' shapes files
+    (data=wds_latents weights its bucket schedule with the train counts)."""
+    per_split: dict[str, dict[str, int]] = {}
+    for job in jobs:
+        split = per_split.setdefault(job.split, {})
+        for shape, n in json.loads((out / f"{job.name}.shapes.json").read_text()).items():
+            split[shape] = split.get(shape, 0) + n
+    shapes = sorted({s for split in per_split.values() for s in split}, key=json.loads)
+    return {"buckets": [json.loads(s) for s in shapes],
+            "bucket_counts": {name: [split.get(s, 0) for s in shapes] for name, split in per_split.items()}}
 
 
 def encode_jobs(fabric: Fabric, jobs: Sequence[Job], dm: ShardDataModule,
@@ -264,6 +295,8 @@ def cache_latents(args: CacheArgs, cfg: DictConfig) -> Path:
     plan = {"vae": str(Path(args.vae).resolve()), "image_size": dm.decoder.image_size,
             "mode": "sample" if args.sample else "mean_std", "seed": args.seed,
             "sources": {j.name: j.url for j in jobs}}
+    if dm.decoder.bucket_sizes is not None:
+        plan["buckets"] = [list(s) for s in dm.decoder.bucket_sizes]
     if fabric.global_rank == 0 and not (out / PLAN).is_file():
         (out / PLAN).write_text(json.dumps(plan, indent=1) + "\n")
     fabric.barrier()

@@ -73,6 +73,23 @@ def _cond_values(module: LatentDiffusionModule, cfg: DictConfig) -> list[Any] | 
     return [str(cfg.prompt)] * cfg.n
 
 
+def latent_shape(module: LatentDiffusionModule, height: int | None, width: int | None) -> tuple[int, int, int] | None:
+    """(C, h, w) of latents decoding to height × width (either null: the training size's); None: training shape.
+
+    The networks are convolutional, so any multiple of the total downsampling works (validate_sample checks it).
+    """
+    if height is None and width is None:
+        return None
+    f = module.vae.downsample_factor
+    if height is None or width is None:
+        try:
+            trained = module.latent_shape
+        except ValueError:
+            raise ValueError("this checkpoint stores no training size: give both height= and width=") from None
+        height, width = height or trained[-2] * f, width or trained[-1] * f
+    return int(module.unet.config["in_channels"]), height // f, width // f
+
+
 def prepare_for_sampling(module: LatentDiffusionModule, bf16: bool = True, compile: str = "auto") -> Any:
     """On a GPU, what trainer=gpu trains with: TF32, cuDNN attention first (1.5-1.7x flash at SD's head width 40,
     docs/BENCHMARKS.md), channels_last, bf16 autocast unless `bf16=false` with the conv and linear weights cast
@@ -121,13 +138,14 @@ def sample(cfg: DictConfig) -> Path:
     if module.vae is None:
         raise ValueError("this checkpoint has no VAE to decode latents into images")
     sampler, values = _sampler(module, cfg.sampler, cfg.steps), _cond_values(module, cfg)
+    shape = latent_shape(module, cfg.get("height"), cfg.get("width"))
     autocast = prepare_for_sampling(module, cfg.bf16, cfg.compile)
     images = []
     for start in range(0, cfg.n, cfg.batch_size):
         n = min(cfg.batch_size, cfg.n - start)
         chunk = values[start:start + n] if values is not None else None
         with autocast:
-            images.append(module.sample(chunk, n, cfg.guidance, seed=cfg.seed + start,
+            images.append(module.sample(chunk, n, cfg.guidance, seed=cfg.seed + start, latent_shape=shape,
                                         sampler=sampler).float().cpu())
     images = torch.cat(images)
     out = Path(cfg.out) if cfg.out else (Path(cfg.ckpt).resolve().parents[1] / "samples" /

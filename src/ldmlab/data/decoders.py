@@ -14,12 +14,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 from PIL import Image
 
+from ldmlab.data.buckets import OUTSIDE, SMALL, assign, parse_buckets
 from ldmlab.data.filters import BadSample
-from ldmlab.data.transforms import ImageTransform, normalize, to_batch
+from ldmlab.data.transforms import ImageTransform, cover_crop, normalize, to_batch
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 BATCH_FIELDS = ("label", "text")  # what data.decoder.required may list
@@ -33,13 +33,24 @@ class Decoder(Protocol):
     decoding that is cheaper there (the DataModule's `on_after_batch_transfer` calls it).
     """
 
-    def __call__(self, sample: dict, rng: random.Random) -> Any: ...
+    def __call__(self, sample: dict, rng: random.Random, bucket: int | None = None) -> Any: ...
 
     def collate(self, items: list, rng: random.Random) -> dict: ...
 
     def for_stream(self, train: bool, on_device: bool = False, manifest: dict | None = None) -> Decoder: ...
 
     def on_device(self, batch: dict) -> dict: ...
+
+    # aspect-ratio buckets (ldmlab.data.buckets): None → one shape, and the stream batches in arrival order
+    @property
+    def bucket_sizes(self) -> list | None: ...
+
+    reshapes: bool  # whether __call__(sample, rng, bucket) can put a sample into another bucket than its own
+    bucket_weights: list | None  # samples per bucket when known (a latent cache's manifest), else None
+
+    def bucket_of(self, sample: dict) -> tuple[int, str | None]: ...
+
+    def with_buckets(self, sizes: Sequence[tuple[int, int]] | None) -> Decoder: ...
 
 
 def where(sample: dict) -> str:
@@ -117,6 +128,18 @@ def open_image(sample: dict) -> Image.Image:
     return image
 
 
+def image_header(sample: dict) -> tuple[int, int]:
+    """(H, W) of the sample's image from its header alone (no pixel decoding); BadSample when unreadable."""
+    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    if ext is None:
+        open_image(sample)  # raises the one-line "has no image"
+    try:
+        w, h = Image.open(io.BytesIO(sample[ext])).size
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for broken files
+        raise BadSample("undecodable", f"{where(sample)}: .{ext} does not decode ({type(e).__name__}: {e})") from None
+    return h, w
+
+
 @dataclass
 class ImageDecoder:
     """Raw sample → (pixels (S, S, 3) uint8, label, text, key); collate makes (B, 3, S, S) in [-1, 1].
@@ -124,6 +147,10 @@ class ImageDecoder:
     `uint8=True` (set by `for_stream(on_device=True)`, i.e. under a Trainer): batches keep the pixels as uint8
     (B, S, S, 3) and `on_device` maps them to float there. The float conversion costs as much as the JPEG decode
     on a CPU core, and uint8 crosses the process and host→device boundaries at a quarter of the bytes.
+
+    With `buckets` (`ldmlab.data.buckets`), an image is resized to cover its bucket's (H, W) instead of
+    the S×S square, items also carry the original (H, W) and the crop's (top, left), and batches
+    `original_size` and `crop_top_left` ((B, 2) int64, SDXL §2.2's micro-conditioning names).
     """
 
     image_size: int = 256
@@ -133,12 +160,33 @@ class ImageDecoder:
     text_key: str | None = "txt"  # caption field: "txt", or "json:<key>"; missing → ""
     required: Sequence[str] = ()  # "label" and/or "text": samples without them are bad
     min_image_size: int = 1  # images with a shorter side below this are bad
+    buckets: Any = None  # null: S×S squares; a list of [H, W]; or {area, step, max_ratio}
+    small_images: str = "upscale"  # smaller than their bucket: upscale | skip (both counted)
+    outside_ratio: str = "nearest"  # aspect ratio beyond the buckets': nearest | skip (both counted)
     uint8: bool = field(default=False, init=False)  # set by for_stream: not a config key
 
     def __post_init__(self) -> None:
         self.fields = Fields(self.label_key, self.text_key, list(self.required))
         self.transform = ImageTransform(self.image_size, self.random_crop, self.random_flip)
         self.min_image_size = max(1, self.min_image_size)
+        for key, valid in (("small_images", SMALL), ("outside_ratio", OUTSIDE)):
+            if getattr(self, key) not in valid:
+                raise ValueError(f"data.decoder.{key}={getattr(self, key)!r} is unknown: valid are {list(valid)}")
+        self.sizes = parse_buckets(self.buckets)
+
+    @property
+    def bucket_sizes(self) -> list[tuple[int, int]] | None:
+        """The buckets' (H, W), or None: one square size."""
+        return self.sizes
+
+    reshapes = True  # a sample can be resized into any bucket (a BucketBatcher may borrow)
+    bucket_weights = None  # unknown up front: the DataModule counts a probe of the shards
+
+    def with_buckets(self, sizes: Sequence[tuple[int, int]] | None) -> ImageDecoder:
+        """This decoder restricted to `sizes` (the buckets the data uses); None: image_size² squares."""
+        stream = replace(self, buckets=None if sizes is None else [list(s) for s in sizes])
+        stream.uint8 = self.uint8
+        return stream
 
     def for_stream(self, train: bool, on_device: bool = False, manifest: dict | None = None) -> ImageDecoder:
         """This decoder for training (random crop/flip as configured) or validation (centre crop, no flip)."""
@@ -146,20 +194,42 @@ class ImageDecoder:
         stream.uint8 = on_device
         return stream
 
-    def __call__(self, sample: dict, rng: random.Random | None) -> tuple[np.ndarray, int, str, str]:
-        """(pixels (S, S, 3) uint8, label, text, key) of a raw sample; BadSample when it is unusable."""
-        image = open_image(sample)
-        if min(image.size) < self.min_image_size:
-            raise BadSample("shape", f"{where(sample)}: image is {image.size[0]}×{image.size[1]}, shorter side "
+    def _checked(self, sample: dict, h: int, w: int) -> None:
+        if min(h, w) < self.min_image_size:
+            raise BadSample("shape", f"{where(sample)}: image is {w}×{h}, shorter side "
                                      f"below data.decoder.min_image_size={self.min_image_size}")
+
+    def bucket_of(self, sample: dict) -> tuple[int, str | None]:
+        """(bucket, note) of a raw sample from its header and fields only; BadSample when it is unusable."""
+        h, w = image_header(sample)
+        self._checked(sample, h, w)
+        self.fields(sample)
+        return assign(self.sizes, h, w, self.small_images, self.outside_ratio, where(sample))
+
+    def __call__(self, sample: dict, rng: random.Random | None, bucket: int | None = None) -> tuple:
+        """(pixels (S, S, 3) uint8, label, text, key) of a raw sample, with buckets (pixels (H, W, 3) of
+        `bucket`, default its own, ..., original (H, W), crop (top, left)); BadSample when it is unusable."""
+        image = open_image(sample)
+        self._checked(sample, image.size[1], image.size[0])
         label, text = self.fields(sample)
-        return self.transform.pixels(image, rng), label, text, sample["__key__"]
+        if self.sizes is None:
+            return self.transform.pixels(image, rng), label, text, sample["__key__"]
+        w, h = image.size
+        if bucket is None:
+            bucket, _ = assign(self.sizes, h, w, self.small_images, self.outside_ratio, where(sample))
+        pixels, crop = cover_crop(image, self.sizes[bucket], rng, self.random_crop, self.random_flip)
+        return pixels, label, text, sample["__key__"], (h, w), crop
 
     def collate(self, items: list, rng: random.Random | None = None) -> dict:
-        """Items → {"image": (B,3,H,W) float32 in [-1, 1] (or uint8), "label": (B,) int64, "text", "key"}."""
-        images, labels, texts, keys = zip(*items)
-        return {"image": to_batch(images, self.uint8), "label": torch.tensor(labels, dtype=torch.int64),
-                "text": list(texts), "key": list(keys)}
+        """Items → {"image": (B,3,H,W) float32 in [-1, 1] (or uint8), "label": (B,) int64, "text", "key"}
+        (+ "original_size", "crop_top_left" (B, 2) int64 with buckets)."""
+        images, labels, texts, keys, *sizes = zip(*items)
+        batch = {"image": to_batch(images, self.uint8), "label": torch.tensor(labels, dtype=torch.int64),
+                 "text": list(texts), "key": list(keys)}
+        if sizes:
+            batch["original_size"] = torch.tensor(sizes[0], dtype=torch.int64)
+            batch["crop_top_left"] = torch.tensor(sizes[1], dtype=torch.int64)
+        return batch
 
     def on_device(self, batch: dict) -> dict:
         """uint8 pixels → float32 in [-1, 1] (the same numbers `collate` makes on the host)."""

@@ -113,10 +113,13 @@ class DemoSpec:
     val_fraction: float = 0.2  # width of the held-out strip on the right of each photo
     grayscale: bool = False
     shard_size: int = 500
+    aspect: float | None = None  # crops of width/height drawn log-uniformly in [1/aspect, aspect]; None = squares
 
     def dirname(self) -> str:
-        """Readable name of the main parameters plus a hash of all of them."""
+        """Readable name of the main parameters plus a hash of all of them (square specs: as before `aspect`)."""
         fields = {**asdict(self), "scale": list(self.scale) if self.scale else None, "v": FORMAT_VERSION}
+        if self.aspect is None:
+            del fields["aspect"]
         digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]
         return f"c{self.crop_size}-n{self.crops_per_image}-v{self.val_crops_per_image}-s{self.seed}-{digest}"
 
@@ -142,6 +145,18 @@ def split_bounds(width: int, val_fraction: float) -> tuple[int, int]:
     return width - strip, width
 
 
+def crop_shape(box: Sequence[int], spec: DemoSpec) -> tuple[int, int]:
+    """(H, W) a crop is stored at: crop_size² for square crops; unscaled crops at the box's own pixels; scaled
+    ones at about crop_size² pixels at the box's ratio."""
+    crop_size = spec.crop_size
+    if spec.aspect is None:
+        return crop_size, crop_size
+    if spec.scale is None:
+        return box[3] - box[1], box[2] - box[0]
+    ratio = (box[2] - box[0]) / (box[3] - box[1])  # W/H
+    return max(1, round(crop_size / math.sqrt(ratio))), max(1, round(crop_size * math.sqrt(ratio)))
+
+
 def crop_boxes(shape: tuple[int, ...], n: int, split: str, spec: DemoSpec, rng: np.random.Generator) -> np.ndarray:
     """(n, 4) boxes [x0, y0, x1, y1] inside the split's region of a photo of `shape`."""
     h, w = shape[:2]
@@ -153,21 +168,25 @@ def crop_boxes(shape: tuple[int, ...], n: int, split: str, spec: DemoSpec, rng: 
         sides = np.full(n, spec.crop_size)
     else:
         sides = np.clip(np.round(rng.uniform(*spec.scale, size=n) * min(h, w)), 1, max_side).astype(int)
-    if sides.max(initial=0) > max_side:
-        raise ValueError(f"crop_size {spec.crop_size} exceeds a validation strip of {max_side} px; "
-                         f"lower crop_size or raise val_fraction")
-    x0 = lo + (rng.random(n) * (hi - lo - sides + 1)).astype(int)
-    y0 = (rng.random(n) * (h - sides + 1)).astype(int)
-    return np.stack([x0, y0, x0 + sides, y0 + sides], axis=1)
+    ratios = np.ones(n) if spec.aspect is None else np.exp(rng.uniform(-1, 1, size=n) * math.log(spec.aspect))
+    widths = np.round(sides * np.sqrt(ratios)).astype(int)  # about sides² pixels at ratio W/H
+    heights = np.round(sides / np.sqrt(ratios)).astype(int)
+    if widths.max(initial=0) > max_side or heights.max(initial=0) > h:
+        raise ValueError(f"crop_size {spec.crop_size} (aspect {spec.aspect}) exceeds a validation strip of "
+                         f"{max_side} px; lower crop_size or raise val_fraction")
+    x0 = lo + (rng.random(n) * (hi - lo - widths + 1)).astype(int)
+    y0 = (rng.random(n) * (h - heights + 1)).astype(int)
+    return np.stack([x0, y0, x0 + widths, y0 + heights], axis=1)
 
 
-def cut_crop(photo: np.ndarray, box: Sequence[int], crop_size: int) -> np.ndarray:
-    """The pixels under `box`, resized (bicubic) to crop_size² when the box is larger."""
+def cut_crop(photo: np.ndarray, box: Sequence[int], size: int | tuple[int, int]) -> np.ndarray:
+    """The pixels under `box`, resized (bicubic) to `size` = (H, W) (an int: a square) when the box differs."""
+    size = (size, size) if isinstance(size, int) else size
     x0, y0, x1, y1 = (int(v) for v in box)
     patch = photo[y0:y1, x0:x1]
-    if patch.shape[0] == crop_size:
+    if patch.shape[:2] == tuple(size):
         return patch
-    return np.asarray(Image.fromarray(patch).resize((crop_size, crop_size), Image.Resampling.BICUBIC))
+    return np.asarray(Image.fromarray(patch).resize((size[1], size[0]), Image.Resampling.BICUBIC))
 
 
 def _png(arr: np.ndarray) -> bytes:
@@ -186,7 +205,8 @@ def _split_samples(split: str, spec: DemoSpec, photos: list[np.ndarray]) -> list
         rng = np.random.default_rng([spec.seed, split_id, label])  # independent stream per class and split
         for i, box in enumerate(crop_boxes(photo.shape, per_image, split, spec, rng)):
             meta = {"source": name, "label": label, "box": [int(v) for v in box], "split": split}
-            samples.append({"__key__": f"{name}-{split}-{i:06d}", "png": _png(cut_crop(photo, box, spec.crop_size)),
+            pixels = cut_crop(photo, box, crop_shape(box, spec))
+            samples.append({"__key__": f"{name}-{split}-{i:06d}", "png": _png(pixels),
                             "cls": str(label).encode(), "json": json.dumps(meta, sort_keys=True).encode()})
     if split == "train":
         order = np.random.default_rng([spec.seed, 2]).permutation(len(samples)).tolist()
@@ -219,13 +239,14 @@ def build_demo_shards(
     val_fraction: float = 0.2,
     grayscale: bool = False,
     spec: DemoSpec | None = None,
+    aspect: float | None = None,
 ) -> Path:
     """Write the demo shards under `<root>/demo/<name>/` once and return that directory (reused if present).
 
     `spec`, when given, replaces the other parameters.
     """
     spec = spec or DemoSpec(crop_size, crops_per_image, val_crops_per_image, seed, as_scale(scale),
-                            val_fraction, grayscale, shard_size)
+                            val_fraction, grayscale, shard_size, aspect)
     return build_once(Path(root) / "demo" / spec.dirname(), lambda out: _build_into(out, spec))
 
 
@@ -256,10 +277,12 @@ class DemoShards:
 
     def __init__(self, data_dir: str = "data", crop_size: int = 32, crops_per_image: int = 500,
                  val_crops_per_image: int = 50, seed: int = 0, scale: Sequence[float] | None = None,
-                 grayscale: bool = False, shard_size: int = 500) -> None:
+                 grayscale: bool = False, shard_size: int = 500, aspect: float | None = None) -> None:
         self.data_dir = data_dir
+        if aspect is not None and aspect < 1:
+            raise ValueError(f"data.source.aspect={aspect} must be >= 1 (the largest W/H or H/W), or null for squares")
         self.spec = DemoSpec(crop_size, crops_per_image, val_crops_per_image, seed, as_scale(scale),
-                             grayscale=grayscale, shard_size=shard_size)
+                             grayscale=grayscale, shard_size=shard_size, aspect=aspect)
 
     @property
     def root(self) -> str:

@@ -13,6 +13,8 @@ import multiprocessing
 log = logging.getLogger("ldmlab.data")
 
 KINDS = ("undecodable", "missing", "shape", "shard")  # why a sample was skipped
+# Samples used but changed by aspect-ratio bucketing (ldmlab.data.buckets): counted, not bad.
+NOTES = ("upscaled", "outside_ratio", "borrowed", "off_schedule")
 _LOGGED_PER_PROCESS = 5  # full messages (events) per worker; later ones are only counted (the summary has them)
 
 
@@ -40,7 +42,7 @@ class SampleCounter:
     def __init__(self, max_bad_fraction: float = 0.01, min_samples: int = 200) -> None:
         check_fraction(max_bad_fraction)
         self.max_bad_fraction, self.min_samples = max_bad_fraction, min_samples
-        self._counts = multiprocessing.Array("q", 1 + len(KINDS))  # [good, bad per kind]; has a lock
+        self._counts = multiprocessing.Array("q", 1 + len(KINDS) + len(NOTES))  # [good, bad per kind, notes]
         self._local = [0, 0]  # this process's [good, bad]: a worker that never sees a good sample stops
         self._events = 0  # this process's bad events: a shard that lost n samples is one event, logged whole
         self._first: str | None = None
@@ -62,16 +64,24 @@ class SampleCounter:
             log.warning("skipped %s: %s", "a bad sample" if n == 1 else f"{n} samples", error)
         self.check()
 
+    def note(self, kind: str, n: int = 1) -> None:
+        """Count `n` samples used with a change (a kind of NOTES, e.g. upscaled to cover their bucket)."""
+        with self._counts.get_lock():
+            self._counts[1 + len(KINDS) + NOTES.index(kind)] += n
+
     def summary(self) -> dict[str, int]:
-        """{"good": n, "bad": n, <kind>: n} over all workers so far."""
-        good, *bad = self._counts[:]
-        return {"good": good, "bad": sum(bad), **dict(zip(KINDS, bad))}
+        """{"good": n, "bad": n, <kind>: n, <note>: n} over all workers so far."""
+        good, *rest = self._counts[:]
+        bad, notes = rest[:len(KINDS)], rest[len(KINDS):]
+        return {"good": good, "bad": sum(bad), **dict(zip(KINDS, bad)), **dict(zip(NOTES, notes))}
 
     def describe(self) -> str:
         """One line: how many samples were bad, by kind."""
         s = self.summary()
         kinds = ", ".join(f"{k} {s[k]}" for k in KINDS if s[k])
-        return f"{s['bad']} of {s['good'] + s['bad']} samples bad ({kinds or 'none'})"
+        notes = ", ".join(f"{k} {s[k]}" for k in NOTES if s[k])
+        return f"{s['bad']} of {s['good'] + s['bad']} samples bad ({kinds or 'none'})" + (
+            f"; bucketing changed {notes}" if notes else "")
 
     def check(self) -> None:
         """Raise BadSamplesError when the bad fraction exceeds the limit (after `min_samples` samples)."""

@@ -14,8 +14,9 @@ import json
 import logging
 import math
 import os
+import random
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,6 +24,7 @@ from typing import Any, Protocol
 import pytorch_lightning as pl
 import torch
 
+from ldmlab.data.buckets import probe_weights
 from ldmlab.data.decoders import Decoder
 from ldmlab.data.filters import SampleCounter, check_fraction
 from ldmlab.data.pipeline import EpochLoader, ShardStream
@@ -35,6 +37,7 @@ from ldmlab.data.shards import (
     is_local,
     manifest_urls,
     read_manifest,
+    read_segment,
     shard_counts,
     sibling_url,
 )
@@ -54,6 +57,8 @@ class StreamSettings:
     max_bad_fraction: float = 0.01  # stop the run when more of a rank's samples than this are bad
     bad_check_after: int = 200  # samples a rank reads before max_bad_fraction applies
     pin_memory: bool = False
+    bucket_buffer: int = 16  # with data.decoder.buckets: samples pending per slot, in batches, before borrowing
+    bucket_probe: int = 1000  # with data.decoder.buckets: samples whose sizes weight the bucket schedule
 
     def __post_init__(self) -> None:
         check_fraction(self.max_bad_fraction)  # fail at construction, not in a worker
@@ -77,6 +82,15 @@ class ShardSource(Protocol):
     def root(self) -> str: ...
 
     def prepare(self) -> None: ...
+
+
+def _probe_samples(urls: Sequence[str], n: int, seed: int) -> Iterator[dict]:
+    """About `n` raw samples from the heads of the shards in a seeded order (not one shard's one class)."""
+    order = list(urls)
+    random.Random(f"{seed}/probe").shuffle(order)
+    per = max(16, math.ceil(n / max(1, len(order))))
+    for url in order:
+        yield from read_segment(url, 0, per, lambda *_: None)  # a short or broken shard: the next one
 
 
 def _rank_world(trainer: pl.Trainer | None) -> tuple[int, int]:
@@ -189,10 +203,12 @@ class ShardDataModule(pl.LightningDataModule):
         if per_rank == 0:
             raise DataConfigError(f"{samples} training samples make no batch of data.batch_size={s.batch_size} on "
                                   f"each of {world_size} ranks: lower data.batch_size or set data.samples_per_epoch")
-        return ShardStream(sources, decoder=self.make_decoder(True, on_device), batch_size=s.batch_size,
+        decoder, bucket_weights = self._bucketed(self.make_decoder(True, on_device), [u for x in sources for u in x])
+        return ShardStream(sources, decoder=decoder, batch_size=s.batch_size,
                            batches_per_rank=per_rank, mode="resampled" if resampled else "exact", counts=counts,
                            weights=self.weights, shuffle_buffer=s.shuffle_buffer, seed=s.seed,
-                           rank=rank, world_size=world_size, counter=self._counter())
+                           rank=rank, world_size=world_size, counter=self._counter(),
+                           bucket_weights=bucket_weights, bucket_buffer=s.bucket_buffer)
 
     def _check_not_empty(self, sources: list[list[str]], counts: list[list[int]] | None) -> None:
         """One line naming the training shards that hold no samples (all of them: an error; some: a warning)."""
@@ -218,9 +234,31 @@ class ShardDataModule(pl.LightningDataModule):
             raise DataConfigError(f"validation shards {self.val_urls or self.root!r} hold no samples: remove "
                                   f"them from data.val_urls, or rewrite them with python -m ldmlab.data.make_shards")
         per_rank = math.ceil(math.ceil(sum(counts) / world_size) / self.stream.batch_size)
-        return ShardStream([urls], decoder=self.make_decoder(False, on_device), batch_size=self.stream.batch_size,
+        decoder, bucket_weights = self._bucketed(self.make_decoder(False, on_device), urls)
+        return ShardStream([urls], decoder=decoder, batch_size=self.stream.batch_size,
                            batches_per_rank=per_rank, mode="eval", counts=[counts], seed=self.stream.seed,
-                           rank=rank, world_size=world_size, counter=self._counter())
+                           rank=rank, world_size=world_size, counter=self._counter(),
+                           bucket_weights=bucket_weights, bucket_buffer=self.stream.bucket_buffer)
+
+    def _bucketed(self, decoder: Decoder, urls: list[str]) -> tuple[Decoder, list[float] | None]:
+        """The decoder and its bucket schedule's weights (None: no buckets). Weights are the cache manifest's
+        samples per bucket, else counted over data.bucket_probe samples from the heads of the shards (the same
+        on every rank); a probed decoder keeps only the buckets seen, so no sample waits for a bucket that is
+        never scheduled."""
+        sizes = decoder.bucket_sizes
+        if sizes is None:
+            return decoder, None
+        weights = decoder.bucket_weights
+        if weights is None:
+            weights = probe_weights(_probe_samples(urls, self.stream.bucket_probe, self.stream.seed),
+                                    decoder.bucket_of, len(sizes), self.stream.bucket_probe)
+            if not any(weights):
+                raise DataConfigError(f"no usable image among the first samples of {self._field()} fits "
+                                      f"data.decoder.buckets={sizes}: check the shards and data.decoder")
+            decoder = decoder.with_buckets([s for s, w in zip(sizes, weights) if w])
+            weights = [w for w in weights if w]
+        log.info("buckets %s, batches in proportion %s", decoder.bucket_sizes, [round(w) for w in weights])
+        return decoder, weights
 
     def _counter(self) -> SampleCounter:
         return SampleCounter(self.stream.max_bad_fraction, self.stream.bad_check_after)

@@ -16,6 +16,10 @@ share (`worker_share`), whatever the shards hold. Modes:
 * eval: fixed order, no shuffle; rank r owns positions [r·n, (r+1)·n) with n = ceil(samples / world_size),
   padded by wrapping around its own range to whole batches: deterministic, ranks disjoint, every sample seen.
 
+Aspect-ratio buckets (a decoder with `bucket_sizes`; `ldmlab.data.buckets`): step j of a pass uses the bucket a
+seeded schedule of (seed, epoch) gives it, the same on every rank; each slot fills its steps' buckets from its
+own samples through a bounded buffer, grouping by header alone, so the resume below replays the grouping.
+
 Bad samples are skipped and counted (`ldmlab.data.filters`); a slot that lost samples refills from its own
 range (exact, eval) so the batch count never changes.
 
@@ -40,6 +44,7 @@ from typing import NamedTuple
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ldmlab.data.buckets import BucketBatcher, bucket_schedule
 from ldmlab.data.decoders import Decoder
 from ldmlab.data.filters import BadSample, BadSamplesError, SampleCounter
 from ldmlab.data.shards import Segment, read_segment, segments, slot_shards, worker_share, wrapped
@@ -72,7 +77,8 @@ class ShardStream(IterableDataset):
     def __init__(self, sources: Sequence[Sequence[str]], *, decoder: Decoder, batch_size: int,
                  batches_per_rank: int, mode: str, counts: Sequence[Sequence[int]] | None = None,
                  weights: Sequence[float] | None = None, shuffle_buffer: int = 0, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, counter: SampleCounter | None = None) -> None:
+                 rank: int = 0, world_size: int = 1, counter: SampleCounter | None = None,
+                 bucket_weights: Sequence[float] | None = None, bucket_buffer: int = 16) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if mode != "resampled" and counts is None:
@@ -86,6 +92,11 @@ class ShardStream(IterableDataset):
         self.mode, self.shuffle_buffer, self.seed = mode, shuffle_buffer, seed
         self.rank, self.world_size = rank, world_size
         self.counter = counter or SampleCounter()
+        # Aspect-ratio buckets (the decoder's bucket_sizes): the schedule's weights, the buffer in batches.
+        self.bucket_weights = list(bucket_weights) if bucket_weights is not None else None
+        if self.bucket_weights is not None and len(self.bucket_weights) != len(decoder.bucket_sizes or ()):
+            raise ValueError(f"{len(self.bucket_weights)} bucket weights for buckets {decoder.bucket_sizes}")
+        self.bucket_buffer = bucket_buffer
         # Shared memory, so persistent workers see what EpochLoader sets before each pass:
         # [epoch (reseeds order, augmentation), batches to skip, raw samples read per slot...].
         self._pass = multiprocessing.RawArray("q", 2 + MAX_WORKERS)
@@ -121,10 +132,15 @@ class ShardStream(IterableDataset):
         tag = "eval" if self.mode == "eval" else self.epoch
         name = f"{self.seed}/{tag}/{self.rank}/{role}"  # str seeds are stable across runs
         rng = random.Random(name)
+        limit = None  # raw samples in one pass of this slot's range (none: resampled)
         if self.mode == "resampled":
             samples = self._shuffled(self._resampled(role, num_workers, rng), rng)
         else:
-            samples = self._cycle(self._slot_segments(role, num_workers), rng)
+            segs = self._slot_segments(role, num_workers)
+            samples, limit = self._cycle(segs, rng), sum(b - a for _, a, b in segs)
+        if self.bucket_weights is not None:
+            steps = bucket_schedule(self.bucket_weights, self.batches_per_rank, f"{self.seed}/{tag}/buckets")
+            return islice(self._bucket_batches(samples, name, done, steps[role::num_workers], limit), quota)
         read = self._pass[2 + role]
         return islice(self._batches(islice(samples, read, None), name, done, read), quota)
 
@@ -234,6 +250,49 @@ class ShardStream(IterableDataset):
                 items, good, index = [], 0, index + 1
                 rng = random.Random(f"{name}/{index}")
 
+    # ------------------------------------------------------------------ aspect-ratio buckets
+
+    def _bucket_batches(self, samples: Iterator[dict], name: str, done: int, steps: list[int],
+                        limit: int | None) -> Iterator[Positioned]:
+        """Batches of the scheduled buckets `steps` (this slot's), from the slot's `done`-th on.
+
+        Grouping reads headers only, so a resumed slot replays its first `done` groups without decoding (and
+        without counting their samples again) and rebuilds the same pending buffer: the resume is bit-exact.
+        """
+        batcher = BucketBatcher(self.decoder.bucket_sizes, self.batch_size, self.bucket_buffer * self.batch_size,
+                                self.decoder.reshapes)
+
+        def bad(index: int, error: BadSample) -> None:
+            if index >= done:  # replayed groups were counted by the run that made them
+                self.counter.bad(error)
+
+        for index, (bucket, members, read) in enumerate(batcher.groups(samples, steps, self.decoder.bucket_of,
+                                                                       limit, bad)):
+            if index >= done:
+                if bucket != steps[index]:  # a decoder that cannot reshape took its fullest bucket instead
+                    self.counter.note("off_schedule", len(members))
+                yield Positioned(self._bucket_batch(bucket, members, f"{name}/{index}"), read)
+
+    def _bucket_batch(self, bucket: int, members: list, seed: str) -> dict:
+        """Decode one group into `bucket` with the batch's rng; notes and bad samples counted."""
+        rng, items = random.Random(seed), []
+        for sample, own, note in members:
+            try:
+                items.append(self.decoder(sample, rng, bucket))
+            except BadSample as error:
+                self.counter.bad(error)
+                continue
+            for kind in (note, "borrowed" if own != bucket else None):
+                if kind:
+                    self.counter.note(kind)
+        if not items:
+            raise BadSamplesError(f"no sample of a batch decoded; {self.counter.describe()}")
+        self.counter.good(len(items))
+        # A sample whose header read but whose pixels did not: a repeat takes its place, because the grouping
+        # (and so the resume) must not depend on decoding.
+        items += [items[i % len(items)] for i in range(self.batch_size - len(items))]
+        return self.decoder.collate(items, rng)
+
     def _shard_error(self, url: str, error: Exception, missing: int | None) -> None:
         """A shard that failed part-way (truncated tar, failed pipe command): count what it lost."""
         message = f"shard {url!r} ended early ({type(error).__name__}: {error})"
@@ -266,7 +325,7 @@ class EpochLoader(DataLoader):
 
     def _pass(self) -> Iterator[dict]:
         epoch = self._epoch_fn() if self._epoch_fn is not None else None
-        if self._iters and self.dataset.counter.summary()["bad"]:
+        if self._iters and any(n for k, n in self.dataset.counter.summary().items() if k != "good"):
             log.warning("data (rank %d, %s): %s so far", self.dataset.rank, self.dataset.mode,
                         self.dataset.counter.describe())
         epoch, skip, read = self._start(self._iters if epoch is None else epoch, epoch is None)

@@ -12,6 +12,8 @@ import torch
 from PIL import Image
 from torch.utils.data import get_worker_info
 
+from ldmlab.data.buckets import cover_box
+
 _SCALE = np.float32(1 / 127.5)
 _NUMPY_DTYPES = {torch.uint8: np.uint8, torch.float32: np.float32}
 
@@ -109,6 +111,23 @@ def to_pil(x: torch.Tensor) -> Image.Image:
     """(3, H, W) tensor in [-1, 1] → RGB PIL image (inverse of `to_tensor`, up to rounding)."""
     arr = x.detach().float().add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8)
     return Image.fromarray(arr.permute(1, 2, 0).cpu().numpy())
+
+
+def cover_crop(img: Image.Image, size: tuple[int, int], rng: random.Random | None, random_crop: bool = False,
+               random_flip: bool = False) -> tuple[np.ndarray, tuple[int, int]]:
+    """Resize to cover `size` = (H, W) keeping the aspect ratio, crop H×W (centre or random), maybe flip:
+    ((H, W, 3) uint8, (top, left) of the crop in the resized image), the offsets SDXL §2.2 conditions on."""
+    (H, W), (w, h) = size, img.size
+    img = img.convert("RGB") if img.mode != "RGB" else img
+    rh, rw = cover_box(h, w, H, W)
+    if (rw, rh) != (w, h):
+        img = img.resize((rw, rh), Image.Resampling.BICUBIC)
+    top, left = (rng.randint(0, rh - H), rng.randint(0, rw - W)) if rng and random_crop else \
+        ((rh - H) // 2, (rw - W) // 2)
+    if rng and random_flip and rng.random() < 0.5:
+        img, left = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT), rw - left - W
+    pixels = np.frombuffer(rgb_bytes(img, (left, top, left + W, top + H)), np.uint8).reshape(H, W, 3)
+    return pixels, (top, left)
 
 
 class ImageTransform:

@@ -30,6 +30,8 @@ def load_split(dm: ShardDataModule, split: str) -> tuple[Tensor, Tensor]:
     if not urls:
         raise ValueError(f"the data config has no {split} shards to train or score the classifier on")
     decode = dm.make_decoder(train=False)
+    if decode.bucket_sizes is not None:  # the judge sees image_size² centre crops, whatever the buckets
+        decode = decode.with_buckets(None)
     items = [decode(sample, None) for url in urls for sample in shard_samples(url)]
     pixels, labels = [i[0] for i in items], [i[1] for i in items]
     return to_batch(pixels, uint8=True).clone(), torch.tensor(labels, dtype=torch.int64)

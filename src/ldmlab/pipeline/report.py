@@ -116,6 +116,9 @@ def ldm_section(latents: dict, ldm: dict) -> list[str]:
     cache = (f"`ldmlab.cache_latents` encoded {latents['train_samples']} train + {latents['val_samples']} val "
              f"crops into {tuple(latents['latent_shape'])} latents (posterior mean and std) in "
              f"`{latents['dir']}/`.")
+    if latents.get("buckets"):  # aspect-ratio buckets: one latent shape per bucket
+        cache = cache.replace(f"{tuple(latents['latent_shape'])} latents",
+                              f"latents of one shape per bucket ({', '.join(map(str, map(tuple, latents['buckets'])))})")
     unet = (f"The U-Net ({ldm['params'] / 1e6:.2f} M parameters, label = source photo, CFG dropout "
             f"p_uncond = {ldm['p_uncond']}) trained {ldm['steps']} steps × batch {ldm['batch_size']} on the "
             f"cached latents ({_minutes(ldm.get('seconds'))}); final train loss (mean of the last 10 logs) "
@@ -134,6 +137,9 @@ def sample_section(samples: dict, names: Sequence[str]) -> list[str]:
     for g in samples["guidance"]:
         lines += [f"**Guidance {g['scale']:g}** (class accuracy {_pct(g['accuracy'])})", "",
                   f"![samples at guidance {g['scale']:g}]({g['grid']})", ""]
+    for size in samples.get("sizes", []):  # sample.sizes: the same model at other aspect ratios
+        lines += [f"**{size['width']}×{size['height']} (W×H)**, guidance {size['scale']:g}", "",
+                  f"![samples at {size['width']}×{size['height']}]({size['grid']})", ""]
     return lines
 
 

@@ -124,7 +124,7 @@ def latents_stage(pipe: DictConfig, vae_cfg: DictConfig, out: Path, vae_path: Pa
                      num_workers=pipe.latents.num_workers)
     cache_latents(args, cfg)
     manifest = read_manifest(str(out / "manifest.json"))
-    return {"dir": out.name, "latent_shape": manifest["latent_shape"],
+    return {"dir": out.name, "latent_shape": manifest["latent_shape"], "buckets": manifest.get("buckets"),
             "train_samples": manifest["splits"]["train"]["samples"],
             "val_samples": manifest["splits"]["val"]["samples"]}
 
@@ -179,14 +179,29 @@ def load_classifier(path: Path, device: torch.device) -> SmallCNN:
 
 @torch.no_grad()
 def generate(module: torch.nn.Module, labels: list[int], scale: float, steps: int, batch_size: int, seed: int,
-             precision: str) -> torch.Tensor:
+             precision: str, latent_shape: tuple[int, int, int] | None = None) -> torch.Tensor:
     """Samples for `labels` at one guidance scale, in seeded batches: (N, 3, H, W) in [-1, 1] on the CPU."""
     sampler, out = partial(module.sampler, num_steps=steps), []
     for start in range(0, len(labels), batch_size):
         chunk = labels[start:start + batch_size]
         with clf.autocast(module.device, precision):
-            out.append(module.sample(chunk, len(chunk), scale, seed=seed + start, sampler=sampler).float().cpu())
+            out.append(module.sample(chunk, len(chunk), scale, seed=seed + start, sampler=sampler,
+                                     latent_shape=latent_shape).float().cpu())
     return torch.cat(out)
+
+
+def aspect_grids(module: torch.nn.Module, pipe: DictConfig, names: list[str], columns: int, zoom: int,
+                 out: Path, precision: str) -> list[dict]:
+    """One grid per `sample.sizes` (H, W) at the largest guidance: one convolutional model samples any size."""
+    s, f, results = pipe.sample, module.vae.downsample_factor, []
+    channels, scale = int(module.unet.config["in_channels"]), max(map(float, s.guidance))
+    for h, w in s.get("sizes") or []:
+        images = generate(module, clf.sample_labels(len(names), columns), scale, s.steps, s.batch_size, pipe.seed,
+                          precision, (channels, h // f, w // f))
+        grid = out / f"grid_{w}x{h}.png"  # W×H, as the report names it
+        labelled_grid(images, names, columns, zoom).save(grid)
+        results.append({"height": int(h), "width": int(w), "scale": scale, "grid": _relative(grid, out.parent)})
+    return results
 
 
 def samples_stage(pipe: DictConfig, trainer: DictConfig, out: Path, ckpt: Path, classifier: Path,
@@ -194,16 +209,20 @@ def samples_stage(pipe: DictConfig, trainer: DictConfig, out: Path, ckpt: Path, 
     """Grids (one row per class) at each guidance scale; class accuracy of all samples by the classifier, and
     the domain FID/KID of the samples and of the held-out crops' reconstructions on its features."""
     device, precision, s = device_of(trainer), str(trainer.precision), pipe.sample
-    held_out = clf.load_split(hydra.utils.instantiate(data), "val")[0]
+    dm = hydra.utils.instantiate(data)
+    held_out = clf.load_split(dm, "val")[0]
     image_sets = {"reconstructions": reconstruct(vae_path, held_out, device)}
     module = load_ldm(ckpt, use_ema=True).to(device)
     judge = load_classifier(classifier, device)
     labels = clf.sample_labels(len(names), s.per_class)
-    zoom = max(1, 96 // (module.latent_shape[-1] * module.vae.downsample_factor))  # 32 px crops: 3× grid
+    # the judge's size, image_size² (with buckets the last training batch's shape is any bucket's)
+    size, f = int(dm.decoder.image_size), module.vae.downsample_factor
+    square = (int(module.unet.config["in_channels"]), size // f, size // f)
+    zoom = max(1, 96 // size)  # 32 px crops: 3× grid
     columns = min(int(s.grid_columns), int(s.per_class))
     results = []
     for g in map(float, s.guidance):
-        images = generate(module, labels, g, s.steps, s.batch_size, pipe.seed, precision)
+        images = generate(module, labels, g, s.steps, s.batch_size, pipe.seed, precision, square)
         acc = clf.class_accuracy(clf.predict(judge, images, precision=precision), torch.tensor(labels), len(names))
         log.info("guidance %g: class accuracy %.3f (%s)", g, acc["accuracy"],
                  clf.format_per_class(acc["per_class"], names))
@@ -217,5 +236,6 @@ def samples_stage(pipe: DictConfig, trainer: DictConfig, out: Path, ckpt: Path, 
     log.info("domain FID (%s features): %s", domain["features"],
              ", ".join(f"{k} {v['fid']:.3g}" for k, v in domain["sets"].items()))
     return {"guidance": results, "domain": domain, "per_class": int(s.per_class), "grid_columns": columns,
+            "sizes": aspect_grids(module, pipe, names, columns, zoom, out, precision),
             "steps": int(s.steps), "sampler": getattr(module.sampler, "func", module.sampler).__name__,
             "grid_scale": zoom}

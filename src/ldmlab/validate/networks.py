@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from torch import nn
 
+from ldmlab.data.buckets import parse_buckets
 from ldmlab.nn.autoencoder import AutoencoderKL
 from ldmlab.nn.unet import UNetModel
 from ldmlab.validate.fields import get, image_size, target
@@ -109,6 +110,15 @@ def latent_manifest(cfg: DictConfig) -> list[int] | None:
     return json.loads(manifest.read_text()).get("latent_shape") if manifest.is_file() else None
 
 
+def latent_buckets(cfg: DictConfig) -> list[list[int]] | None:
+    """[[C, h, w], ...] of a bucketed latent cache's manifest.json, or None."""
+    root = get(cfg, "data.root")
+    manifest = Path(root) / "manifest.json" if root is not None else None
+    if manifest is None or not target(cfg, "data.decoder").endswith("LatentDecoder") or not manifest.is_file():
+        return None
+    return json.loads(manifest.read_text()).get("buckets")
+
+
 def latent_problems(cfg: DictConfig, unet: UNetModel, vae: AutoencoderKL | None, source: str) -> list[str]:
     """The U-Net's in/out channels match the latents; the latent side divides by the U-Net's factor."""
     shape = latent_manifest(cfg)
@@ -121,7 +131,9 @@ def latent_problems(cfg: DictConfig, unet: UNetModel, vae: AutoencoderKL | None,
                 for key in ("in_channels", "out_channels") if channels and unet.config[key] != channels]
     fix = f"change the image size so the latent side is a multiple of {unet.downsample_factor}, or use fewer levels"
     if shape:
-        return problems + size_problems("model.unet", unet, shape[-1], f"the cached latent side ({source})", fix)
+        sides = sorted({side for b in latent_buckets(cfg) or [shape] for side in b[-2:]})  # every bucket's h, w
+        return problems + [line for side in sides for line in size_problems(
+            "model.unet", unet, side, f"the cached latent side ({source})", fix)][:1]
     size, field = image_size(cfg)
     if vae is None or not isinstance(size, int):
         return problems
@@ -132,6 +144,48 @@ def latent_problems(cfg: DictConfig, unet: UNetModel, vae: AutoencoderKL | None,
     return problems + size_problems("model.unet", unet, size // vae.downsample_factor, what, fix)
 
 
+def nearest_multiple(x: int, factor: int) -> int:
+    """The multiple of `factor` nearest `x` (halves up, at least `factor`): the fix an error line suggests."""
+    return factor * max(1, (x + factor // 2) // factor)
+
+
+def bucket_problems(cfg: DictConfig, factor: int, what: str) -> list[str]:
+    """Every bucket side of data.decoder.buckets (or its generating step) is a multiple of `factor`."""
+    spec = get(cfg, "data.decoder.buckets")
+    if spec is None or not target(cfg, "data.decoder").endswith("ImageDecoder"):
+        return []
+    if isinstance(spec, DictConfig):
+        step = spec.get("step", 64)
+        fix = nearest_multiple(step, factor)
+        return [] if step % factor == 0 else [(f"data.decoder.buckets.step={step} is not a multiple of {factor} "
+                                               f"({what}): set data.decoder.buckets.step={fix}")]
+    try:
+        sizes = parse_buckets(spec)
+    except ValueError as error:
+        return [str(error)]
+    bad = [list(s) for s in sizes if s[0] % factor or s[1] % factor]
+    fix = [nearest_multiple(x, factor) for x in bad[0]] if bad else None
+    return [(f"data.decoder.buckets has {bad[0]}: not a multiple of {factor} ({what}): use sizes that are, "
+             f"e.g. {fix}")] if bad else []
+
+
+def total_factor(unet: UNetModel, vae: AutoencoderKL | None) -> tuple[int, str]:
+    """(image side multiple, how it is made): the VAE's factor × the U-Net's 2^(levels−1)."""
+    f = vae.downsample_factor if vae is not None else 1
+    return f * unet.downsample_factor, (f"VAE factor {f} × U-Net factor {unet.downsample_factor} of "
+                                        f"model.unet.channel_mult={list(unet.channel_mult)}")
+
+
+def model_networks(cfg: DictConfig) -> tuple[UNetModel | None, AutoencoderKL | None, list[str]]:
+    """The configured U-Net and VAE (built on the meta device) and the refusals met building them."""
+    built, problems = build_networks(cfg)
+    vae = built.get("model.vae")
+    if vae is None and built.get("model.unet") is not None:
+        vae, refused = file_vae(cfg)
+        problems += refused
+    return built.get("model.unet"), vae, problems
+
+
 def network_problems(cfg: DictConfig) -> list[str]:
     """Each configured network builds (its constructor's rules), and the networks fit the data and each other."""
     built, problems = build_networks(cfg)
@@ -139,6 +193,7 @@ def network_problems(cfg: DictConfig) -> list[str]:
         size, field = image_size(cfg)
         problems += size_problems("model.autoencoder", ae, size, field,
                                   f"set {field} to a multiple of {ae.downsample_factor}, or use fewer levels")
+        problems += bucket_problems(cfg, ae.downsample_factor, "the downsampling of model.autoencoder")
     if (unet := built.get("model.unet")) is None:
         return problems
     vae, source = built.get("model.vae"), "model.vae"
@@ -146,4 +201,6 @@ def network_problems(cfg: DictConfig) -> list[str]:
         vae, refused = file_vae(cfg)
         problems += refused
         source = f"the VAE at model.vae.path={get(cfg, 'model.vae.path')}"
+    if vae is not None:
+        problems += bucket_problems(cfg, *total_factor(unet, vae))
     return problems + latent_problems(cfg, unet, vae, source)

@@ -91,4 +91,27 @@ def sample_problems(cfg: DictConfig) -> list[str]:
     stored = stored_config(ckpt)
     if stored is None:
         return problems
-    return problems + stored_guidance_problems(cfg, stored) + conditioning_problems(cfg, stored)
+    return (problems + stored_guidance_problems(cfg, stored) + conditioning_problems(cfg, stored)
+            + size_problems(cfg, stored))
+
+
+def size_problems(cfg: DictConfig, stored: DictConfig) -> list[str]:
+    """height= and width= are multiples of the checkpoint's total downsampling (VAE × U-Net), built on meta."""
+    sizes = {k: cfg.get(k) for k in ("height", "width") if cfg.get(k) is not None}
+    if bad := [f"{k}={v} must be a positive integer, e.g. {k}=512" for k, v in sizes.items()
+               if not isinstance(v, int) or isinstance(v, bool) or v < 1]:
+        return bad
+    if not sizes:
+        return []
+    from ldmlab.validate.networks import (  # torch: only if asked
+        model_networks,
+        nearest_multiple,
+        total_factor,
+    )
+
+    unet, vae, _ = model_networks(stored)
+    if unet is None or vae is None:
+        return []  # the rebuild reports what is missing
+    factor, why = total_factor(unet, vae)
+    return [f"{k}={v} is not a multiple of {factor} ({why}): set {k}={nearest_multiple(v, factor)}"
+            for k, v in sizes.items() if v % factor]
