@@ -47,7 +47,7 @@ def small_unet(**kw) -> UNetModel:
 def module(conditioner, unet, vae=None, **kw) -> LatentDiffusionModule:
     return LatentDiffusionModule(unet=unet, noise_schedule=scaled_linear(), prediction=EpsPrediction(),
                                  sampler=partial(ddim_sample, num_steps=4), vae=vae, conditioner=conditioner,
-                                 latent_scale=None, sampling={"guidance_scales": (1.0, 2.0)}, **kw)
+                                 sampling={"guidance_scales": (1.0, 2.0)}, **{"latent_scale": None, **kw})
 
 
 def fit(m: LatentDiffusionModule, data: Dataset, tmp_path: Path, steps: int = 3) -> pl.Trainer:
@@ -156,3 +156,18 @@ def test_flat_keys_of_older_checkpoints_are_regrouped() -> None:
     assert OmegaConf.to_container(regroup(old)) == {
         "_target_": "x", "latent_scale": None, "training": {"p_uncond": 0.2, "loss_weighting": "min_snr", "seed": 7},
         "sampling": {"guidance_scales": [1.0, 3.0], "sample_seed": 4}}
+
+
+def test_a_fine_tune_keeps_its_base_runs_latent_scale(tmp_path: Path) -> None:
+    """model.unet_init from an export: with latent_scale=null the file's scale is used, not one re-estimated
+    from the (few) fine-tuning images; an explicit scale still wins."""
+    from ldmlab.lit.weights import save_weights
+
+    base = small_unet(num_classes=3)
+    path = save_weights(tmp_path / "unet.safetensors", base.state_dict(), dict(base.config), "unet",
+                        latent_scale="0.4321")
+    tuned = module(ClassConditioner(3), small_unet(num_classes=3), unet_init=str(path))
+    assert float(tuned.latent_scale) == pytest.approx(0.4321)
+    assert all(torch.equal(a, b) for a, b in zip(tuned.unet.state_dict().values(), base.state_dict().values()))
+    assert float(module(ClassConditioner(3), small_unet(num_classes=3), latent_scale=0.5,
+                        unet_init=str(path)).latent_scale) == 0.5

@@ -152,6 +152,9 @@ class DreamBooth:
         """Draw the class images with the base weights (before a resumed checkpoint is loaded), once."""
         if self.prior_weight == 0 or class_images_ready(self.class_dir, self.class_prompt, self.num_class_images):
             return
+        if float(module.latent_scale) == 0.0:
+            raise ValueError("finetune=dreambooth draws its class images before training, but the latent scale is "
+                             "not known yet: set model.latent_scale, or start from a unet_init that stores it")
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         side = self.image_size // module.vae.downsample_factor
         shape = (module.vae.embed_dim, side, side)

@@ -64,8 +64,9 @@ class LatentDiffusionModule(TrainingModule):
         if vae is not None and unet_in is not None and unet_in != vae.embed_dim:
             raise ValueError(f"model.unet.in_channels={unet_in} but the VAE's latents have {vae.embed_dim} channels: "
                              f"set model.unet.in_channels=model.unet.out_channels={vae.embed_dim}")
-        if unet_init is not None:
-            load_unet_init(unet, unet_init)
+        if unet_init is not None:  # a fine-tune keeps the latent scale its base trained with (unless set)
+            stored_scale = load_unet_init(unet, unet_init)
+            latent_scale = latent_scale or stored_scale
         if finetune is not None:  # after the base weights: LoRA wraps them, TI adds tokens (conf/finetune/)
             finetune.apply(unet, conditioner)
         self.finetune = finetune

@@ -14,8 +14,11 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 
-def load_unet_init(unet: nn.Module, path: str) -> None:
-    """Fine-tune from an ldmlab `unet.safetensors` (convert SD/diffusers weights with `python -m ldmlab.convert`)."""
+def load_unet_init(unet: nn.Module, path: str) -> float | None:
+    """Fine-tune from an ldmlab `unet.safetensors` (convert SD/diffusers weights with `python -m ldmlab.convert`);
+    returns the latent scale the file's run trained with (its metadata), None when it names none."""
+    from safetensors import safe_open
+
     from ldmlab.convert.checkpoint import load_ldmlab
 
     if not Path(path).exists():
@@ -28,6 +31,9 @@ def load_unet_init(unet: nn.Module, path: str) -> None:
                          "make model.unet match it")
     unet.load_state_dict(state)
     rank_zero_info(f"U-Net initialised from {path}")
+    with safe_open(str(path), "pt") as f:
+        scale = (f.metadata() or {}).get("latent_scale")
+    return float(scale) if scale and float(scale) > 0 else None
 
 
 def save_weights(path: Path, state: dict[str, Tensor], config: dict[str, Any], kind: str, **extra: str) -> Path:
