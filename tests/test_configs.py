@@ -129,7 +129,8 @@ def test_every_experiment_trains_one_step(option: str, tmp_path: Path) -> None:
 
     cfg = compose_train([f"experiment={option}", "trainer=cpu", "data=demo", "model.lpips.backbone=random",
                          "trainer.max_steps=1", "trainer.limit_val_batches=1", "trainer.val_check_interval=1",
-                         "data.batch_size=2", "trainer.precision=32-true", "model.scale_lr=false"], tmp_path)
+                         "data.batch_size=2", "trainer.precision=32-true", "model.scale_lr=false",
+                         "data.decoder.image_size=32", "trainer.num_sanity_val_steps=0"], tmp_path)  # the demo crops
     assert train(cfg) is not None
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
 
