@@ -161,3 +161,14 @@ def test_dreambooth_lora_under_two_rank_ddp(tiny_assets: dict[str, Path], tmp_pa
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 2 and set(ckpt["callbacks"]["EMA"]["shadow"]) == {
         k.removeprefix("unet.") for k in ckpt["state_dict"] if ".lora." in k and k.endswith(".weight")}
+
+
+def test_the_proofs_text_encoder_spells_every_caption_word_as_one_token(tmp_path: Path) -> None:
+    from ldmlab.data.demo import class_names
+    from ldmlab.pipeline.finetune_demo import IDENTIFIER, build_text_encoder, caption
+
+    words = sorted({w for n in class_names() for w in caption(n).split()} | {IDENTIFIER})
+    text = TextConditioner(build_text_encoder(tmp_path / "clip", words))
+    assert all(len(text.tokenizer(w, add_special_tokens=False).input_ids) == 1 for w in words)
+    assert text.encoder.get_input_embeddings().num_embeddings == len(text.tokenizer)
+    assert rare_identifiers(text.tokenizer, id_range=(0.0, 1.0))  # the helper finds candidates in it too

@@ -19,6 +19,7 @@ import sys
 import time
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -36,34 +37,46 @@ REPO = CONF_DIR.parents[2] if (CONF_DIR.parents[2] / "train.py").is_file() else 
 
 
 def caption(name: str) -> str:
-    return f"a photo of {name}"
+    return f"a photo of {name.replace('_', ' ')}"  # CLIP's pre-tokenizer splits words at '_' anyway
 
 
 def build_text_encoder(out: Path, words: list[str], width: int = 64, max_length: int = 8) -> Path:
     """A random CLIPTextModel and a BPE tokenizer whose merges spell every word of `words` as one token."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     out.mkdir(parents=True, exist_ok=True)
-    vocab, merges = ["<unk>", "<|startoftext|>", "<|endoftext|>"], []
-    for word in words:
-        pieces = [*word[:-1], word[-1] + "</w>"] if len(word) > 1 else [word + "</w>"]
-        vocab += [p for p in pieces if p not in vocab]
-        while len(pieces) > 1:  # left to right: ((a b) c)</w> ...
-            merges.append(f"{pieces[0]} {pieces[1]}")
-            pieces = [pieces[0] + pieces[1], *pieces[2:]]
-            vocab += [pieces[0]] if pieces[0] not in vocab else []
-    vocab = list(dict.fromkeys(vocab))  # a word may repeat a letter
-    (out / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
-    tokenizer = CLIPTokenizer(str(out / "vocab.json"), str(out / "merges.txt"), unk_token="<unk>",
-                              pad_token="<|endoftext|>")
-    tokenizer.save_pretrained(str(out))
+    specials = ["<unk>", "<|startoftext|>", "<|endoftext|>"]
+    letters = sorted({c for w in words for c in w[:-1]} | {w[-1] + "</w>" for w in words})
+    merges: list[str] = []
+    while True:  # BPE applies the lowest-ranked merge first: add one for the first pair of an unfinished word
+        tokenizer = _tokenizer(out, specials + letters + _merged(merges), merges)
+        pieces = next((t for w in words if len(t := tokenizer.tokenize(w)) > 1), None)
+        if pieces is None:
+            break
+        merges.append(f"{pieces[0]} {pieces[1]}")
     torch.manual_seed(0)
-    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=width, intermediate_size=2 * width,
+    config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width,
                             num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=max_length,
                             bos_token_id=1, eos_token_id=2, pad_token_id=2)
     CLIPTextModel(config).save_pretrained(str(out))
     return out
+
+
+def _merged(merges: list[str]) -> list[str]:
+    return list(dict.fromkeys(m.replace(" ", "") for m in merges))
+
+
+def _tokenizer(out: Path, vocab: list[str], merges: list[str]) -> Any:
+    """A CLIPTokenizer over `vocab` and `merges`, saved in `out`."""
+    from transformers import CLIPTokenizer
+
+    vocab = list(dict.fromkeys(vocab))
+    (out / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (out / "merges.txt").write_text("\n".join(["#version: 0.2", *merges]) + "\n")
+    tokenizer = CLIPTokenizer(str(out / "vocab.json"), str(out / "merges.txt"), unk_token="<unk>",
+                              pad_token="<|endoftext|>")
+    tokenizer.save_pretrained(str(out))
+    return tokenizer
 
 
 def write_folder(out: Path, pixels: torch.Tensor, captions: list[str]) -> Path:
@@ -127,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     log = out / "runs.log"
     pixels, labels = demo_train_crops()
-    clip = build_text_encoder(out / "clip", ["a", "photo", "of", IDENTIFIER, *names])
+    clip = build_text_encoder(out / "clip", sorted({w for n in names for w in caption(n).split()} | {IDENTIFIER}))
     old = labels != HELD
     pretrain_dir = write_folder(out / "pretrain_data", pixels[old], [caption(names[c]) for c in labels[old]])
     instance = pixels[labels == HELD][:5]
