@@ -38,9 +38,9 @@ def test_flow_command_line_passes_the_check(tmp_path: Path, vae: Path) -> None:
 
 @pytest.mark.parametrize("overrides, needle, fix", [
     (["model/sampler=ddim"], "model/sampler=ddim cannot sample the flow-matching objective",
-     "use model/sampler=flow_euler or flow_heun"),
+     "use model/sampler=flow_euler or model/sampler=flow_heun"),
     (["model/prediction=eps"], "model/sampler=flow_euler integrates a velocity, but model/prediction is "
-     "EpsPrediction", "set model/prediction=flow"),
+     "EpsPrediction", "use model/sampler=ddim|ddpm|euler|dpmpp_2m, or model/prediction=flow"),
 ])
 def test_mismatched_objective_and_sampler_is_one_line(overrides, needle, fix, tmp_path: Path, vae: Path) -> None:
     found = check_config(compose_train([*FLOW, *overrides, f"model.vae.path={vae}"], tmp_path))
@@ -74,5 +74,6 @@ def test_flow_config_trains_samples_and_sample_py_refuses_ddim(tmp_path: Path, v
     sample_cfg.ckpt, sample_cfg.sampler = str(ckpt), "ddim"
     found = sample_problems(sample_cfg)
     assert len(found) == 1 and found[0].startswith("sampler=ddim cannot sample the flow-matching objective"), found
+    assert found[0].endswith("use sampler=flow_euler or sampler=flow_heun")
     sample_cfg.sampler = "flow_heun"
     assert sample_problems(sample_cfg) == []

@@ -35,7 +35,7 @@ class LatentDiffusionModule(TrainingModule):
     def __init__(
         self,
         unet: nn.Module,
-        noise_schedule: NoiseSchedule,
+        noise_schedule: NoiseSchedule | None,  # None: an objective with its own path (FlowMatching)
         prediction: Prediction,
         sampler: Sampler,
         vae: AutoencoderKL | None = None,

@@ -86,9 +86,6 @@ def guidance_problems(cfg: DictConfig) -> list[str]:
     return [line]
 
 
-FLOW_SAMPLERS = ("flow_euler_sample", "flow_heun_sample")  # conf/model/sampler/flow_*.yaml
-
-
 def objective_problems(cfg: DictConfig, sampler: str | None = None, where: str = "model/sampler") -> list[str]:
     """The flow-matching objective (model/prediction=flow) samples with the flow samplers, and they with it only:
     a DDPM-family sampler would read its velocity as ε, v or x0 on a VP schedule. `sampler`: a sample.py choice
@@ -97,14 +94,14 @@ def objective_problems(cfg: DictConfig, sampler: str | None = None, where: str =
         return []
     flow = target(cfg, "model.prediction").endswith("FlowMatching")
     name = sampler or target(cfg, "model.sampler").rsplit(".", 1)[-1]
-    flow_sampler = name.startswith("flow_") or name in FLOW_SAMPLERS
+    flow_sampler = name.startswith("flow_")  # conf/model/sampler/flow_*.yaml, ldmlab.diffusion.flow_samplers.flow_*
     if flow and not flow_sampler:
         return [f"{where}={name.removesuffix('_sample')} cannot sample the flow-matching objective "
-                "(model/prediction=flow predicts a velocity): use model/sampler=flow_euler or flow_heun"]
+                f"(model/prediction=flow predicts a velocity): use {where}=flow_euler or {where}=flow_heun"]
     if flow_sampler and not flow:
         return [f"{where}={name.removesuffix('_sample')} integrates a velocity, but model/prediction is "
-                f"{target(cfg, 'model.prediction').rsplit('.', 1)[-1]}: set model/prediction=flow, or use "
-                "model/sampler=ddim|ddpm|euler|dpmpp_2m"]
+                f"{target(cfg, 'model.prediction').rsplit('.', 1)[-1]}: use {where}=ddim|ddpm|euler|dpmpp_2m"
+                + (", or train with model/prediction=flow" if where == "sampler" else ", or model/prediction=flow")]
     return []
 
 
