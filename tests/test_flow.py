@@ -181,3 +181,18 @@ def test_tiny_flow_ldm_trains_and_samples(tmp_path: Path) -> None:
     x = m.sample([0, 1, 1], 3, guidance_scale=2.0, seed=1, sampler=partial(flow_heun_sample, num_steps=3))
     assert x.shape == (3, 4, 4, 4) and torch.isfinite(x).all()
     assert math.isfinite(float(trainer.callback_metrics["train/loss"]))
+
+
+@pytest.mark.parametrize("gamma", [None, 5.0])
+def test_diffusion_training_inputs_are_the_ddpm_recipe(gamma: float | None) -> None:
+    """The seam the module calls draws what it drew before flow matching: t, then DDPM eq. 4's noise, same order."""
+    from ldmlab.diffusion import VPrediction, noisy_inputs, sample_timesteps, scaled_linear
+
+    schedule, pred, x0 = scaled_linear(), VPrediction(), torch.randn(4, 4, 3, 3)
+    x_t, t, target, weight = pred.training_inputs(x0, schedule, torch.Generator().manual_seed(3), 0.1, 0.05, gamma)
+    g = torch.Generator().manual_seed(3)
+    t_ref = sample_timesteps(4, 1000, g)
+    x_ref, target_ref = noisy_inputs(x0, t_ref, schedule, pred, 0.1, 0.05, g)
+    snr = schedule.snr(t_ref)
+    assert torch.equal(t, t_ref) and torch.equal(x_t, x_ref) and torch.equal(target, target_ref)
+    assert torch.equal(weight, torch.ones_like(snr) if gamma is None else pred.min_snr_weight(snr, gamma))
