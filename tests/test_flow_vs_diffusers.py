@@ -93,3 +93,17 @@ def test_heun_equals_diffusers(shift: float) -> None:
     for i, (ours, theirs) in enumerate(zip([s.x for s in steps], ref[1::2] + ref[-1:])):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5, msg=lambda m, i=i: f"step {i}: {m}")
     torch.testing.assert_close(out, ref[-1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("density", ["uniform", "logit_normal", "mode"])
+def test_training_densities_equal_diffusers_sd3_sampling(density: str) -> None:
+    """Unshifted training times equal diffusers' `compute_density_for_timestep_sampling` (its SD3 scripts) draw
+    for draw from equally seeded generators."""
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    from ldmlab.diffusion import flow_timesteps
+
+    theirs = compute_density_for_timestep_sampling(density, 64, logit_mean=0.3, logit_std=0.7, mode_scale=1.29,
+                                                   generator=torch.Generator().manual_seed(7))
+    ours = flow_timesteps(64, density, 0.3, 0.7, 1.29, shift=1.0, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)

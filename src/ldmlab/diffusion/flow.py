@@ -25,12 +25,12 @@ DENSITIES = ("uniform", "logit_normal", "mode")
 
 
 def shift_sigmas(t: Tensor | float, shift: float) -> Tensor | float:
-    """SD3's resolution shift t' = s·t / (1 + (s − 1)·t) (Esser et al. 2024, §5.3.2, eq. 23); s = 1 is identity."""
+    """SD3's resolution shift t' = s·t / (1 + (s − 1)·t) (Esser et al. 2024, §5.3.2); s = 1 is identity."""
     return shift * t / (1 + (shift - 1) * t)
 
 
 def mode_density(u: Tensor, scale: float) -> Tensor:
-    """Mode sampling with heavy tails: f(u; s) = 1 − u − s·(cos²(π/2·u) − 1 + u) (Esser et al. 2024, §3.1, eq. 20);
+    """Mode sampling with heavy tails: f(u; s) = 1 − u − s·(cos²(π/2·u) − 1 + u) (Esser et al. 2024, §3.1);
     s = 0 is uniform, s > 0 puts more weight on mid t (needs −1 ≤ s ≤ 2/(π − 2) for f to stay monotone)."""
     return 1 - u - scale * (torch.cos(math.pi / 2 * u) ** 2 - 1 + u)
 
@@ -45,9 +45,10 @@ def flow_timesteps(
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
 ) -> Tensor:
-    """n training times t ∈ (0, 1), float32: drawn from `density` (Esser et al. 2024, §3.1), then shifted (eq. 23).
+    """n training times t ∈ (0, 1), float32: drawn from `density` (Esser et al. 2024, §3.1), then shifted (§5.3.2).
 
-    logit_normal: t = sigmoid(u), u ~ N(mean, std) (eq. 19); mode: t = f(u; mode_scale), u ~ U(0, 1) (eq. 20)."""
+    logit_normal: t = sigmoid(u), u ~ N(mean, std); mode: t = f(u; mode_scale), u ~ U(0, 1) (as diffusers'
+    `compute_density_for_timestep_sampling`)."""
     if density == "logit_normal":
         u = torch.randn(n, generator=generator, device=device) * logit_std + logit_mean
         t = torch.sigmoid(u)
@@ -61,7 +62,7 @@ def flow_timesteps(
 
 class FlowMatching(Prediction):
     """Flow-matching objective: the network predicts v = ε − x0 on x_t = (1 − t)·x0 + t·ε (Lipman et al. 2023,
-    eq. 22–23 with σ_min = 0; Esser et al. 2024, eq. 3 and §3.1). The (α, σ) of the `*_at` methods are (1 − t, t)."""
+    §4.1's OT path with σ_min = 0, time reversed; Esser et al. 2024, §2–3). The (α, σ) of the `*_at` methods are (1 − t, t)."""
 
     name = "flow"
 
@@ -104,7 +105,7 @@ class FlowMatching(Prediction):
         noise = sample_noise(x0, offset_noise, generator)
         noise_in = perturb_noise(noise, input_perturbation, generator) if input_perturbation else noise
         tb = t.to(x0.dtype).reshape(-1, *([1] * (x0.ndim - 1)))  # (B, 1, 1, 1)
-        x_t = (1 - tb) * x0 + tb * noise_in  # Esser et al. 2024, eq. 3 with a_t = 1 − t, b_t = t
+        x_t = (1 - tb) * x0 + tb * noise_in  # rectified flow's path (Esser et al. 2024, §3): a_t = 1 − t, b_t = t
         weight = torch.ones_like(t) if min_snr_gamma is None else self.min_snr_weight(((1 - t) / t) ** 2,
                                                                                      min_snr_gamma)
         return x_t, t * self.num_timesteps, self.target_at(x0, noise, 1 - tb, tb), weight

@@ -24,7 +24,7 @@ __all__ = ["flow_euler_sample", "flow_heun_sample", "flow_sigmas"]
 
 def flow_sigmas(num_steps: int, shift: float = 1.0, num_train: int = 1000) -> Tensor:
     """The descending σ grid of n steps plus the final 0, float64, as diffusers' FlowMatch schedulers build it:
-    linspace from 1 to σ_min = shift(1/T), then shifted (eq. 23 of Esser et al. 2024) — so σ_min is shifted twice,
+    linspace from 1 to σ_min = shift(1/T), then shifted (Esser et al. 2024, §5.3.2) — so σ_min is shifted twice,
     as there."""
     if num_steps < 1:
         raise ValueError(f"model.sampler.num_steps={num_steps} must be >= 1, e.g. num_steps=28")
@@ -60,7 +60,7 @@ def flow_euler_sample(
     noise_fn: NoiseFn | None = None,
     callback: Callback | None = None,
 ) -> Tensor:
-    """Euler on dx/dσ = v: x ← x + (σ_{i+1} − σ_i)·v(x, σ_i) (Liu et al. 2023, "Rectified Flow", eq. 1;
+    """Euler on dx/dσ = v: x ← x + (σ_{i+1} − σ_i)·v(x, σ_i) (Liu et al. 2023, "Rectified Flow";
     SD3's sampler, diffusers' FlowMatchEulerDiscreteScheduler)."""
     flow, sig = _setup(prediction, num_steps, shift)
     x = x_T
