@@ -113,7 +113,7 @@ def test_min_snr_weight_is_min_snr_on_x0() -> None:
     """w·‖v̂ − v‖² = min(SNR, γ)·‖x̂0 − x0‖² (Hang et al. 2023) with SNR = (1 − t)²/t²."""
     flow, t = FlowMatching(), torch.tensor([0.05, 0.3, 0.6, 0.95], dtype=torch.float64)
     snr, gamma = ((1 - t) / t) ** 2, 5.0
-    x0, v_err = torch.randn(4, 8, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64)
+    v_err = torch.randn(4, 8, dtype=torch.float64)
     x_t = torch.randn(4, 8, dtype=torch.float64)
     x0_err = flow.x0_at(v_err, x_t, 1 - t[:, None], t[:, None]) - flow.x0_at(0 * v_err, x_t, 1 - t[:, None], t[:, None])
     lhs = flow.min_snr_weight(snr, gamma) * v_err.pow(2).sum(1)
@@ -134,7 +134,7 @@ def test_guided_flow_sampling_with_scale_one_is_the_conditional_model() -> None:
 def test_flow_sampler_refuses_a_diffusion_prediction() -> None:
     from ldmlab.diffusion import EpsPrediction
 
-    with pytest.raises(ValueError, match="set model/prediction=flow"):
+    with pytest.raises(TypeError, match="set model/prediction=flow"):
         flow_euler_sample(lambda x, t: x, torch.zeros(1, 1, 2, 2), None, EpsPrediction(), 2)
 
 

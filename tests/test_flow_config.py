@@ -39,8 +39,8 @@ def test_flow_command_line_passes_the_check(tmp_path: Path, vae: Path) -> None:
 @pytest.mark.parametrize("overrides, needle, fix", [
     (["model/sampler=ddim"], "model/sampler=ddim cannot sample the flow-matching objective",
      "use model/sampler=flow_euler or model/sampler=flow_heun"),
-    (["model/prediction=eps"], "model/sampler=flow_euler integrates a velocity, but model/prediction is "
-     "EpsPrediction", "use model/sampler=ddim|ddpm|euler|dpmpp_2m, or model/prediction=flow"),
+    (["model/prediction=eps"], "model/sampler=flow_euler integrates a velocity, but model/prediction is EpsPrediction",
+     "use model/sampler=ddim|ddpm|euler|dpmpp_2m, or model/prediction=flow"),
 ])
 def test_mismatched_objective_and_sampler_is_one_line(overrides, needle, fix, tmp_path: Path, vae: Path) -> None:
     found = check_config(compose_train([*FLOW, *overrides, f"model.vae.path={vae}"], tmp_path))

@@ -18,7 +18,7 @@ from ldmlab.diffusion.parameterization import Prediction, Scale
 from ldmlab.diffusion.schedules import NoiseSchedule
 from ldmlab.diffusion.weighting import perturb_noise, sample_noise
 
-__all__ = ["FlowMatching", "Density", "flow_timesteps", "mode_density", "shift_sigmas"]
+__all__ = ["Density", "FlowMatching", "flow_timesteps", "mode_density", "shift_sigmas"]
 
 Density = Literal["uniform", "logit_normal", "mode"]
 DENSITIES = ("uniform", "logit_normal", "mode")

@@ -42,7 +42,7 @@ def _velocity(denoise: Denoise, x: Tensor, sigma: float, num_train: int) -> Tens
 def _setup(prediction: Prediction, num_steps: int, shift: float | None) -> tuple[FlowMatching, list[float]]:
     """The objective and the σ grid (shift None = the objective's training shift)."""
     if not isinstance(prediction, FlowMatching):
-        raise ValueError(f"flow samplers integrate a velocity, but the model predicts {prediction.name}: "
+        raise TypeError(f"flow samplers integrate a velocity, but the model predicts {prediction.name}: "
                          "set model/prediction=flow, or pick a sampler for it (ddim, ddpm, euler, dpmpp_2m)")
     shift = prediction.shift if shift is None else shift
     return prediction, flow_sigmas(num_steps, shift, prediction.num_timesteps).tolist()

@@ -96,12 +96,13 @@ def objective_problems(cfg: DictConfig, sampler: str | None = None, where: str =
     name = sampler or target(cfg, "model.sampler").rsplit(".", 1)[-1]
     flow_sampler = name.startswith("flow_")  # conf/model/sampler/flow_*.yaml, ldmlab.diffusion.flow_samplers.flow_*
     if flow and not flow_sampler:
-        return [f"{where}={name.removesuffix('_sample')} cannot sample the flow-matching objective "
-                f"(model/prediction=flow predicts a velocity): use {where}=flow_euler or {where}=flow_heun"]
+        return [(f"{where}={name.removesuffix('_sample')} cannot sample the flow-matching objective "
+                 f"(model/prediction=flow predicts a velocity): use {where}=flow_euler or {where}=flow_heun")]
     if flow_sampler and not flow:
-        return [f"{where}={name.removesuffix('_sample')} integrates a velocity, but model/prediction is "
-                f"{target(cfg, 'model.prediction').rsplit('.', 1)[-1]}: use {where}=ddim|ddpm|euler|dpmpp_2m"
-                + (", or train with model/prediction=flow" if where == "sampler" else ", or model/prediction=flow")]
+        retrain = "train with model/prediction=flow" if where == "sampler" else "model/prediction=flow"
+        return [(f"{where}={name.removesuffix('_sample')} integrates a velocity, but model/prediction is "
+                 f"{target(cfg, 'model.prediction').rsplit('.', 1)[-1]}: use {where}=ddim|ddpm|euler|dpmpp_2m, "
+                 f"or {retrain}")]
     return []
 
 
