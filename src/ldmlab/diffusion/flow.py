@@ -9,7 +9,7 @@ network sees t·T (T = `num_timesteps`, 1000 as in SD3 and diffusers) and predic
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
 from torch import Tensor
@@ -22,9 +22,10 @@ __all__ = ["Density", "FlowMatching", "flow_timesteps", "mode_density", "shift_s
 
 Density = Literal["uniform", "logit_normal", "mode"]
 DENSITIES = ("uniform", "logit_normal", "mode")
+TimeT = TypeVar("TimeT", Tensor, float)  # a time as a tensor or a Python float
 
 
-def shift_sigmas(t: Tensor | float, shift: float) -> Tensor | float:
+def shift_sigmas(t: TimeT, shift: float) -> TimeT:
     """SD3's resolution shift t' = s·t / (1 + (s − 1)·t) (Esser et al. 2024, §5.3.2); s = 1 is identity."""
     return shift * t / (1 + (shift - 1) * t)
 
