@@ -95,6 +95,9 @@ def test_mode_density_law_and_uniform_limit() -> None:
 def test_unknown_density_names_the_field() -> None:
     with pytest.raises(ValueError, match=r"model.prediction.density='beta' is unknown"):
         FlowMatching(density="beta")
+    with pytest.raises(ValueError, match=r"model.prediction.mode_scale=2.0 must be in \[-1, 1.752\]"):
+        FlowMatching(density="mode", mode_scale=2.0)
+    assert mode_density(torch.linspace(0, 1, 101), 2 / (math.pi - 2)).diff().le(1e-7).all()  # edge: still monotone
 
 
 def test_training_inputs_are_consistent() -> None:

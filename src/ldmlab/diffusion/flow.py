@@ -46,7 +46,7 @@ def flow_timesteps(
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
 ) -> Tensor:
-    """n training times t ∈ (0, 1), float32: drawn from `density` (Esser et al. 2024, §3.1), then shifted (§5.3.2).
+    """n training times t ∈ [0, 1], float32: drawn from `density` (Esser et al. 2024, §3.1), then shifted (§5.3.2).
 
     logit_normal: t = sigmoid(u), u ~ N(mean, std); mode: t = f(u; mode_scale), u ~ U(0, 1) (as diffusers'
     `compute_density_for_timestep_sampling`)."""
@@ -71,6 +71,9 @@ class FlowMatching(Prediction):
                  mode_scale: float = 1.29, shift: float = 1.0, num_timesteps: int = 1000) -> None:
         if density not in DENSITIES:
             raise ValueError(f"model.prediction.density={density!r} is unknown: use one of {', '.join(DENSITIES)}")
+        if not -1 <= mode_scale <= 2 / (math.pi - 2):  # beyond, f_mode leaves [0, 1] (SD3 §3.1)
+            raise ValueError(f"model.prediction.mode_scale={mode_scale} must be in [-1, {2 / (math.pi - 2):.3f}] "
+                             "(SD3 §3.1), e.g. mode_scale=1.29")
         if shift <= 0 or logit_std <= 0 or num_timesteps < 1:
             raise ValueError(f"model.prediction: shift={shift} and logit_std={logit_std} must be > 0 and "
                              f"num_timesteps={num_timesteps} >= 1, e.g. shift=3.0 logit_std=1.0 num_timesteps=1000")
