@@ -77,3 +77,11 @@ def test_flow_config_trains_samples_and_sample_py_refuses_ddim(tmp_path: Path, v
     assert found[0].endswith("use sampler=flow_euler or sampler=flow_heun")
     sample_cfg.sampler = "flow_heun"
     assert sample_problems(sample_cfg) == []
+
+
+def test_diffusers_pipeline_export_refuses_flow_in_one_line(tmp_path: Path, vae: Path) -> None:
+    from ldmlab.convert.pipeline import scheduler_config
+
+    cfg = compose_train([*FLOW, f"model.vae.path={vae}"], tmp_path)
+    with pytest.raises(ValueError, match=r"^model.prediction=flow has no StableDiffusionPipeline scheduler .*sample.py"):
+        scheduler_config(OmegaConf.to_container(cfg.model, resolve=True))
