@@ -101,6 +101,9 @@ def sampler_config(sampler: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 def scheduler_config(model: dict[str, Any]) -> dict[str, Any]:
     """diffusers `scheduler_config.json` of an ldmlab model config (schedule, prediction and sampler)."""
     prediction = _name(model["prediction"]["_target_"])
+    if prediction == "FlowMatching":  # FlowMatchEulerDiscreteScheduler lacks the SD pipeline's scale_model_input
+        raise ValueError("model.prediction=flow has no StableDiffusionPipeline scheduler (diffusers runs flow "
+                         "matching in SD3/Flux pipelines only): sample it with python sample.py ckpt=...")
     if prediction not in PREDICTION_TYPES:
         raise ValueError(f"prediction {prediction} has no diffusers prediction_type ({', '.join(PREDICTION_TYPES)})")
     cls, sampler = sampler_config(model["sampler"])

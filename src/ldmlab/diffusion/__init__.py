@@ -1,5 +1,7 @@
 """Diffusion math as small pure functions: import torch only."""
 
+from ldmlab.diffusion.flow import FlowMatching, flow_timesteps, mode_density, shift_sigmas
+from ldmlab.diffusion.flow_samplers import flow_euler_sample, flow_heun_sample, flow_sigmas
 from ldmlab.diffusion.guidance import classifier_free_guidance, dynamic_threshold, static_threshold
 from ldmlab.diffusion.parameterization import EpsPrediction, Prediction, VPrediction, X0Prediction
 from ldmlab.diffusion.samplers import StepInfo, ddim_sample, ddpm_sample, dpmpp_2m_sample, euler_sample
@@ -22,6 +24,7 @@ from ldmlab.diffusion.weighting import (
 
 __all__ = [
     "EpsPrediction",
+    "FlowMatching",
     "NoiseSchedule",
     "Prediction",
     "StepInfo",
@@ -35,14 +38,20 @@ __all__ = [
     "dpmpp_2m_sample",
     "dynamic_threshold",
     "euler_sample",
+    "flow_euler_sample",
+    "flow_heun_sample",
+    "flow_sigmas",
+    "flow_timesteps",
     "karras_sigmas",
     "min_snr_weight",
+    "mode_density",
     "noisy_inputs",
     "perturb_noise",
     "rescale_zero_terminal_snr",
     "sample_noise",
     "sample_timesteps",
     "scaled_linear",
+    "shift_sigmas",
     "spaced_timesteps",
     "static_threshold",
     "uniform_weight",

@@ -11,9 +11,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
+import torch
 from torch import Tensor
 
 from ldmlab.diffusion.schedules import NoiseSchedule
+from ldmlab.diffusion.timesteps import sample_timesteps
+from ldmlab.diffusion.weighting import noisy_inputs
 
 __all__ = ["EpsPrediction", "Prediction", "VPrediction", "X0Prediction"]
 
@@ -52,6 +55,25 @@ class Prediction(ABC):
     def to_eps(self, model_out: Tensor, x_t: Tensor, t: Tensor, schedule: NoiseSchedule) -> Tensor:
         """ε̂ from the model output at integer timesteps t."""
         return self.eps_at(model_out, x_t, *schedule.scalings(t, x_t))
+
+    def training_inputs(
+        self,
+        x0: Tensor,
+        schedule: NoiseSchedule | None,
+        generator: torch.Generator | None = None,
+        offset_noise: float = 0.0,
+        input_perturbation: float = 0.0,
+        min_snr_gamma: float | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(x_t, t, target, loss weight) of one batch: t ~ U{0, …, T−1} and DDPM eq. 4 (Algorithm 1); weight 1
+        (eq. 14's simple loss) or Min-SNR-γ. The flow objective overrides this with its own path and times."""
+        if schedule is None:
+            raise ValueError(f"prediction {self.name} needs a noise schedule: set model/noise_schedule=scaled_linear")
+        t = sample_timesteps(x0.shape[0], schedule.num_timesteps, generator, x0.device)
+        x_t, target = noisy_inputs(x0, t, schedule, self, offset_noise, input_perturbation, generator)
+        snr = schedule.snr(t)  # float64 table kept on t's device: no host sync
+        weight = torch.ones_like(snr) if min_snr_gamma is None else self.min_snr_weight(snr, min_snr_gamma)
+        return x_t, t, target, weight
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

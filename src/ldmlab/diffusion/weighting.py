@@ -6,11 +6,15 @@ loss = weighted_mse(model(x_t, t), target, weighting(schedule.snr(t), prediction
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
-from ldmlab.diffusion.parameterization import Prediction
 from ldmlab.diffusion.schedules import NoiseSchedule
+
+if TYPE_CHECKING:  # for annotations only: parameterization imports this module (Prediction.training_inputs)
+    from ldmlab.diffusion.parameterization import Prediction
 
 __all__ = [
     "min_snr_weight",

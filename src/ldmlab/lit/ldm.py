@@ -1,8 +1,8 @@
 """LatentDiffusionModule: a U-Net trained on the latents of a frozen KL-VAE (LDM, Rombach et al. 2022).
 
 encode (or read cached latents) → scale → drop the condition (CFG) → noise at random t → weighted MSE.
-Schedule, parameterisation, loss weighting and sampler come from `ldmlab.diffusion` via the config groups
-`model/noise_schedule`, `model/prediction`, `model/sampler`; how the U-Net is trained is `model.training`
+Schedule, objective (ε, v, x0 or flow matching), loss weighting and sampler come from `ldmlab.diffusion` via the
+config groups `model/noise_schedule`, `model/prediction`, `model/sampler`; how the U-Net is trained is `model.training`
 (`Training`), how validation grids are drawn `model.sampling` (`Sampling`).
 """
 
@@ -17,15 +17,8 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from ldmlab.diffusion import (
-    NoiseSchedule,
-    Prediction,
-    classifier_free_guidance,
-    min_snr_weight,
-    uniform_weight,
-)
-from ldmlab.diffusion.timesteps import sample_timesteps
-from ldmlab.diffusion.weighting import noisy_inputs, weighted_mse
+from ldmlab.diffusion import NoiseSchedule, Prediction, classifier_free_guidance
+from ldmlab.diffusion.weighting import weighted_mse
 from ldmlab.lit.conditioning import TextConditioner
 from ldmlab.lit.contract import TrainingModule
 from ldmlab.lit.finetune import FineTune
@@ -42,7 +35,7 @@ class LatentDiffusionModule(TrainingModule):
     def __init__(
         self,
         unet: nn.Module,
-        noise_schedule: NoiseSchedule,
+        noise_schedule: NoiseSchedule | None,  # None: an objective with its own path (FlowMatching)
         prediction: Prediction,
         sampler: Sampler,
         vae: AutoencoderKL | None = None,
@@ -110,19 +103,16 @@ class LatentDiffusionModule(TrainingModule):
         return raw * self.latent_scale
 
     def diffusion_loss(self, batch: dict[str, Any], generator: torch.Generator, p_uncond: float) -> Tensor:
-        """The weighted denoising loss of one batch (DDPM eq. 14 with the chosen target and weighting)."""
+        """The weighted denoising loss of one batch (DDPM eq. 14, or flow matching, with the chosen weighting)."""
         cfg, z = self.train_cfg, self.latents(batch, generator)
         cond = self.conditioner(batch) if self.conditioner is not None else {}
         if cond and p_uncond > 0:
             cond = self.conditioner.drop(cond, p_uncond, generator)
-        t = sample_timesteps(z.shape[0], self.schedule.num_timesteps, generator, z.device)
-        x_t, target = noisy_inputs(z, t, self.schedule, self.prediction, cfg.offset_noise, cfg.input_perturbation,
-                                   generator)
-        out = self.unet(x_t, t, **cond)
-        snr = self.schedule.snr(t)  # float64 table kept on t's device: no host sync
-        if cfg.loss_weighting == "min_snr":
-            return weighted_mse(out, target, min_snr_weight(snr, self.prediction, cfg.min_snr_gamma))
-        return weighted_mse(out, target, uniform_weight(snr, self.prediction))
+        gamma = cfg.min_snr_gamma if cfg.loss_weighting == "min_snr" else None  # None: the simple loss
+        # t, x_t, target and weight come from the objective (ε/v/x0 on the schedule, or flow matching)
+        x_t, t, target, weight = self.prediction.training_inputs(z, self.schedule, generator, cfg.offset_noise,
+                                                                 cfg.input_perturbation, gamma)
+        return weighted_mse(self.unet(x_t, t, **cond), target, weight)
 
     def prepare_data(self) -> None:
         if self.finetune is not None:  # DreamBooth's class images, drawn by the base model

@@ -1,5 +1,5 @@
-"""Rules across config groups and mandatory values: `???` left unset, guidance vs condition dropout, batch vs
-world size, FSDP vs EMA; one line each, naming the field and the fix."""
+"""Rules across config groups and mandatory values: `???` left unset, guidance vs condition dropout, objective vs
+sampler, batch vs world size, FSDP vs EMA; one line each, naming the field and the fix."""
 
 from __future__ import annotations
 
@@ -84,6 +84,26 @@ def guidance_problems(cfg: DictConfig) -> list[str]:
             "condition dropout the model never learns the unconditional prediction that guidance extrapolates from; "
             "set model.training.p_uncond=0.1 or model.sampling.guidance_scales=[1.0]")
     return [line]
+
+
+def objective_problems(cfg: DictConfig, sampler: str | None = None, where: str = "model/sampler") -> list[str]:
+    """The flow-matching objective (model/prediction=flow) samples with the flow samplers, and they with it only:
+    a DDPM-family sampler would read its velocity as ε, v or x0 on a VP schedule. `sampler`: a sample.py choice
+    (the name of a conf/model/sampler file) instead of the config's own."""
+    if get(cfg, "model.prediction") is None or (sampler is None and get(cfg, "model.sampler") is None):
+        return []
+    flow = target(cfg, "model.prediction").endswith("FlowMatching")
+    name = sampler or target(cfg, "model.sampler").rsplit(".", 1)[-1]
+    flow_sampler = name.startswith("flow_")  # conf/model/sampler/flow_*.yaml, ldmlab.diffusion.flow_samplers.flow_*
+    if flow and not flow_sampler:
+        return [(f"{where}={name.removesuffix('_sample')} cannot sample the flow-matching objective "
+                 f"(model/prediction=flow predicts a velocity): use {where}=flow_euler or {where}=flow_heun")]
+    if flow_sampler and not flow:
+        retrain = "train with model/prediction=flow" if where == "sampler" else "model/prediction=flow"
+        return [(f"{where}={name.removesuffix('_sample')} integrates a velocity, but model/prediction is "
+                 f"{target(cfg, 'model.prediction').rsplit('.', 1)[-1]}: use {where}=ddim|ddpm|euler|dpmpp_2m, "
+                 f"or {retrain}")]
+    return []
 
 
 def train_samples(cfg: DictConfig) -> int | None:

@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from ldmlab.configs import CONF_DIR as CONF
 from ldmlab.validate.fields import get, target
 from ldmlab.validate.files import checkpoint_problems
-from ldmlab.validate.rules import missing_values
+from ldmlab.validate.rules import missing_values, objective_problems
 
 
 def stored_config(ckpt: str) -> DictConfig | None:
@@ -91,7 +91,8 @@ def sample_problems(cfg: DictConfig) -> list[str]:
     stored = stored_config(ckpt)
     if stored is None:
         return problems
-    return (problems + stored_guidance_problems(cfg, stored) + conditioning_problems(cfg, stored)
+    sampler = objective_problems(stored, cfg.sampler, "sampler") if cfg.get("sampler") in samplers else []
+    return (problems + stored_guidance_problems(cfg, stored) + conditioning_problems(cfg, stored) + sampler
             + size_problems(cfg, stored))
 
 
