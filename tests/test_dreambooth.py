@@ -172,3 +172,13 @@ def test_the_proofs_text_encoder_spells_every_caption_word_as_one_token(tmp_path
     assert all(len(text.tokenizer(w, add_special_tokens=False).input_ids) == 1 for w in words)
     assert text.encoder.get_input_embeddings().num_embeddings == len(text.tokenizer)
     assert rare_identifiers(text.tokenizer, id_range=(0.0, 1.0))  # the helper finds candidates in it too
+
+
+def test_the_identifier_command_prints_candidates(tiny_assets: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
+    """`python -m ldmlab.finetune.dreambooth <tokenizer dir> [n]`, as the README gives it."""
+    from ldmlab.finetune import dreambooth
+
+    with pytest.raises(SystemExit, match="error: no whole-word tokens"):  # the tiny vocabulary's rare range is empty
+        dreambooth.main([str(tiny_assets["clip32"]), "3"])
+    with pytest.raises(SystemExit, match="usage: python -m ldmlab.finetune.dreambooth"):
+        dreambooth.main([])

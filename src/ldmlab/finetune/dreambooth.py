@@ -118,7 +118,10 @@ def main(argv: list[str] | None = None) -> None:
     if not args:
         sys.exit("usage: python -m ldmlab.finetune.dreambooth <tokenizer dir (CLIP, save_pretrained)> [n]")
     tokenizer = CLIPTokenizer.from_pretrained(args[0])
-    print(" ".join(rare_identifiers(tokenizer, int(args[1]) if len(args) > 1 else 10)))
+    try:
+        print(" ".join(rare_identifiers(tokenizer, int(args[1]) if len(args) > 1 else 10)))
+    except ValueError as e:  # one line, not a traceback
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":
