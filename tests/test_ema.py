@@ -104,3 +104,55 @@ def test_resume_restores_shadow_and_continues(tmp_path: Path) -> None:
 def test_invalid_decay() -> None:
     with pytest.raises(ValueError, match="ema.decay"):
         EMA(decay=1.0)
+
+
+def test_update_every_folds_steps_into_one_update(tmp_path: Path) -> None:
+    """k = 3 over 7 steps: updates after steps 3, 6 and the last (7), each s ← d^m s + (1 − d^m) θ_now."""
+    decay = 0.8
+    module, ema = TinyModule(), EMA(decay=decay, warmup=False, update_every=3)
+    expected = {n: p.detach().clone() for n, p in module.unet.state_dict().items()}
+    trainer(tmp_path, 7, [ema], limit_val_batches=0).fit(module, loader())
+    for step, owed in ((3, 3), (6, 3), (7, 1)):
+        for name in expected:
+            expected[name] = decay**owed * expected[name] + (1 - decay**owed) * module.recorded[step - 1][name]
+    for name, value in expected.items():
+        torch.testing.assert_close(ema.shadow[name], value)
+    assert ema.num_updates == 7 and ema.pending == 0
+
+
+def test_update_every_resumes_bit_exactly_with_steps_owed(tmp_path: Path) -> None:
+    """A checkpoint taken between two updates keeps the owed steps: the resumed run equals the uninterrupted one."""
+    x = torch.randn(8, 3, generator=torch.Generator().manual_seed(1)).repeat(8, 1)  # one batch, 8 times: the
+    batches = DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=8)  # position in the epoch is moot
+
+    class SaveAtStep6(pl.Callback):
+        def on_train_batch_end(self, trainer, *args) -> None:
+            if trainer.global_step == 6:
+                trainer.save_checkpoint(tmp_path / "step6.ckpt")
+
+    whole = EMA(decay=0.7, warmup=False, update_every=4)
+    trainer(tmp_path / "whole", 8, [whole, SaveAtStep6()], limit_val_batches=0).fit(TinyModule(), batches)
+    saved = torch.load(tmp_path / "step6.ckpt", weights_only=True)["callbacks"]["EMA"]
+    assert saved["pending"] == 2 and saved["num_updates"] == 4
+
+    resumed = EMA(decay=0.7, warmup=False, update_every=4)
+    trainer(tmp_path / "resumed", 8, [resumed], limit_val_batches=0).fit(TinyModule(), batches,
+                                                                        ckpt_path=tmp_path / "step6.ckpt")
+    assert resumed.num_updates == whole.num_updates == 8
+    for name, value in whole.shadow.items():
+        assert torch.equal(resumed.shadow[name], value)
+
+
+def test_export_reads_the_average_with_owed_steps_folded_in(tmp_path: Path) -> None:
+    ema = EMA(decay=0.5, warmup=False, update_every=100)
+    module = TinyModule()
+    trainer(tmp_path, 3, [ema], limit_val_batches=0).fit(module, loader())  # the last step folds
+    assert ema.pending == 0 and ema.num_updates == 3
+    ema.pending = 1  # one more owed step: averaged() folds it against the current weights
+    before = ema.shadow["weight"].clone()
+    torch.testing.assert_close(ema.averaged()["weight"], 0.5 * before + 0.5 * module.unet.weight.detach())
+
+
+def test_invalid_update_every() -> None:
+    with pytest.raises(ValueError, match="ema.update_every"):
+        EMA(update_every=0)

@@ -22,6 +22,6 @@ class ExportWeights(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not isinstance(pl_module, TrainingModule):
             return
-        ema = {cb.attr: cb.shadow for cb in trainer.callbacks if isinstance(cb, EMA) and cb.shadow}
+        ema = {cb.attr: cb.averaged() for cb in trainer.callbacks if isinstance(cb, EMA) and cb.shadow}
         for path in pl_module.export_weights(self.dirpath, ema):
             rank_zero_info(f"exported weights: {path}")
