@@ -113,8 +113,8 @@ def test_update_every_folds_steps_into_one_update(tmp_path: Path) -> None:
     expected = {n: p.detach().clone() for n, p in module.unet.state_dict().items()}
     trainer(tmp_path, 7, [ema], limit_val_batches=0).fit(module, loader())
     for step, owed in ((3, 3), (6, 3), (7, 1)):
-        for name in expected:
-            expected[name] = decay**owed * expected[name] + (1 - decay**owed) * module.recorded[step - 1][name]
+        expected = {name: decay**owed * value + (1 - decay**owed) * module.recorded[step - 1][name]
+                    for name, value in expected.items()}
     for name, value in expected.items():
         torch.testing.assert_close(ema.shadow[name], value)
     assert ema.num_updates == 7 and ema.pending == 0

@@ -15,6 +15,7 @@ model.unet.model_channels=32 model.unet.channel_mult=[1,2] model.unet.attention_
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -30,8 +31,9 @@ from ldmlab.nn.inception import FIDInceptionV3
 from ldmlab.utils.stand_ins import make_tiny_clip
 
 # SD's first stage (conf/model/vae_kl_f8.yaml), REFERENCE.md
-SD_VAE = dict(in_channels=3, out_channels=3, base_channels=128, channel_mult=[1, 2, 4, 4], num_res_blocks=2,
-              z_channels=4, embed_dim=4, attn_levels=[], mid_attention=True, dropout=0.0, norm_groups=32)
+SD_VAE = {"in_channels": 3, "out_channels": 3, "base_channels": 128, "channel_mult": [1, 2, 4, 4],
+          "num_res_blocks": 2, "z_channels": 4, "embed_dim": 4, "attn_levels": [], "mid_attention": True,
+          "dropout": 0.0, "norm_groups": 32}
 
 
 def make_assets(tmp: Path, vae_config: dict) -> dict[str, Path]:
@@ -46,10 +48,13 @@ def make_assets(tmp: Path, vae_config: dict) -> dict[str, Path]:
             "prompts": prompts}
 
 
-def run(cmd: list[str], what: str) -> float:
-    """Run `cmd` in the repository; its wall time in seconds, or the tail of its log on failure."""
+def run(cmd: list[str], what: str, cache_dir: Path | None = None) -> float:
+    """Run `cmd` in the repository; its wall time in seconds, or the tail of its log on failure. `cache_dir`: a
+    fresh inductor cache, so this process compiles from scratch like the others (a shared cache made the second
+    of two timed processes 15 s faster than the first at 5× the samples, 2026-12-03)."""
+    env = {**os.environ, **({"TORCHINDUCTOR_CACHE_DIR": str(cache_dir)} if cache_dir else {})}
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{what} exited {proc.returncode}: {(proc.stdout + proc.stderr)[-3000:]}")
     print((proc.stdout + proc.stderr)[-1500:], flush=True)
@@ -74,7 +79,7 @@ def evaluate_once(tmp: Path, ckpt: Path, assets: dict[str, Path], n: int, steps:
     return run([sys.executable, "-m", "ldmlab.evaluate", f"ckpt={ckpt}", f"guidance={guidance}", f"n={n}",
                 "sampler=ddim", f"steps={steps}", f"batch_size={batch}", "ema=false", "features.name=inception",
                 f"features.path={assets['inception']}", f"metrics={metrics}", f"prompts={assets['prompts']}",
-                f"out={tmp}/eval_{n}"], f"ldmlab.evaluate n={n}")
+                f"out={tmp}/eval_{n}"], f"ldmlab.evaluate n={n}", cache_dir=tmp / f"inductor_{n}")
 
 
 def time_evaluation(latent: int, counts: tuple[int, int], steps: int, guidance: float, batch: int,
@@ -103,8 +108,8 @@ def report(r: dict[str, float], args: argparse.Namespace) -> str:
             *(f"| {measured} | {r[n]} | {args.steps} | {r[w]:.0f} |" for n, w in (("n1", "w1"), ("n2", "w2"))),
             f"| per sample (the slope between the two) | 1 | {args.steps} | {r['s_per_sample']:.3f} |",
             f"| fixed cost (start, load, compile, metrics) | – | – | {r['fixed_s']:.0f} |",
-            f"| **extrapolated: 5,000 samples** (fixed + 5000 × slope; FID's 2048-d statistics add a few s) | 5000 | "
-            f"{args.steps} | {r['fixed_s'] + 5000 * r['s_per_sample']:.0f} |"]
+            (f"| **extrapolated: 5,000 samples** (fixed + 5000 × slope; FID's 2048-d statistics add a few s) | "
+             f"5000 | {args.steps} | {r['fixed_s'] + 5000 * r['s_per_sample']:.0f} |")]
     return head + "\n".join(rows) + "\n"
 
 

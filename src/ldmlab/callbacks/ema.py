@@ -72,9 +72,10 @@ class EMA(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         if isinstance(pl_module, TrainingModule) and pl_module.skips.skipped_on_host:  # a NaN/Inf loss
             return  # the weights did not move (lit.nonfinite); a step skipped on the device is averaged in
-        shadow, weights = self._lists
+        if self._lists is None:  # not fitting (on_fit_start builds the lists)
+            return
         if trainer.global_step <= self.start_step:  # before start: track the weights exactly
-            torch._foreach_copy_(shadow, weights)
+            torch._foreach_copy_(*self._lists)
             return
         self.pending += 1
         if self.pending >= self.update_every or trainer.global_step >= trainer.max_steps > 0:
