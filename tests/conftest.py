@@ -16,6 +16,7 @@ from omegaconf import DictConfig, open_dict
 
 from ldmlab.utils.stand_ins import make_tiny_clip
 
+
 @pytest.fixture(autouse=True)
 def _rank_zero_again() -> None:
     """A Trainer built under simulated SLURM ranks leaves Lightning's process-wide rank behind; every test starts

@@ -88,8 +88,8 @@ def test_evaluate_writes_the_guidance_table_and_resumes_from_its_samples(eval_ru
 
 @pytest.mark.parametrize(("args", "line"), [
     (["n=8"], "set n=41 or more"),
-    (["n=48", "metrics=[fid,clip_score]"], "clip_score scores samples against their prompts, but this model has "
-                                           "ClassConditioner, no prompts: drop clip_score from the metrics"),
+    (["n=48", "metrics=[fid,clip_score]"], ("clip_score scores samples against their prompts, but this model has "
+                                           "ClassConditioner, no prompts: drop clip_score from the metrics")),
 ], ids=["too-few-samples", "text-metric-on-a-class-model"])
 def test_evaluate_refuses_before_sampling(args: list[str], line: str, eval_run: Path, tmp_path: Path) -> None:
     """One line naming the setting and the fix; nothing sampled."""

@@ -13,8 +13,8 @@ from ldmlab.convert.load import infer_vae_config, load_vae
 from ldmlab.convert.vae import ldmlab_to_diffusers
 from ldmlab.nn.autoencoder import AutoencoderKL
 
-CONFIG = dict(in_channels=3, out_channels=3, base_channels=16, channel_mult=[1, 2], num_res_blocks=1,
-              z_channels=4, embed_dim=3, attn_levels=[1], mid_attention=True, dropout=0.0, norm_groups=8)
+CONFIG = {"in_channels": 3, "out_channels": 3, "base_channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1,
+              "z_channels": 4, "embed_dim": 3, "attn_levels": [1], "mid_attention": True, "dropout": 0.0, "norm_groups": 8}
 
 
 @pytest.fixture(scope="module")

@@ -276,6 +276,9 @@ def test_bucket_demo_trains_mixed_aspect_ratios_and_samples_three(tmp_path: Path
         assert f"![samples at {w}×{h}](samples/grid_{w}x{h}.png)" in report
         grid = Image.open(root / s["grid"])
         assert grid.height == samples["grid_scale"] * (10 * (h + 2) + 2)  # 10 rows of H-pixel samples
+    # the LDM's validation grids at the three bucket shapes (model.sampling.sizes), every guidance scale
+    grids = {p.name.split("_step")[0] for p in (root / "ldm" / "images").glob("samples_cfg*.png")}
+    assert {f"samples_cfg1_{h}x{w}" for h, w in ((32, 32), (24, 40), (40, 24))} <= grids
 
 
 def test_repo_root_conf_is_where_the_entry_looks() -> None:

@@ -72,6 +72,21 @@ def test_train_config_refuses_buckets_off_the_total_downsampling(tmp_path: Path,
         f"data.decoder.buckets.step=12 is not a multiple of 8 ({why}): set data.decoder.buckets.step=16"]
 
 
+def test_train_config_refuses_grid_sizes_off_the_total_downsampling(tmp_path: Path,
+                                                                    tiny_assets: dict[str, Path]) -> None:
+    base = ["model=unet_small", f"model.vae.path={tiny_assets['vae']}"]
+
+    def lines(extra: list[str]) -> list[str]:
+        return [p for p in check_config(compose_train(base + extra, tmp_path)) if p.startswith("model.sampling")]
+
+    assert lines(["model.sampling.sizes=[[32,32],[24,40]]"]) == []
+    why = "VAE factor 4 × U-Net factor 2 of model.unet.channel_mult=[1, 2]"
+    assert lines(["model.sampling.sizes=[[32,32],[20,40]]"]) == [
+        f"model.sampling.sizes has [20, 40]: not a multiple of 8 ({why}): use [24, 40]"]
+    assert lines(["model.sampling.sizes=[[32,32,3]]"]) == [
+        "model.sampling.sizes has [32, 32, 3]: give [height, width] pairs, e.g. [[512, 768], [768, 512]]"]
+
+
 def test_sample_config_refuses_a_size_off_the_total_downsampling(tmp_path: Path,
                                                                  tiny_assets: dict[str, Path]) -> None:
     """sample.py height= width= against the checkpoint's stored config (networks built on the meta device)."""

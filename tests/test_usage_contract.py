@@ -136,7 +136,7 @@ def summary(cfg: DictConfig) -> dict:
 
 def data_kind(data: DictConfig) -> str:
     """'<source>+<decoder>' for the shard module (a source class, or 'shards' for named shards), else its class."""
-    name = lambda target: target.rsplit(".", 1)[-1]  # noqa: E731
+    name = lambda target: target.rsplit(".", 1)[-1]
     if name(data._target_) != "ShardDataModule":
         return name(data._target_)
     source = name(data.source._target_) if OmegaConf.select(data, "source") is not None else "shards"

@@ -33,10 +33,10 @@ class ImageDicts(Dataset):
 
 def tiny_module(**kwargs) -> VAEModule:
     torch.manual_seed(0)
-    args = dict(autoencoder=AutoencoderKL(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, norm_groups=8),
-                discriminator=NLayerDiscriminator(base_channels=8, n_layers=2),
-                lpips=partial(LPIPS, backbone="random"), loss={"perceptual_weight": 0.1},
-                optimizer=partial(torch.optim.Adam, lr=1e-3, betas=(0.5, 0.9)), gan={"disc_start": 3})
+    args = {"autoencoder": AutoencoderKL(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, norm_groups=8),
+                "discriminator": NLayerDiscriminator(base_channels=8, n_layers=2),
+                "lpips": partial(LPIPS, backbone="random"), "loss": {"perceptual_weight": 0.1},
+                "optimizer": partial(torch.optim.Adam, lr=1e-3, betas=(0.5, 0.9)), "gan": {"disc_start": 3}}
     return VAEModule(**{**args, **kwargs})
 
 

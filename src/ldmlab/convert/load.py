@@ -44,19 +44,19 @@ def infer_vae_config(sd: dict[str, Tensor], norm_groups: int = 32) -> dict[str, 
     base = sd["encoder.conv_in.weight"].shape[0]
     levels = sorted({int(m.group(1)) for k in sd if (m := re.match(r"encoder\.down\.(\d+)\.", k))})
     blocks = {int(m.group(1)) for k in sd if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", k))}
-    return dict(
-        in_channels=sd["encoder.conv_in.weight"].shape[1],
-        out_channels=sd["decoder.conv_out.weight"].shape[0],
-        base_channels=base,
-        channel_mult=[sd[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] // base for i in levels],
-        num_res_blocks=len(blocks),
-        z_channels=sd["decoder.conv_in.weight"].shape[1],
-        embed_dim=sd["post_quant_conv.weight"].shape[1],
-        attn_levels=[i for i in levels if f"encoder.down.{i}.attn.0.q.weight" in sd],
-        mid_attention="encoder.mid.attn_1.q.weight" in sd,
-        dropout=0.0,  # training-time only, not stored
-        norm_groups=norm_groups,
-    )
+    return {
+        "in_channels": sd["encoder.conv_in.weight"].shape[1],
+        "out_channels": sd["decoder.conv_out.weight"].shape[0],
+        "base_channels": base,
+        "channel_mult": [sd[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] // base for i in levels],
+        "num_res_blocks": len(blocks),
+        "z_channels": sd["decoder.conv_in.weight"].shape[1],
+        "embed_dim": sd["post_quant_conv.weight"].shape[1],
+        "attn_levels": [i for i in levels if f"encoder.down.{i}.attn.0.q.weight" in sd],
+        "mid_attention": "encoder.mid.attn_1.q.weight" in sd,
+        "dropout": 0.0,  # training-time only, not stored
+        "norm_groups": norm_groups,
+    }
 
 
 def _from_diffusers_dir(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:

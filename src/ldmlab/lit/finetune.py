@@ -40,8 +40,9 @@ class FineTune(Protocol):
 
 def _text_conditioner(conditioner: nn.Module | None, what: str) -> TextConditioner:
     if not isinstance(conditioner, TextConditioner):
-        raise ValueError(f"{what} needs a text-conditioned model (model.conditioner: TextConditioner), not "
-                         f"{type(conditioner).__name__}")
+        raise ValueError(  # noqa: TRY004 — a setting, not a type: the entry points print ValueErrors as one line
+            f"{what} needs a text-conditioned model (model.conditioner: TextConditioner), not "
+            f"{type(conditioner).__name__}")
     return conditioner
 
 

@@ -93,7 +93,8 @@ class LatentDiffusionModule(TrainingModule):
             raw = self.vae.encode(batch["image"]).sample(generator)
         else:
             raise ValueError("batch has no 'latent' and the model has no VAE: set model.vae or use data=wds_latents")
-        self._latent_shape = tuple(raw.shape[1:])  # (C, h, w): what sample() draws by default
+        if self._latent_shape is None:  # (C, h, w) of the first batch: what sample() draws by default (with
+            self._latent_shape = tuple(raw.shape[1:])  # buckets, the first step's bucket, as every rank agrees)
         if not self._scale_known:
             if float(self.latent_scale) == 0.0:  # first training batch, over all ranks
                 reduce = partial(self.trainer.strategy.reduce, reduce_op="sum") if self._trainer is not None else None
@@ -183,8 +184,9 @@ class LatentDiffusionModule(TrainingModule):
         # labels 0…K−1 cycled (class models) or the batch's prompts (text models)
         values = None if self.conditioner is None else self.conditioner.grid_values(batch, num_images)
         scales = self.sample_cfg.guidance_scales if values is not None else (1.0,)
-        return {f"samples_cfg{s:g}": self.sample(values, num_images, s, seed=self.sample_cfg.sample_seed)
-                for s in scales}
+        shapes = self.sample_cfg.grid_shapes(self.vae.embed_dim, self.vae.downsample_factor)
+        return {f"samples_cfg{s:g}{suffix}": self.sample(values, num_images, s, self.sample_cfg.sample_seed, shape)
+                for suffix, shape in shapes.items() for s in scales}
 
     # ------------------------------------------------------------------ checkpoints, export
 

@@ -35,13 +35,22 @@ class Training:
 
 @dataclass(frozen=True)
 class Sampling:
-    """model.sampling: the guidance scales of the validation grids and the seed of their (and val/loss's) noise."""
+    """model.sampling: the guidance scales of the validation grids, the seed of their (and val/loss's) noise, and
+    `sizes`: image (H, W) sizes to draw each grid at (e.g. one per aspect-ratio bucket); empty: the training size."""
 
     guidance_scales: tuple[float, ...] = (1.0, 5.0)
     sample_seed: int = 0
+    sizes: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "guidance_scales", tuple(self.guidance_scales))  # a config list
+        object.__setattr__(self, "sizes", tuple((int(h), int(w)) for h, w in self.sizes or ()))
+
+    def grid_shapes(self, channels: int, factor: int) -> dict[str, tuple[int, int, int] | None]:
+        """Grid name suffix → latent (C, h, w) for each size (`_<H>x<W>`); {"": None} (the training size) without."""
+        if not self.sizes:
+            return {"": None}
+        return {f"_{h}x{w}": (channels, h // factor, w // factor) for h, w in self.sizes}
 
 
 @dataclass(frozen=True)

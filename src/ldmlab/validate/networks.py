@@ -202,5 +202,16 @@ def network_problems(cfg: DictConfig) -> list[str]:
         problems += refused
         source = f"the VAE at model.vae.path={get(cfg, 'model.vae.path')}"
     if vae is not None:
-        problems += bucket_problems(cfg, *total_factor(unet, vae))
+        problems += bucket_problems(cfg, *total_factor(unet, vae)) + grid_size_problems(cfg, *total_factor(unet, vae))
     return problems + latent_problems(cfg, unet, vae, source)
+
+
+def grid_size_problems(cfg: DictConfig, factor: int, what: str) -> list[str]:
+    """Every model.sampling.sizes entry is an (H, W) pair of multiples of the total downsampling `factor`."""
+    sizes = get(cfg, "model.sampling.sizes") or []
+    malformed = [list(s) for s in sizes if len(s) != 2]
+    if malformed:
+        return [f"model.sampling.sizes has {malformed[0]}: give [height, width] pairs, e.g. [[512, 768], [768, 512]]"]
+    bad = [[int(h), int(w)] for h, w in sizes if int(h) % factor or int(w) % factor]
+    return [(f"model.sampling.sizes has {bad[0]}: not a multiple of {factor} ({what}): use "
+             f"{[nearest_multiple(x, factor) for x in bad[0]]}")] if bad else []

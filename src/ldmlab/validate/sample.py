@@ -45,8 +45,8 @@ def conditioning_problems(cfg: DictConfig, stored: DictConfig) -> list[str]:
         return [f"{key}={value} but {ckpt} is unconditional (trained with model.conditioner=null), so it would be "
                 f"ignored: drop {key}=" for key, value in (("prompt", prompt), ("label", label)) if value is not None]
     if cfg.get("embedding") is not None and not kind.endswith("TextConditioner"):
-        return [f"embedding={cfg.embedding} but {ckpt} is not text-conditional: a Textual Inversion token needs a "
-                "text model"]
+        return [(f"embedding={cfg.embedding} but {ckpt} is not text-conditional: a Textual Inversion token needs a "
+                 "text model")]
     if kind.endswith("TextConditioner"):
         if label is not None:
             return [(f"label={label} but {ckpt} is text-conditional, so the label would be ignored: give "
