@@ -121,27 +121,29 @@ def latent_buckets(cfg: DictConfig) -> list[list[int]] | None:
     return json.loads(manifest.read_text()).get("buckets")
 
 
-def channel_problems(unet: UNetModel, channels: int | None, source: str, variance: FixedVariance) -> list[str]:
-    """in_channels = the latents' channels (when known), out_channels = the variance's outputs × in_channels."""
-    want = {"in_channels": channels, "out_channels": variance.outputs * channels} if channels else {}
+def channel_problems(unet: UNetModel, channels: int | None, source: str, variance: FixedVariance | None) -> list[str]:
+    """in_channels = the latents' channels (when known), out_channels = the variance's outputs × in_channels (not
+    judged when the variance was refused)."""
+    outputs = variance.outputs if variance is not None else 1
+    want = {"in_channels": channels, "out_channels": outputs * channels} if channels else {}
     if channels and unet.config["in_channels"] != channels:
         return [f"model.unet.{key}={unet.config[key]} but {source} has {channels}-channel latents: set "
                 f"model.unet.in_channels={channels} model.unet.out_channels={want['out_channels']}"
-                for key in want if unet.config[key] != want[key]]
-    problem = variance.channels_problem(unet.config["in_channels"], unet.config["out_channels"])
+                for key in want if unet.config[key] != want[key] and (variance is not None or key == "in_channels")]
+    problem = variance.channels_problem(unet.config["in_channels"], unet.config["out_channels"]) if variance else None
     return [problem] if problem else []
 
 
 def latent_problems(cfg: DictConfig, unet: UNetModel, vae: AutoencoderKL | None, source: str,
-                    variance: FixedVariance | None = None) -> list[str]:
-    """The U-Net's in/out channels match the latents (and the variance); the latent side divides by the U-Net's
-    factor."""
+                    variance: FixedVariance | None = FixedVariance()) -> list[str]:  # noqa: B008  # stateless
+    """The U-Net's in/out channels match the latents (and the variance; None: refused, not judged); the latent side
+    divides by the U-Net's factor."""
     shape = latent_manifest(cfg)
     if shape:
         channels, source = shape[0], f"the latent cache data.root={get(cfg, 'data.root')}"
     else:
         channels = vae.embed_dim if vae is not None else None
-    problems = channel_problems(unet, channels, source, variance or FixedVariance())
+    problems = channel_problems(unet, channels, source, variance)
     fix = f"change the image size so the latent side is a multiple of {unet.downsample_factor}, or use fewer levels"
     if shape:
         sides = sorted({side for b in latent_buckets(cfg) or [shape] for side in b[-2:]})  # every bucket's h, w
@@ -199,12 +201,11 @@ def model_networks(cfg: DictConfig) -> tuple[UNetModel | None, AutoencoderKL | N
     return built.get("model.unet"), vae, problems
 
 
-def configured_variance(cfg: DictConfig) -> tuple[FixedVariance, list[str]]:
-    """The model/variance object (fixed when unset, as in checkpoints from before it) and its refusal if any."""
+def configured_variance(cfg: DictConfig) -> tuple[FixedVariance | None, list[str]]:
+    """The model/variance object (fixed when unset, as in checkpoints from before it), or None and its refusal."""
     if get(cfg, "model.variance") is None:
         return FixedVariance(), []
-    variance, refused = meta_build(cfg, "model.variance")
-    return (variance if isinstance(variance, FixedVariance) else FixedVariance()), refused
+    return meta_build(cfg, "model.variance")
 
 
 def network_problems(cfg: DictConfig) -> list[str]:
