@@ -14,6 +14,7 @@ from ldmlab.diffusion import (
     EpsPrediction,
     FixedVariance,
     LearnedVariance,
+    Prediction,
     VPrediction,
     classifier_free_guidance,
     cosine,
@@ -125,7 +126,8 @@ def test_vlb_at_t0_is_the_decoder_nll() -> None:
 # ---------------------------------------------------------------- L_hybrid
 
 
-def _hybrid_inputs(prediction=EpsPrediction()):
+def _hybrid_inputs(prediction: Prediction | None = None):
+    prediction = prediction or EpsPrediction()
     schedule, t = scaled_linear(), torch.tensor([0, 3, 400, 999])
     x0, x_t, noise = _step(schedule, t, (4, 2, 4, 4))
     target = prediction.target(x0, noise, t, schedule)

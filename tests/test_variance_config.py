@@ -36,7 +36,8 @@ def test_variance_group_files() -> None:
 
 @pytest.mark.parametrize("model", ["unet_small", "unet_sd15", "unet_demo_gpu"])
 def test_one_override_doubles_out_channels(model: str, tmp_path: Path) -> None:
-    fixed, learned = (compose_train([f"model={model}", *extra], tmp_path) for extra in ([], ["model/variance=learned"]))
+    fixed, learned = (compose_train([f"model={model}", *extra], tmp_path)
+                      for extra in ([], ["model/variance=learned"]))
     assert fixed.model.unet.out_channels == fixed.model.unet.in_channels == 4  # the default is unchanged
     assert learned.model.unet.out_channels == 8
     assert isinstance(hydra.utils.instantiate(fixed.model.variance), FixedVariance)
@@ -51,9 +52,11 @@ def test_one_override_doubles_out_channels(model: str, tmp_path: Path) -> None:
      "set model.unet.out_channels=8"),
     (["model/variance=fixed", "model.unet.out_channels=8"], "model.unet.out_channels=8 but model/variance=fixed",
      "set model.unet.out_channels=4"),
-    (["model/prediction=flow", "model/sampler=flow_euler"], "model/variance=learned cannot train with "
-     "model/prediction=flow", "use model/variance=fixed, or model/prediction=eps|v|x0"),
-    (["model.variance.vlb_weight=0"], "model.variance: model.variance.vlb_weight=0 must be > 0", "model/variance=fixed"),
+    (["model/prediction=flow", "model/sampler=flow_euler"],
+     "model/variance=learned cannot train with model/prediction=flow",
+     "use model/variance=fixed, or model/prediction=eps|v|x0"),
+    (["model.variance.vlb_weight=0"], "model.variance: model.variance.vlb_weight=0 must be > 0",
+     "model/variance=fixed"),
 ])
 def test_mismatches_are_one_line(overrides, needle, fix, tmp_path: Path, vae: Path) -> None:
     assert check_config(compose_train([*LEARNED, f"model.vae.path={vae}"], tmp_path)) == []

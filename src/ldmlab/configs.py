@@ -20,7 +20,13 @@ def unet_out_channels(in_channels: int, variance_target: str) -> int:
     its class's `outputs` (1 fixed, 2 learned: [prediction | variance]) per latent channel."""
     from hydra.utils import get_class  # imports the variance class (torch) only when a config resolves this
 
-    return int(in_channels) * int(get_class(variance_target).outputs)
+    from ldmlab.diffusion.variance import FixedVariance
+
+    variance = get_class(variance_target)
+    if not issubclass(variance, FixedVariance):
+        raise TypeError(f"model.variance._target_={variance_target} is not a variance: use model/variance=fixed "
+                         "or model/variance=learned")
+    return int(in_channels) * variance.outputs
 
 
 OmegaConf.register_new_resolver("ldmlab.unet_out_channels", unet_out_channels, replace=True)

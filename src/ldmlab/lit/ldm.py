@@ -59,7 +59,7 @@ class LatentDiffusionModule(TrainingModule):
             raise ValueError(f"model.unet.in_channels={unet_in} but the VAE's latents have {vae.embed_dim} channels: "
                              f"set model.unet.in_channels={vae.embed_dim}")
         self.variance = variance or FixedVariance()
-        if unet_in is not None and (problem := self.variance.channels_problem(unet_in, unet_out)):
+        if unet_in and unet_out and (problem := self.variance.channels_problem(unet_in, unet_out)):
             raise ValueError(problem)  # out_channels = in_channels, or 2 × with a learned variance
         if unet_init is not None:  # a fine-tune keeps the latent scale its base trained with (unless set)
             stored_scale = load_unet_init(unet, unet_init)
