@@ -124,12 +124,11 @@ def latent_buckets(cfg: DictConfig) -> list[list[int]] | None:
 def channel_problems(unet: UNetModel, channels: int | None, source: str, variance: FixedVariance | None) -> list[str]:
     """in_channels = the latents' channels (when known), out_channels = the variance's outputs × in_channels (not
     judged when the variance was refused)."""
-    outputs = variance.outputs if variance is not None else 1
-    want = {"in_channels": channels, "out_channels": outputs * channels} if channels else {}
-    if channels and unet.config["in_channels"] != channels:
-        return [f"model.unet.{key}={unet.config[key]} but {source} has {channels}-channel latents: set "
-                f"model.unet.in_channels={channels} model.unet.out_channels={want['out_channels']}"
-                for key in want if unet.config[key] != want[key] and (variance is not None or key == "in_channels")]
+    if channels and unet.config["in_channels"] != channels:  # each refused side names both fixes
+        want = {"in_channels": channels, "out_channels": channels * (variance.outputs if variance else 1)}
+        fix = f"model.unet.in_channels={channels} model.unet.out_channels={want['out_channels']}"
+        return [f"model.unet.{key}={unet.config[key]} but {source} has {channels}-channel latents: set {fix}"
+                for key in want if unet.config[key] != want[key]]
     problem = variance.channels_problem(unet.config["in_channels"], unet.config["out_channels"]) if variance else None
     return [problem] if problem else []
 
