@@ -14,6 +14,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
+import ldmlab.configs  # noqa: F401  # registers the resolvers conf/'s yaml files use (composed from a directory here)
 from ldmlab.utils.stand_ins import make_tiny_clip
 
 

@@ -183,3 +183,36 @@ def test_settings_the_pipeline_would_change_are_named(tmp_path: Path, capsys: py
     _check_scheduler(scheduler_of(["model.sampler.spacing=trailing"], tmp_path))
     err = capsys.readouterr().err
     assert "steps_offset=0" in err and "#12633" in err
+
+
+def test_a_learned_variance_exports_ddpm_learned_range(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """model/variance=learned: DDPMScheduler(variance_type=learned_range), the only diffusers scheduler that splits
+    a 2C output; the model sampler's spacing and steps kept, what differs said on stderr."""
+    cfg = scheduler_of(["model/variance=learned"], tmp_path)  # unet_small samples with DDIM, 25 steps
+    assert cfg["_class_name"] == "DDPMScheduler" and cfg["variance_type"] == "learned_range"
+    assert (cfg["timestep_spacing"], cfg["steps_offset"], cfg["_ldmlab_sampler"]) == ("leading", 1, {"num_steps": 25})
+    assert diffusers.DDPMScheduler.from_config(cfg).config.variance_type == "learned_range"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "DDIMScheduler cannot read" in err[0] and "guidance > 1" in err[1]
+    scheduler_of(["model/variance=learned", "model/sampler=ddpm"], tmp_path)
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1  # the guidance note only
+
+
+def test_a_learned_variance_pipeline_draws_ldmlab_images(tiny_assets: dict[str, Path], tmp_path: Path) -> None:
+    """A learned-variance text model's pipeline: 5 strided DDPM steps (linspace: both end at t = 0) with Σ_θ from
+    the U-Net's second half, the same injected noise (one generator after x_T), guidance 1: sample()'s images."""
+    overrides = [*text_overrides(tiny_assets["clip32"], tiny_assets["vae"]), "model/variance=learned",
+                 "model/sampler=ddpm", "model.sampler.spacing=linspace", "model.sampler.num_steps=5"]
+    ckpt = save_checkpoint(overrides, tmp_path, ema=False)
+    main(["--from", "ldmlab", "--to", "diffusers", "--ckpt", str(ckpt), "--out", str(tmp_path / "pipe")])
+    module = load_ldm(ckpt)
+    assert module.unet.config["out_channels"] == 8
+    ours = module.sample(PROMPTS, 2, 1.0, seed=3)
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(tmp_path / "pipe", dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.unet.config.out_channels == 8 and pipe.scheduler.config.variance_type == "learned_range"
+    g = torch.Generator().manual_seed(3)
+    x_T = torch.randn((2, *LATENT), generator=g)  # as sample() draws it, then its step noise from the same g
+    theirs = pipe(PROMPTS, height=32, width=32, num_inference_steps=5, guidance_scale=1.0, latents=x_T,
+                  generator=g, output_type="pt").images * 2 - 1
+    assert ours.std() > 0.01 and (ours - theirs).abs().max() < TOLERANCE

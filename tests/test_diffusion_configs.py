@@ -1,5 +1,5 @@
-"""Hydra configs of model/noise_schedule, model/prediction and model/sampler: every file composes and
-instantiates, and swapping any of the three groups composes with the others into a working sampler call."""
+"""Hydra configs of model/noise_schedule, model/prediction, model/variance and model/sampler: every file composes
+and instantiates, and swapping any of the groups composes with the others into a working sampler call."""
 
 from __future__ import annotations
 
@@ -11,19 +11,21 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from ldmlab.diffusion import NoiseSchedule, Prediction, StepInfo
+from ldmlab.diffusion import FixedVariance, NoiseSchedule, Prediction, StepInfo
 
 REPO = Path(__file__).resolve().parents[1]
 CONF, TEST_CONF = REPO / "conf", REPO / "tests" / "configs"
 SCHEDULES = sorted(p.stem for p in (CONF / "model" / "noise_schedule").glob("*.yaml"))
 PREDICTIONS = sorted(p.stem for p in (CONF / "model" / "prediction").glob("*.yaml"))
 SAMPLERS = sorted(p.stem for p in (CONF / "model" / "sampler").glob("*.yaml"))
+VARIANCES = sorted(p.stem for p in (CONF / "model" / "variance").glob("*.yaml"))
 
 
 def test_config_files_present():
     assert SCHEDULES == ["cosine", "ddpm_linear", "scaled_linear"]
     assert PREDICTIONS == ["eps", "flow", "v", "x0"]
     assert SAMPLERS == ["ddim", "ddpm", "dpmpp_2m", "euler", "flow_euler", "flow_heun"]
+    assert VARIANCES == ["fixed", "learned"]
 
 
 def _compose(overrides: list[str]):
@@ -97,3 +99,19 @@ def test_threshold_config_instantiates():
     schedule, prediction = instantiate(cfg.model.noise_schedule), instantiate(cfg.model.prediction)
     out = sample(lambda x, t: -5 * x, torch.randn(2, 3, 4, 4), schedule, prediction)
     assert out.abs().max() <= 1.0 + 1e-6  # the last step returns the thresholded x̂0
+
+
+@pytest.mark.parametrize("variance", VARIANCES)
+def test_every_variance_samples_with_every_ddpm_family_sampler(variance):
+    """Each model/variance option instantiates, and each DDPM-family sampler runs a network of its output width
+    (C channels, or 2C: the prediction and the variance interpolation)."""
+    x_T = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(0))
+    for sampler in (s for s in SAMPLERS if not s.startswith("flow_")):
+        cfg = _compose([f"model/variance={variance}", f"model/sampler={sampler}", "model.sampler.num_steps=3",
+                        "model.noise_schedule.num_timesteps=50"])
+        var = instantiate(cfg.model.variance)
+        assert isinstance(var, FixedVariance) and var.name == variance
+        denoise = lambda x, t, n=var.outputs: torch.cat([0.1 * x] * n, 1)
+        out = instantiate(cfg.model.sampler)(denoise, x_T, instantiate(cfg.model.noise_schedule),
+                                             instantiate(cfg.model.prediction), generator=torch.Generator())
+        assert out.shape == x_T.shape and torch.isfinite(out).all(), (variance, sampler)

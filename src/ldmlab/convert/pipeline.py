@@ -6,7 +6,8 @@
     OUT/text_encoder/, OUT/tokenizer/    the CLIP text encoder named by `model.conditioner.path`, re-saved
     OUT/scheduler/scheduler_config.json  the training noise schedule and prediction type, with the settings of the
                                          model's sampler (DDIM -> DDIMScheduler, ...) as
-                                         tests/test_diffusion_vs_diffusers.py shows them equal; `_ldmlab_sampler`
+                                         tests/test_diffusion_vs_diffusers.py shows them equal (a learned
+                                         variance: DDPMScheduler, variance_type=learned_range); `_ldmlab_sampler`
                                          records its num_steps / eta (diffusers drops "_" keys: pass them to the
                                          pipeline call)
 
@@ -107,8 +108,25 @@ def scheduler_config(model: dict[str, Any]) -> dict[str, Any]:
     if prediction not in PREDICTION_TYPES:
         raise ValueError(f"prediction {prediction} has no diffusers prediction_type ({', '.join(PREDICTION_TYPES)})")
     cls, sampler = sampler_config(model["sampler"])
+    if _name((model.get("variance") or {}).get("_target_", "FixedVariance")) == "LearnedVariance":
+        cls, sampler = learned_variance_scheduler(cls, sampler)
     return {"_class_name": cls, "_diffusers_version": DIFFUSERS_VERSION, **schedule_config(model["noise_schedule"]),
             "prediction_type": PREDICTION_TYPES[prediction], **sampler}
+
+
+def learned_variance_scheduler(cls: str, sampler: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """A learned variance's (model/variance=learned) scheduler: DDPMScheduler with variance_type=learned_range, the
+    only diffusers scheduler that splits the U-Net's 2C output (equal to ldmlab's ddpm sampler:
+    tests/test_variance_vs_diffusers.py), on the model sampler's spacing and step count."""
+    if cls != "DDPMScheduler":
+        _warn(f"model/variance=learned: diffusers' {cls} cannot read the U-Net's [prediction | variance] output; "
+              "wrote DDPMScheduler (variance_type=learned_range) on the model sampler's timesteps instead")
+    _warn("model/variance=learned: StableDiffusionPipeline's classifier-free guidance also extrapolates the "
+          "variance half; sample.py guides the prediction half only (GLIDE), so images differ at guidance > 1")
+    keep = {k: sampler[k] for k in ("timestep_spacing", "steps_offset")}
+    steps = {"num_steps": sampler["_ldmlab_sampler"]["num_steps"]}
+    return "DDPMScheduler", {**keep, "variance_type": "learned_range", "clip_sample": False, "thresholding": False,
+                             "_ldmlab_sampler": steps}
 
 
 def _warn(message: str) -> None:

@@ -13,6 +13,16 @@ from ldmlab.diffusion.schedules import (
     scaled_linear,
 )
 from ldmlab.diffusion.timesteps import karras_sigmas, sample_timesteps, spaced_timesteps
+from ldmlab.diffusion.variance import (
+    FixedVariance,
+    LearnedVariance,
+    gaussian_nll,
+    learned_log_variance,
+    normal_kl,
+    posterior_mean,
+    posterior_variance,
+    vlb_terms,
+)
 from ldmlab.diffusion.weighting import (
     min_snr_weight,
     noisy_inputs,
@@ -24,7 +34,9 @@ from ldmlab.diffusion.weighting import (
 
 __all__ = [
     "EpsPrediction",
+    "FixedVariance",
     "FlowMatching",
+    "LearnedVariance",
     "NoiseSchedule",
     "Prediction",
     "StepInfo",
@@ -42,11 +54,16 @@ __all__ = [
     "flow_heun_sample",
     "flow_sigmas",
     "flow_timesteps",
+    "gaussian_nll",
     "karras_sigmas",
+    "learned_log_variance",
     "min_snr_weight",
     "mode_density",
     "noisy_inputs",
+    "normal_kl",
     "perturb_noise",
+    "posterior_mean",
+    "posterior_variance",
     "rescale_zero_terminal_snr",
     "sample_noise",
     "sample_timesteps",
@@ -55,5 +72,6 @@ __all__ = [
     "spaced_timesteps",
     "static_threshold",
     "uniform_weight",
+    "vlb_terms",
     "weighted_mse",
 ]

@@ -7,6 +7,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ldmlab.diffusion.variance import join_output, split_output
+
 __all__ = ["Cond", "classifier_free_guidance", "dynamic_threshold", "static_threshold"]
 
 Cond = Tensor | dict[str, Tensor]
@@ -25,14 +27,16 @@ def classifier_free_guidance(
     model: Callable[[Tensor, Tensor, Cond], Tensor], cond: Cond, uncond: Cond, scale: float
 ) -> Callable[[Tensor, Tensor], Tensor]:
     """Classifier-free guidance (Ho & Salimans 2022, eq. 6): out_u + w·(out_c − out_u) from one batched
-    forward over [uncond; cond]; w = 1 is the conditional model and costs a single unbatched forward."""
+    forward over [uncond; cond]; w = 1 is the conditional model and costs a single unbatched forward. A learned
+    variance's half of the output is not guided: it comes from the conditional branch (as GLIDE samples)."""
     if scale == 1.0:
         return lambda x, t: model(x, t, cond)
     both = _cat(uncond, cond)
 
     def denoise(x: Tensor, t: Tensor) -> Tensor:
         out_u, out_c = model(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)  # (2B, …) → 2 × (B, …)
-        return out_u + scale * (out_c - out_u)
+        (mean_u, _), (mean_c, v_c) = split_output(out_u, x.shape[1]), split_output(out_c, x.shape[1])
+        return join_output(mean_u + scale * (mean_c - mean_u), v_c)
 
     return denoise
 

@@ -6,6 +6,9 @@ for Euler. `x_T` is unit-variance Gaussian noise. Injected noise comes from `noi
 else from `generator` with torch.randn(x.shape, dtype=x.dtype), the same draws in the same order as
 diffusers' schedulers. Coefficients are computed in float64 (Python floats) and applied to x in its dtype.
 `callback(StepInfo)` runs after every step with the new x (VP scale) and the step's x̂0.
+A network with a learned variance (Improved DDPM, `variance.py`) returns 2C channels for C-channel x: the first C
+are the prediction, the rest the variance interpolation, which DDPM and DDIM (η > 0) use for their noise and the
+deterministic samplers ignore.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from ldmlab.diffusion.timesteps import (
     spaced_timesteps,
     ve_sigmas,
 )
+from ldmlab.diffusion.variance import learned_log_variance, posterior_mean, posterior_variance, split_output
 
 __all__ = ["StepInfo", "ddim_sample", "ddpm_sample", "dpmpp_2m_sample", "euler_sample"]
 
@@ -60,6 +64,14 @@ def _noise_source(generator: torch.Generator | None, noise_fn: NoiseFn | None) -
     return draw
 
 
+class Denoised(NamedTuple):
+    """What one network call gives a step: x̂0, ε̂ and the variance output v (None: the network has none)."""
+
+    x0: Tensor
+    eps: Tensor
+    v: Tensor | None
+
+
 def _model_x0_eps(
     denoise: Denoise,
     prediction: Prediction,
@@ -67,17 +79,31 @@ def _model_x0_eps(
     t: float,
     alpha_bar: float,
     threshold: Threshold | None,
-) -> tuple[Tensor, Tensor]:
-    """Run the model at (x_t, t) and read off (x̂0, ε̂); thresholding applies to x̂0 only (as diffusers).
+) -> Denoised:
+    """Run the model at (x_t, t) and read off (x̂0, ε̂, v); thresholding applies to x̂0 only (as diffusers).
 
     An int t reaches the model as an int64 batch, a float t (Euler's grid) as float32, as in diffusers."""
     # filled on the device: a host tensor copied per step would make every step wait for the GPU queue
     t_batch = torch.full((x.shape[0],), t, dtype=torch.int64 if isinstance(t, int) else torch.float32,
                          device=x.device)
-    out = denoise(x, t_batch).to(x.dtype)
+    out, v = split_output(denoise(x, t_batch).to(x.dtype), x.shape[1])
     alpha, sigma = alpha_bar**0.5, (1 - alpha_bar) ** 0.5
     x0, eps = prediction.x0_at(out, x, alpha, sigma), prediction.eps_at(out, x, alpha, sigma)
-    return (threshold(x0) if threshold is not None else x0), eps
+    return Denoised(threshold(x0) if threshold is not None else x0, eps, v)
+
+
+def _step_std(v: Tensor | None, a_t: float, a_prev: float, fixed: str) -> Tensor | float:
+    """σ of the step t → t_prev: the network's Σ_θ^½ where it outputs v (Improved DDPM eq. 15, on the step's β and
+    β̃ as in its respaced sampler, §4), else the fixed β or β̃ (`fixed`: "beta" or "beta_tilde")."""
+    beta, beta_tilde = 1.0 - a_t / a_prev, max(posterior_variance(a_t, a_prev), 1e-20)  # β̃ = 0 at ᾱ_prev = 1
+    if v is None:
+        return (beta if fixed == "beta" else beta_tilde) ** 0.5
+    return torch.exp(0.5 * learned_log_variance(v, math.log(beta), math.log(beta_tilde)))
+
+
+def _sqrt_pos(d: Tensor | float) -> Tensor | float:
+    """√max(d, 0) of a float or, elementwise, a tensor."""
+    return d.clamp(min=0).sqrt() if isinstance(d, Tensor) else max(d, 0.0) ** 0.5
 
 
 def _pairs(timesteps: Tensor) -> list[tuple[int, int]]:
@@ -107,16 +133,11 @@ def ddpm_sample(
     ab, noise, x = schedule.alphas_cumprod.tolist(), _noise_source(generator, noise_fn), x_T
     pairs = _pairs(spaced_timesteps(len(ab), num_steps, spacing, steps_offset))
     for i, (t, t_prev) in enumerate(pairs):
-        a_t, a_prev = ab[t], (ab[t_prev] if t_prev >= 0 else 1.0)
-        beta = 1.0 - a_t / a_prev  # β of the jump t → t_prev (= β_t on the full grid)
-        x0, _ = _model_x0_eps(denoise, prediction, x, t, a_t, threshold)
-        # posterior mean μ̃(x_t, x̂0), eq. 7
-        x_new = (a_prev**0.5 * beta / (1 - a_t)) * x0 + ((1 - beta) ** 0.5 * (1 - a_prev) / (1 - a_t)) * x
+        a_t, a_prev = ab[t], (ab[t_prev] if t_prev >= 0 else 1.0)  # β of the jump = 1 − ᾱ_t/ᾱ_prev (§4)
+        x0, _, v = _model_x0_eps(denoise, prediction, x, t, a_t, threshold)
+        x_new = posterior_mean(x0, x, a_t, a_prev)  # μ̃(x_t, x̂0), eq. 7
         if t_prev >= 0:  # Algorithm 2: no noise on the last step
-            var = (
-                beta if variance == "beta" else max((1 - a_prev) / (1 - a_t) * beta, 1e-20)
-            )  # β or β̃ (eq. 7)
-            x_new = x_new + var**0.5 * noise(x)
+            x_new = x_new + _step_std(v, a_t, a_prev, variance) * noise(x)  # β or β̃ (eq. 7), or the learned Σ_θ
         x = x_new
         if callback is not None:
             callback(StepInfo(i, len(pairs), t, x, x0))
@@ -150,10 +171,12 @@ def ddim_sample(
     pairs = _pairs(spaced_timesteps(len(ab), num_steps, spacing, steps_offset))
     for i, (t, t_prev) in enumerate(pairs):
         a_t, a_prev = ab[t], (ab[t_prev] if t_prev >= 0 else final)
-        x0, eps = _model_x0_eps(denoise, prediction, x, t, a_t, threshold)
-        std = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5  # σ_t(η), eq. 16
-        x = a_prev**0.5 * x0 + max(1 - a_prev - std**2, 0.0) ** 0.5 * eps  # eq. 12
-        if std > 0:
+        x0, eps, v = _model_x0_eps(denoise, prediction, x, t, a_t, threshold)
+        noisy = eta > 0 and a_prev < 1.0  # β̃ = 0 on a jump to ᾱ = 1: no noise
+        # σ_t(η) = η·β̃^½ (eq. 16), with a learned variance η·Σ_θ^½
+        std = eta * _step_std(v, a_t, a_prev, "beta_tilde") if noisy else 0.0
+        x = a_prev**0.5 * x0 + _sqrt_pos(1 - a_prev - std**2) * eps  # eq. 12
+        if noisy:
             x = x + std * noise(x)
         if callback is not None:
             callback(StepInfo(i, len(pairs), t, x, x0))
@@ -181,7 +204,7 @@ def dpmpp_2m_sample(
     x, x0_prev, h_prev = x_T, None, 0.0
     for i, t in enumerate(ts.tolist()):
         alpha_s = 1 / math.sqrt(1 + sig[i] ** 2)  # VP α from VE σ
-        x0, _ = _model_x0_eps(denoise, prediction, x, t, alpha_s**2, threshold)
+        x0 = _model_x0_eps(denoise, prediction, x, t, alpha_s**2, threshold).x0
         if sig[i + 1] == 0.0:
             x_new = x0  # σ_t = 0 (h = ∞): the first-order update gives x̂0 exactly
         else:
@@ -229,7 +252,7 @@ def euler_sample(
     x = x_T * (sig[0] if spacing != "leading" else math.sqrt(sig[0] ** 2 + 1))
     for i, t in enumerate(ts.tolist()):
         alpha = 1 / math.sqrt(1 + sig[i] ** 2)  # VE → VP: x_t = α·x, σ_VP = α·σ
-        x0, _ = _model_x0_eps(denoise, prediction, x * alpha, t, alpha**2, threshold)  # t: float
+        x0 = _model_x0_eps(denoise, prediction, x * alpha, t, alpha**2, threshold).x0  # t: float
         x = x + (x - x0) / sig[i] * (sig[i + 1] - sig[i])  # Euler step with d = (x − x̂0)/σ
         if callback is not None:
             callback(StepInfo(i, len(ts), t, x / math.sqrt(1 + sig[i + 1] ** 2), x0))

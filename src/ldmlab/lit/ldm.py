@@ -1,9 +1,10 @@
 """LatentDiffusionModule: a U-Net trained on the latents of a frozen KL-VAE (LDM, Rombach et al. 2022).
 
 encode (or read cached latents) → scale → drop the condition (CFG) → noise at random t → weighted MSE.
-Schedule, objective (ε, v, x0 or flow matching), loss weighting and sampler come from `ldmlab.diffusion` via the
-config groups `model/noise_schedule`, `model/prediction`, `model/sampler`; how the U-Net is trained is `model.training`
-(`Training`), how validation grids are drawn `model.sampling` (`Sampling`).
+Schedule, objective (ε, v, x0 or flow matching), variance (fixed, or learned with L_hybrid), loss weighting and
+sampler come from `ldmlab.diffusion` via the config groups `model/noise_schedule`, `model/prediction`,
+`model/variance`, `model/sampler`; how the U-Net is trained is `model.training` (`Training`), how validation grids
+are drawn `model.sampling` (`Sampling`).
 """
 
 from __future__ import annotations
@@ -17,8 +18,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from ldmlab.diffusion import NoiseSchedule, Prediction, classifier_free_guidance
-from ldmlab.diffusion.weighting import weighted_mse
+from ldmlab.diffusion import FixedVariance, NoiseSchedule, Prediction, classifier_free_guidance
 from ldmlab.lit.conditioning import TextConditioner
 from ldmlab.lit.contract import TrainingModule
 from ldmlab.lit.finetune import FineTune
@@ -47,16 +47,20 @@ class LatentDiffusionModule(TrainingModule):
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         lr_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
         finetune: FineTune | None = None,
+        variance: FixedVariance | None = None,  # None: fixed (checkpoints from before model/variance)
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["unet", "noise_schedule", "prediction", "sampler", "vae", "conditioner",
-                                          "optimizer", "lr_scheduler", "finetune"])
+                                          "optimizer", "lr_scheduler", "finetune", "variance"])
         self.train_cfg: Training = settings(Training, training, "training")
         self.sample_cfg: Sampling = settings(Sampling, sampling, "sampling")
-        unet_in = getattr(unet, "config", {}).get("in_channels")
+        unet_in, unet_out = (getattr(unet, "config", {}).get(k) for k in ("in_channels", "out_channels"))
         if vae is not None and unet_in is not None and unet_in != vae.embed_dim:
             raise ValueError(f"model.unet.in_channels={unet_in} but the VAE's latents have {vae.embed_dim} channels: "
-                             f"set model.unet.in_channels=model.unet.out_channels={vae.embed_dim}")
+                             f"set model.unet.in_channels={vae.embed_dim}")
+        self.variance = variance or FixedVariance()
+        if unet_in and unet_out and (problem := self.variance.channels_problem(unet_in, unet_out)):
+            raise ValueError(problem)  # out_channels = in_channels, or 2 × with a learned variance
         if unet_init is not None:  # a fine-tune keeps the latent scale its base trained with (unless set)
             stored_scale = load_unet_init(unet, unet_init)
             latent_scale = latent_scale or stored_scale
@@ -105,6 +109,11 @@ class LatentDiffusionModule(TrainingModule):
 
     def diffusion_loss(self, batch: dict[str, Any], generator: torch.Generator, p_uncond: float) -> Tensor:
         """The weighted denoising loss of one batch (DDPM eq. 14, or flow matching, with the chosen weighting)."""
+        return self.loss_terms(batch, generator, p_uncond)[0]
+
+    def loss_terms(self, batch: dict[str, Any], generator: torch.Generator,
+                   p_uncond: float) -> tuple[Tensor, dict[str, Tensor]]:
+        """`diffusion_loss` (+ λ·L_vlb with a learned variance, model/variance) and its named parts to log."""
         cfg, z = self.train_cfg, self.latents(batch, generator)
         cond = self.conditioner(batch) if self.conditioner is not None else {}
         if cond and p_uncond > 0:
@@ -113,7 +122,7 @@ class LatentDiffusionModule(TrainingModule):
         # t, x_t, target and weight come from the objective (ε/v/x0 on the schedule, or flow matching)
         x_t, t, target, weight = self.prediction.training_inputs(z, self.schedule, generator, cfg.offset_noise,
                                                                  cfg.input_perturbation, gamma)
-        return weighted_mse(self.unet(x_t, t, **cond), target, weight)
+        return self.variance.loss(self.unet(x_t, t, **cond), target, weight, z, x_t, t, self.schedule, self.prediction)
 
     def prepare_data(self) -> None:
         if self.finetune is not None:  # DreamBooth's class images, drawn by the base model
@@ -124,19 +133,24 @@ class LatentDiffusionModule(TrainingModule):
         g = torch.Generator(device=self.device)
         g.manual_seed(hash((self.train_cfg.seed, self.global_step, self.global_rank, 0)) % (2**63))
         if "prior" in batch:  # data=dreambooth: L_instance + λ L_prior in one step (DreamBooth eq. 2)
-            loss, prior = (self.diffusion_loss(batch[k], g, self.train_cfg.p_uncond) for k in ("instance", "prior"))
+            (loss, parts), (prior, _) = (self.loss_terms(batch[k], g, self.train_cfg.p_uncond)
+                                         for k in ("instance", "prior"))
             self.log("train/prior_loss", prior.detach(), batch_size=self._batch_size(batch["prior"]))
             loss, batch = loss + self.finetune.prior_weight * prior, batch["instance"]
         else:
-            loss = self.diffusion_loss(batch, g, self.train_cfg.p_uncond)
+            loss, parts = self.loss_terms(batch, g, self.train_cfg.p_uncond)
         self.log("train/loss", loss.detach(), batch_size=self._batch_size(batch))  # NaN too: no stale value
+        for name, value in parts.items():  # a learned variance's train/loss_simple, train/loss_vlb
+            self.log(f"train/{name}", value, batch_size=self._batch_size(batch))
         # NaN/Inf too: every rank runs its backward (DDP's all-reduce stays in step); lit.nonfinite skips the update
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         g = torch.Generator(device=self.device).manual_seed(self.sample_cfg.sample_seed + batch_idx)
-        loss = self.diffusion_loss(batch, g, p_uncond=0.0)  # fixed noise: comparable across validations
+        loss, parts = self.loss_terms(batch, g, p_uncond=0.0)  # fixed noise: comparable across validations
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=self._batch_size(batch))
+        for name, value in parts.items():
+            self.log(f"val/{name}", value, sync_dist=True, batch_size=self._batch_size(batch))
 
     @staticmethod
     def _batch_size(batch: dict[str, Any]) -> int:

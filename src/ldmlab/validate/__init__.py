@@ -27,6 +27,7 @@ from ldmlab.validate.rules import (
     guidance_problems,
     missing_values,
     objective_problems,
+    variance_problems,
 )
 from ldmlab.validate.sample import sample_problems
 
@@ -47,8 +48,8 @@ def check_config(cfg: DictConfig, entry: str = "train.py") -> list[str]:
     from ldmlab.validate.networks import network_problems  # torch: not needed by the command-line check
 
     missing = missing_values(cfg, entry)
-    rules = (data_problems, weight_problems, network_problems, guidance_problems, objective_problems, batch_problems,
-             fsdp_problems, finetune_problems)
+    rules = (data_problems, weight_problems, network_problems, guidance_problems, objective_problems,
+             variance_problems, batch_problems, fsdp_problems, finetune_problems)
     return missing + [line for rule in rules for line in rule(cfg)]
 
 

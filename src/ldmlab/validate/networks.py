@@ -20,6 +20,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from torch import nn
 
 from ldmlab.data.buckets import parse_buckets
+from ldmlab.diffusion.variance import FixedVariance
 from ldmlab.nn.autoencoder import AutoencoderKL
 from ldmlab.nn.unet import UNetModel
 from ldmlab.validate.fields import get, image_size, target
@@ -33,8 +34,9 @@ def _first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
-def meta_build(cfg: DictConfig, key: str) -> tuple[nn.Module | None, list[str]]:
-    """The network at config `key` built on the meta device, or None and the constructor's refusal as one line."""
+def meta_build(cfg: DictConfig, key: str) -> tuple[Any, list[str]]:
+    """The network (or object) at config `key` built on the meta device, or None and the constructor's refusal as
+    one line."""
     try:
         with torch.device("meta"):
             return hydra.utils.instantiate(get(cfg, key), _convert_="all"), []
@@ -119,16 +121,28 @@ def latent_buckets(cfg: DictConfig) -> list[list[int]] | None:
     return json.loads(manifest.read_text()).get("buckets")
 
 
-def latent_problems(cfg: DictConfig, unet: UNetModel, vae: AutoencoderKL | None, source: str) -> list[str]:
-    """The U-Net's in/out channels match the latents; the latent side divides by the U-Net's factor."""
+def channel_problems(unet: UNetModel, channels: int | None, source: str, variance: FixedVariance | None) -> list[str]:
+    """in_channels = the latents' channels (when known), out_channels = the variance's outputs × in_channels (not
+    judged when the variance was refused)."""
+    if channels and unet.config["in_channels"] != channels:  # each refused side names both fixes
+        want = {"in_channels": channels, "out_channels": channels * (variance.outputs if variance else 1)}
+        fix = f"model.unet.in_channels={channels} model.unet.out_channels={want['out_channels']}"
+        return [f"model.unet.{key}={unet.config[key]} but {source} has {channels}-channel latents: set {fix}"
+                for key in want if unet.config[key] != want[key]]
+    problem = variance.channels_problem(unet.config["in_channels"], unet.config["out_channels"]) if variance else None
+    return [problem] if problem else []
+
+
+def latent_problems(cfg: DictConfig, unet: UNetModel, vae: AutoencoderKL | None, source: str,
+                    variance: FixedVariance | None = FixedVariance()) -> list[str]:  # noqa: B008  # stateless
+    """The U-Net's in/out channels match the latents (and the variance; None: refused, not judged); the latent side
+    divides by the U-Net's factor."""
     shape = latent_manifest(cfg)
     if shape:
         channels, source = shape[0], f"the latent cache data.root={get(cfg, 'data.root')}"
     else:
         channels = vae.embed_dim if vae is not None else None
-    problems = [f"model.unet.{key}={unet.config[key]} but {source} has {channels}-channel latents: set "
-                f"model.unet.in_channels={channels} model.unet.out_channels={channels}"
-                for key in ("in_channels", "out_channels") if channels and unet.config[key] != channels]
+    problems = channel_problems(unet, channels, source, variance)
     fix = f"change the image size so the latent side is a multiple of {unet.downsample_factor}, or use fewer levels"
     if shape:
         sides = sorted({side for b in latent_buckets(cfg) or [shape] for side in b[-2:]})  # every bucket's h, w
@@ -186,9 +200,18 @@ def model_networks(cfg: DictConfig) -> tuple[UNetModel | None, AutoencoderKL | N
     return built.get("model.unet"), vae, problems
 
 
+def configured_variance(cfg: DictConfig) -> tuple[FixedVariance | None, list[str]]:
+    """The model/variance object (fixed when unset, as in checkpoints from before it), or None and its refusal."""
+    if get(cfg, "model.variance") is None:
+        return FixedVariance(), []
+    return meta_build(cfg, "model.variance")
+
+
 def network_problems(cfg: DictConfig) -> list[str]:
     """Each configured network builds (its constructor's rules), and the networks fit the data and each other."""
     built, problems = build_networks(cfg)
+    variance, refused = configured_variance(cfg)
+    problems += refused
     if (ae := built.get("model.autoencoder")) is not None:  # VAE training
         size, field = image_size(cfg)
         problems += size_problems("model.autoencoder", ae, size, field,
@@ -203,7 +226,7 @@ def network_problems(cfg: DictConfig) -> list[str]:
         source = f"the VAE at model.vae.path={get(cfg, 'model.vae.path')}"
     if vae is not None:
         problems += bucket_problems(cfg, *total_factor(unet, vae)) + grid_size_problems(cfg, *total_factor(unet, vae))
-    return problems + latent_problems(cfg, unet, vae, source)
+    return problems + latent_problems(cfg, unet, vae, source, variance)
 
 
 def grid_size_problems(cfg: DictConfig, factor: int, what: str) -> list[str]:

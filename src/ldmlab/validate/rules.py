@@ -106,6 +106,17 @@ def objective_problems(cfg: DictConfig, sampler: str | None = None, where: str =
     return []
 
 
+def variance_problems(cfg: DictConfig) -> list[str]:
+    """A learned variance (Improved DDPM) is a Gaussian reverse step on a noise schedule: flow matching has neither."""
+    if not target(cfg, "model.variance").endswith("LearnedVariance"):
+        return []
+    if target(cfg, "model.prediction").endswith("FlowMatching"):
+        return [("model/variance=learned cannot train with model/prediction=flow (its VLB is the KL of DDPM's Gaussian "
+                 "reverse steps; flow matching integrates a velocity ODE): use model/variance=fixed, or "
+                 "model/prediction=eps|v|x0")]
+    return []
+
+
 def train_samples(cfg: DictConfig) -> int | None:
     """Samples in one training epoch when known without reading data (demo spec, manifests), else None."""
     if get(cfg, "data.samples_per_epoch") is not None:
