@@ -13,6 +13,7 @@ import pytorch_lightning as pl
 import torch
 from conftest import compose_train
 from hydra.utils import instantiate
+from torch import nn
 
 from ldmlab import accel
 from ldmlab.callbacks.speed import GPUSpeed, StepTimer, resolve_compile
@@ -314,3 +315,15 @@ def test_step_timer_stops_before_the_final_checkpoint(tmp_path: Path) -> None:
     train_losses("32-true", [timer, SlowSave()], tmp_path, steps=12)
     total = time.perf_counter() - start
     assert timer._steps == 7 and timer.seconds_per_step * timer._steps < total - 3.9
+
+
+def test_compile_dynamic_setting_reaches_torch_compile(monkeypatch: pytest.MonkeyPatch) -> None:
+    """callbacks.speed.dynamic → accel.compile_model → each compiled module's torch.compile(dynamic=...): False (one
+    graph per bucket shape) by default, True (one symbolic graph) or None (torch's automatic choice) when asked."""
+    seen: list[object] = []
+    monkeypatch.setattr(nn.Module, "compile", lambda self, **kw: seen.append(kw["dynamic"]))
+    for dynamic in (False, True, None):
+        accel.compile_model(tiny_unet(), "full", dynamic=dynamic)
+    accel.compile_model(tiny_unet(), "full")
+    assert seen == [False, True, None, False]
+    assert GPUSpeed().dynamic is False and GPUSpeed(dynamic=True).dynamic is True

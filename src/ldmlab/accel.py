@@ -125,11 +125,14 @@ def repeated_block_types(model: nn.Module) -> tuple[type[nn.Module], ...]:
 
 
 def compile_model(model: nn.Module, scope: CompileScope = "regional", mode: str | None = None,
-                  fullgraph: bool = True, backend: str = "inductor") -> int:
+                  fullgraph: bool = True, backend: str = "inductor", dynamic: bool | None = False) -> int:
     """Compile the networks in `model` in place; returns how many modules (or trunks) were compiled.
 
     regional: each REPEATED_BLOCKS block of each network (nested ones inside a compiled block are left to it);
     full: each network as one graph, or the parts its WHOLE entry names (the VAE: encoder and decoder trunk).
+    dynamic: False, one graph per input shape (each aspect-ratio bucket compiles once, up to the recompile limit);
+    True, one graph with symbolic sizes for all shapes (CUDA graphs are still recorded per shape); None, torch's
+    automatic choice (static first, symbolic from the first shape change).
     """
     if scope == "none":
         return 0
@@ -138,7 +141,7 @@ def compile_model(model: nn.Module, scope: CompileScope = "regional", mode: str 
     # SD1.5's U-Net has ~15 ResBlock shapes: past Dynamo's default limit of 8 graphs per cache entry the rest
     # would silently run eagerly
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    kwargs: dict[str, Any] = {"mode": mode, "dynamic": False, "backend": backend}
+    kwargs: dict[str, Any] = {"mode": mode, "dynamic": dynamic, "backend": backend}
     count = 0
     for network in networks(model):
         if scope == "full":  # a whole U-Net graph breaks on its input checks; the blocks do not

@@ -65,7 +65,7 @@ class GPUSpeed(pl.Callback):
 
     def __init__(self, compile: str = "auto", channels_last: bool = True,
                  compile_mode: str | None = None, sdpa_backends: list[str] | None = None,
-                 tf32: bool = True, inductor: dict[str, Any] | None = None) -> None:
+                 tf32: bool = True, inductor: dict[str, Any] | None = None, dynamic: bool | None = False) -> None:
         if compile not in ("none", "regional", "full", "auto"):
             raise ValueError(f"callbacks.speed.compile={compile!r}: valid are auto, none, regional, full")
         if compile_mode not in COMPILE_MODES:
@@ -74,6 +74,7 @@ class GPUSpeed(pl.Callback):
         self.compile, self.channels_last, self.compile_mode = compile, channels_last, compile_mode
         self.sdpa_backends, self.tf32 = sdpa_backends, tf32
         self.inductor = dict(inductor or {})
+        self.dynamic = dynamic  # accel.compile_model's: False, one graph per shape (per bucket); True, one for all
         accel.check_inductor(self.inductor)  # a misspelt name fails before any data or model is built
         self._applied = False
 
@@ -91,7 +92,7 @@ class GPUSpeed(pl.Callback):
         if self.channels_last:
             accel.to_channels_last(pl_module)
         scope, mode = self.resolve(pl_module, trainer.world_size)
-        compiled = accel.compile_model(pl_module, scope, mode=mode)
+        compiled = accel.compile_model(pl_module, scope, mode=mode, dynamic=self.dynamic)
         log.info("speed: channels_last=%s, compile=%s (%d modules, mode %s), sdpa=%s", self.channels_last,
                  scope, compiled, mode or "default", self.sdpa_backends or "torch default")
 
