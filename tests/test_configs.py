@@ -135,6 +135,25 @@ def test_every_experiment_trains_one_step(option: str, tmp_path: Path) -> None:
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
 
 
+# the latent U-Nets small enough for a CPU step (unet_sd15's 859 M parameters only instantiate, above)
+SMALL_UNETS = [o for o in options("model") if o.startswith("unet") and o != "unet_sd15"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("option", SMALL_UNETS)
+def test_every_small_unet_trains_one_step(option: str, tmp_path: Path, tiny_assets: dict[str, Path]) -> None:
+    """STYLE 7 for the U-Net presets (unet_adm: every ADM option on): one CPU step on the demo crops through a
+    random f4 VAE, through ldmlab.run.train (the config check included)."""
+    from ldmlab.run import train
+
+    cfg = compose_train([f"model={option}", *model_standins(option, tiny_assets), "trainer=cpu", "data=demo",
+                         "trainer.max_steps=1", "trainer.limit_val_batches=1", "trainer.val_check_interval=1",
+                         "data.batch_size=2", "trainer.precision=32-true", "trainer.num_sanity_val_steps=0",
+                         "model.sampling.guidance_scales=[1.0]", "++model.sampler.num_steps=2"], tmp_path)
+    assert train(cfg) is not None
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
+
+
 def test_help_lists_every_group() -> None:
     out = subprocess.run([sys.executable, str(REPO / "train.py"), "--help"], capture_output=True, text=True,
                          cwd=REPO, timeout=120, check=False)
