@@ -77,7 +77,8 @@ class Prediction(ABC):
 
     def noise_level(self, t: Tensor, schedule: NoiseSchedule | None, like: Tensor) -> tuple[Tensor, Tensor]:
         """(α, σ) at the network's time t (B,), shaped (B, 1, …) like `like`: the schedule's (√ᾱ_t, √(1−ᾱ_t)) at
-        integer t, and at fractional t (Euler's grid) the VP scalings of the interpolated VE σ, as Euler steps."""
+        integer t, and at fractional t (Euler's grid) the VP scalings of the linearly interpolated VE σ, which is
+        Euler's own σ (on Karras σ, whose t is log-interpolated, a close approximation of it)."""
         if schedule is None:
             raise ValueError(f"prediction {self.name} needs a noise schedule: set model/noise_schedule=scaled_linear")
         if not t.is_floating_point():
