@@ -41,6 +41,8 @@ def model_standins(option: str, assets: dict[str, Path]) -> list[str]:
     """Overrides pointing a model config's weight files at random stand-ins made by the test session."""
     if option.startswith("vae"):
         return ["model.lpips.backbone=random"]
+    if option.startswith("classifier"):  # trains on cached latents: reads no weights
+        return []
     overrides = [f"model.vae.path={assets['vae']}"]
     if option == "unet_sd15":
         overrides.append(f"model.conditioner.path={assets['clip768']}")
@@ -121,16 +123,43 @@ def test_command_line_overrides_model_optimizer_default(tmp_path: Path) -> None:
     assert list(cfg.model.autoencoder.channel_mult) == [1, 2]
 
 
+def experiment_standins(option: str, assets: dict[str, Path]) -> list[str]:
+    """What an experiment reads from disk, pointed at stand-ins: the VAEs' LPIPS backbone; the noise-aware
+    classifier's latent cache (the demo crops through a random VAE instead)."""
+    if option.startswith("classifier"):
+        return ["data.root=null", f"model.vae={{_target_:ldmlab.convert.load.load_vae,path:{assets['vae']}}}"]
+    return ["model.lpips.backbone=random", "model.scale_lr=false"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("option", options("experiment"))
-def test_every_experiment_trains_one_step(option: str, tmp_path: Path) -> None:
+def test_every_experiment_trains_one_step(option: str, tmp_path: Path, tiny_assets: dict[str, Path]) -> None:
     """STYLE 7: every experiment preset is smoke-trained for one step on the CPU (demo data stands in)."""
     from ldmlab.run import train
 
-    cfg = compose_train([f"experiment={option}", "trainer=cpu", "data=demo", "model.lpips.backbone=random",
+    cfg = compose_train([f"experiment={option}", "trainer=cpu", "data=demo", *experiment_standins(option, tiny_assets),
                          "trainer.max_steps=1", "trainer.limit_val_batches=1", "trainer.val_check_interval=1",
-                         "data.batch_size=2", "trainer.precision=32-true", "model.scale_lr=false",
+                         "data.batch_size=2", "trainer.precision=32-true",
                          "data.decoder.image_size=32", "trainer.num_sanity_val_steps=0"], tmp_path)  # the demo crops
+    assert train(cfg) is not None
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
+
+
+# the latent U-Nets small enough for a CPU step (unet_sd15's 859 M parameters only instantiate, above)
+SMALL_UNETS = [o for o in options("model") if o.startswith("unet") and o != "unet_sd15"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("option", SMALL_UNETS)
+def test_every_small_unet_trains_one_step(option: str, tmp_path: Path, tiny_assets: dict[str, Path]) -> None:
+    """STYLE 7 for the U-Net presets (unet_adm: every ADM option on): one CPU step on the demo crops through a
+    random f4 VAE, through ldmlab.run.train (the config check included)."""
+    from ldmlab.run import train
+
+    cfg = compose_train([f"model={option}", *model_standins(option, tiny_assets), "trainer=cpu", "data=demo",
+                         "trainer.max_steps=1", "trainer.limit_val_batches=1", "trainer.val_check_interval=1",
+                         "data.batch_size=2", "trainer.precision=32-true", "trainer.num_sanity_val_steps=0",
+                         "model.sampling.guidance_scales=[1.0]", "++model.sampler.num_steps=2"], tmp_path)
     assert train(cfg) is not None
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
 

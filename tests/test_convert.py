@@ -79,7 +79,7 @@ def test_names_are_sd_original() -> None:
 
 @pytest.mark.parametrize(
     "kw",
-    [NAMES_CONFIG, SMALL_CPU, {**SMALL, "use_linear_projection": True, "head_dim": 8}],
+    [NAMES_CONFIG, SMALL_CPU, {**SMALL, "use_linear_projection": True, "num_heads": None, "head_dim": 8}],
     ids=["cross-class", "self-attention-class", "linear-head-dim"],
 )
 def test_round_trip_is_lossless(kw: dict[str, Any]) -> None:
@@ -99,7 +99,7 @@ def test_config_inference_for_sd_checkpoints() -> None:
     """SD1.5 / SD2-style diffusers configs and SD-original state-dict shapes give our constructor args."""
     with torch.device("meta"):
         sd15 = UNetModel()
-        sd2 = UNetModel(head_dim=64, context_dim=1024, use_linear_projection=True)
+        sd2 = UNetModel(num_heads=None, head_dim=64, context_dim=1024, use_linear_projection=True)
     sd15_diffusers = _sd15_diffusers_config()
     assert ldmlab_unet_config(sd15_diffusers) == sd15.config
     sd2_diffusers = {

@@ -33,6 +33,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "linear-proj-head-dim-depth2": {
         "context_dim": 24,
         "use_linear_projection": True,
+        "num_heads": None,
         "head_dim": 16,
         "transformer_depth": 2,
     },
@@ -245,7 +246,9 @@ def test_gradient_checkpointing_gives_same_gradients() -> None:
         ({"model_channels": 48}, r"model_channels=48 is not divisible by norm_groups=32"),
         ({"norm_groups": 0}, r"norm_groups=0 must be a positive integer"),
         ({"num_heads": 3}, r"num_heads=3 does not divide the attention width 320 \(model_channels x channel_m"),
-        ({"head_dim": 48}, r"head_dim=48 does not divide the attention width 320"),
+        ({"num_heads": None, "head_dim": 48}, r"head_dim=48 does not divide the attention width 320"),
+        ({"head_dim": 64}, r"num_heads=8 and head_dim=64: set exactly one of them, the other null"),
+        ({"num_heads": None}, r"num_heads=None and head_dim=None: set exactly one of them"),
         # no attention level: the middle block's transformer still runs at the deepest width
         ({"attention_levels": (), "num_heads": 3, "model_channels": 64, "channel_mult": (1, 2)},
          r"num_heads=3 does not divide the attention width 128 \(model_channels x channel_mult\[1\]\)"),

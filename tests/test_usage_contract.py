@@ -32,6 +32,7 @@ DOCS = [REPO / "README.md", REPO / "slurm" / "README.md"]
 SBATCH = REPO / "slurm" / "train.sbatch"
 GPU_SPEED = "ldmlab.callbacks.speed.GPUSpeed"
 VAE, LDM = "ldmlab.lit.vae.VAEModule", "ldmlab.lit.ldm.LatentDiffusionModule"
+CLASSIFIER = "ldmlab.lit.noisy_classifier.NoisyClassifierModule"  # experiment=classifier_*: classifier guidance
 MISSION = "python train.py model=unet_sd15 trainer.devices=8"
 
 
@@ -143,6 +144,14 @@ def data_kind(data: DictConfig) -> str:
     return f"{source}+{name(data.decoder._target_)}"
 
 
+def expected_module(said: dict[str, str]) -> str:
+    """The LightningModule a line's words ask for: a U-Net model is the LDM, a classifier experiment the noise-aware
+    classifier, anything else the default VAE."""
+    if said.get("experiment", "").startswith("classifier"):
+        return CLASSIFIER
+    return LDM if said.get("model", "").startswith("unet") else VAE
+
+
 def asks_for_gpus(composed: DictConfig) -> bool:
     """The line names GPUs (trainer=gpu/fsdp/experiment=vae_kl_f8) or several devices without saying CPU."""
     t = composed.trainer
@@ -186,7 +195,7 @@ def test_line_on_an_8_gpu_node(line: str, tmp_path: Path, monkeypatch: pytest.Mo
         assert got["strategy"] == "auto"
     for key in ("model", "data"):
         assert hydra.utils.get_class(OmegaConf.select(cfg, f"{key}._target_"))
-    assert got["model"] == (LDM if said.get("model", "").startswith("unet") else VAE)
+    assert got["model"] == expected_module(said)
     for key in ("data.train_urls", "data.root"):
         if key in said:
             assert OmegaConf.select(cfg, key) == said[key].strip("'\"")

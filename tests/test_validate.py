@@ -49,6 +49,7 @@ def test_shipped_presets_pass(tmp_path: Path, vae: Path) -> None:
     clip.mkdir()
     (clip / "config.json").write_text("{}")  # only its presence is checked before the run
     for overrides in ([], ["experiment=vae_demo"], ["model=unet_small", f"model.vae.path={vae}"],
+                      ["model=unet_adm", f"model.vae.path={vae}"],
                       ["model=unet_sd15", "data=demo", f"model.vae.path={vae}", f"model.conditioner.path={clip}"],
                       ["experiment=vae_kl_f8", "trainer=cpu", "data=demo", "model.lpips.backbone=random"]):
         assert problems(overrides, tmp_path) == [], overrides
@@ -70,12 +71,19 @@ def test_unet_constructor_refusals_carry_the_config_path(tmp_path: Path, vae: Pa
                                                 "only 2 levels: use level indices 0..1",
              "model.unet.num_heads=3": "model.unet: num_heads=3 does not divide the attention width 128 "
                                        "(model_channels x channel_mult[1])",
-             "+model.unet.head_dim=48": "model.unet: head_dim=48 does not divide the attention width 128",
+             "model.unet.head_dim=48": "model.unet: num_heads=4 and head_dim=48: set exactly one of them, the other null",
+             "model.unet.head_dim=48 model.unet.num_heads=null": "model.unet: head_dim=48 does not divide the attention "
+                                                                "width 128",
+             "model.unet.resnet_time_scale_shift=ada": "model.unet: resnet_time_scale_shift='ada' is unknown: use one "
+                                                      "of default, scale_shift",
+             "model.unet.resblock_updown=maybe": "model.unet: resblock_updown='maybe' must be true or false",
+             "model.unet.num_res_blocks=[1,2,3]": "model.unet: num_res_blocks=[1, 2, 3] has 3 entries but "
+                                                  "channel_mult has 2 levels",
              "model.unet.norm_groups=24": "model.unet: model_channels=64 is not divisible by norm_groups=24",
              "model.unet.model_channels=0": "model.unet: model_channels=0 must be a positive integer",
              "+model.unet.bogus=1": "model.unet: UNetModel.__init__() got an unexpected keyword argument 'bogus'"}
     for override, line in cases.items():
-        found = problems([*base, override], tmp_path)
+        found = problems([*base, *override.split()], tmp_path)
         assert one(found, line.split(": ", 1)[1][:40]).startswith(line), (override, found)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -13,11 +14,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldmlab import accel
 from ldmlab.configs import CONF_DIR as CONF
+from ldmlab.diffusion import classifier_gradient, classifier_guidance
 from ldmlab.finetune.lora import set_lora_scale
 from ldmlab.finetune.lora_formats import load_lora_file, lora_components
 from ldmlab.finetune.textual_inversion import load_learned_embeds
 from ldmlab.lit.conditioning import ClassConditioner, TextConditioner
 from ldmlab.lit.ldm import LatentDiffusionModule
+from ldmlab.lit.noisy_classifier import load_classifier
 from ldmlab.lit.settings import regroup
 from ldmlab.nn.safe_load import load_weights_only
 from ldmlab.utils.images import make_grid, save_png
@@ -129,6 +132,23 @@ def add_fine_tunes(module: LatentDiffusionModule, cfg: DictConfig) -> None:
                 set_lora_scale(model, float(cfg.lora_scale))
 
 
+def classifier_guide(module: LatentDiffusionModule, cfg: DictConfig) -> Callable[[int, int], Any] | None:
+    """`classifier=` `classifier_scale=`: (start, n) ↦ the wrapper of the (CFG) denoiser that guides images start…
+    start+n towards their class (ADM eq. 14): label=, else classes 0…K−1 cycled as a class LDM's labels are."""
+    if not cfg.get("classifier"):
+        return None
+    classifier = load_classifier(cfg.classifier).to(module.device)
+    k = classifier.num_classes
+    labels = torch.tensor([int(cfg.label) if cfg.label is not None else i % k for i in range(cfg.n)])
+
+    def guide(start: int, n: int) -> Any:
+        grad = classifier_gradient(classifier, labels[start:start + n].to(module.device))
+        return partial(classifier_guidance, grad_log_p=grad, scale=float(cfg.classifier_scale),
+                       schedule=module.schedule, prediction=module.prediction)
+
+    return guide
+
+
 def sample(cfg: DictConfig) -> Path:
     """Generate cfg.n images in batches and write the grid (and single PNGs if asked); returns the grid path."""
     validate_sample(cfg)  # one line per problem (unsafe ckpt, guidance without p_uncond, ...) before loading
@@ -140,16 +160,18 @@ def sample(cfg: DictConfig) -> Path:
     sampler, values = _sampler(module, cfg.sampler, cfg.steps), _cond_values(module, cfg)
     shape = latent_shape(module, cfg.get("height"), cfg.get("width"))
     autocast = prepare_for_sampling(module, cfg.bf16, cfg.compile)
+    guide = classifier_guide(module, cfg)  # samplers run under no_grad; its gradient turns autograd back on
     images = []
     for start in range(0, cfg.n, cfg.batch_size):
         n = min(cfg.batch_size, cfg.n - start)
         chunk = values[start:start + n] if values is not None else None
         with autocast:
             images.append(module.sample(chunk, n, cfg.guidance, seed=cfg.seed + start, latent_shape=shape,
-                                        sampler=sampler).float().cpu())
+                                        sampler=sampler, guide=guide(start, n) if guide else None).float().cpu())
     images = torch.cat(images)
+    tag = f"_c{cfg.classifier_scale:g}" if cfg.get("classifier") else ""  # classifier guidance's γ
     out = Path(cfg.out) if cfg.out else (Path(cfg.ckpt).resolve().parents[1] / "samples" /
-                                         f"{cfg.sampler or 'default'}_g{cfg.guidance:g}_s{cfg.seed}.png")
+                                         f"{cfg.sampler or 'default'}_g{cfg.guidance:g}{tag}_s{cfg.seed}.png")
     save_png(make_grid(images, nrow=cfg.nrow), out)
     if cfg.individual:
         for i, img in enumerate(images):

@@ -62,6 +62,7 @@ from ldmlab.convert.unet import (
     ldmlab_unet_config,
     unet_diffusers_to_ldmlab,
     unet_ldmlab_to_diffusers,
+    upgrade_unet_config,
 )
 
 FORMATS = ("ldmlab", "sd", "diffusers")
@@ -95,7 +96,8 @@ def _read_sd(path: Path, kind: str, args: argparse.Namespace) -> Part:
         )
     size = int(metadata[f"ldmlab.{kind}.sample_size"]) if f"ldmlab.{kind}.sample_size" in metadata else None
     if f"ldmlab.{kind}" in metadata:
-        return Part(sd, json.loads(metadata[f"ldmlab.{kind}"]), size)
+        config = json.loads(metadata[f"ldmlab.{kind}"])
+        return Part(sd, upgrade_unet_config(config) if kind == "unet" else config, size)
     if kind == "vae":
         return Part(sd, infer_vae_config(sd), size)
     return Part(sd, infer_unet_config(sd, args.num_heads, args.head_dim), size)

@@ -23,7 +23,12 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from ldmlab.convert.load import read_state_dict
-from ldmlab.convert.unet import DIFFUSERS_VERSION, diffusers_unet_config, unet_ldmlab_to_diffusers
+from ldmlab.convert.unet import (
+    DIFFUSERS_VERSION,
+    diffusers_unet_config,
+    unet_ldmlab_to_diffusers,
+    upgrade_unet_config,
+)
 from ldmlab.convert.vae import ldmlab_to_diffusers as vae_ldmlab_to_diffusers
 from ldmlab.nn.autoencoder import AutoencoderKL
 from ldmlab.nn.unet import UNetModel
@@ -115,6 +120,8 @@ def load_training_checkpoint(
         raise ValueError(f"{path} has no '{kind}_config': give a training checkpoint (run/checkpoints/last.ckpt) "
                          f"of a run with a {kind}, or an ldmlab {kind}.safetensors export")
     config = dict(raw[f"{prefix}_config"])
+    if kind == "unet":  # written before later UNetModel arguments existed: their defaults
+        config = upgrade_unet_config(config)
     sd = {k[len(prefix) + 1 :]: v for k, v in raw["state_dict"].items() if k.startswith(f"{prefix}.")}
     if ema and kind == "unet":
         if "EMA" not in raw.get("callbacks", {}):
@@ -135,7 +142,8 @@ def load_ldmlab(path: str | Path, kind: str) -> tuple[dict[str, Tensor], dict[st
             f"{path} has format={metadata.get('format')!r}, expected 'ldmlab.{kind}' with a config: "
             "give a file written by export_weights or `python -m ldmlab.convert --to ldmlab`"
         )
-    return sd, json.loads(metadata["config"])
+    config = json.loads(metadata["config"])
+    return sd, upgrade_unet_config(config) if kind == "unet" else config
 
 
 # ---------------------------------------------------------------- diffusers directories

@@ -9,6 +9,9 @@ Differences handled (cf. diffusers' `convert_ldm_unet_checkpoint` in `loaders/si
   `time_emb_proj`, `norm2`, `conv2`, `conv_shortcut`; transformer internals have the same names on both sides;
 - `time_embed.0/2`, `label_emb`, `input_blocks.0.0`, `out.0/2` <-> `time_embedding.linear_1/2`,
   `class_embedding`, `conv_in`, `conv_norm_out`, `conv_out`;
+- ADM's residual resampling (`resblock_updown`): the Downsample/Upsample entry is a ResBlock <->
+  `downsamplers.0` / `upsamplers.0` as a ResnetBlock2D (diffusers' ResnetDownsampleBlock2D / -UpsampleBlock2D);
+  per-level `num_res_blocks` shift the indices as diffusers' per-level `layers_per_block` does;
 - self-attention-only U-Nets (context_dim None) have no `attn2`/`norm2`; diffusers' UNet2DConditionModel
   always builds them, so the export adds an `attn2` with all-zero weights (it adds exactly 0) and per-level
   `cross_attention_dim` = the block width, which keeps `encoder_hidden_states=None` valid in diffusers.
@@ -21,6 +24,19 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from ldmlab.convert.unet_config import (
+    DIFFUSERS_VERSION,
+    diffusers_unet_config,
+    infer_unet_config,
+    ldmlab_unet_config,
+    upgrade_unet_config,
+)
+from ldmlab.nn.unet import blocks_per_level
+
+__all__ = ["DIFFUSERS_VERSION", "diffusers_unet_config", "infer_unet_config", "ldmlab_unet_config",
+           "unet_diffusers_to_ldmlab", "unet_ldmlab_to_diffusers", "unet_module_diffusers_to_ldmlab",
+           "unet_module_ldmlab_to_diffusers", "upgrade_unet_config"]
 
 # SD-original ResBlock leaf -> diffusers ResnetBlock2D leaf
 _RES_TO_DIFF = {
@@ -41,42 +57,45 @@ _TOP_LEVEL = [
     ("out.2", "conv_out"),
 ]
 _ZERO_ATTN2 = re.compile(r"\.transformer_blocks\.\d+\.(attn2|norm2)\.")
-DIFFUSERS_VERSION = "0.42.1"  # the diffusers release this layout is tested against
+
+
+def _resampler(ours: str, theirs: str, updown: bool) -> tuple[str, str, str]:
+    """A Downsample/Upsample (`op` / `conv` <-> `conv`), or ADM's resampling ResBlock (a ResnetBlock2D)."""
+    if updown:
+        return ours, theirs, "res"
+    return f"{ours}.{'op' if 'downsamplers' in theirs else 'conv'}", f"{theirs}.conv", "same"
 
 
 def _block_prefixes(config: dict[str, Any]) -> list[tuple[str, str, str]]:
     """(ldmlab prefix, diffusers prefix, kind) for every module; kind is 'res', 'attn' or 'same'."""
-    n, levels, attn = config["num_res_blocks"], len(config["channel_mult"]), set(config["attention_levels"])
-    pairs = [(a, b, "same") for a, b in _TOP_LEVEL]
+    levels, attn = len(config["channel_mult"]), set(config["attention_levels"])
+    ns, updown = blocks_per_level(config["num_res_blocks"], levels), config.get("resblock_updown", False)
+    pairs, i = [(a, b, "same") for a, b in _TOP_LEVEL], 1
     for level in range(levels):
-        for j in range(n):
-            i = 1 + level * (n + 1) + j
+        for j in range(ns[level]):
             pairs.append((f"input_blocks.{i}.0", f"down_blocks.{level}.resnets.{j}", "res"))
             if level in attn:
                 pairs.append((f"input_blocks.{i}.1", f"down_blocks.{level}.attentions.{j}", "attn"))
+            i += 1
         if level != levels - 1:
-            i = 1 + level * (n + 1) + n
-            pairs.append((f"input_blocks.{i}.0.op", f"down_blocks.{level}.downsamplers.0.conv", "same"))
+            pairs.append(_resampler(f"input_blocks.{i}.0", f"down_blocks.{level}.downsamplers.0", updown))
+            i += 1
     pairs += [
         ("middle_block.0", "mid_block.resnets.0", "res"),
         ("middle_block.1", "mid_block.attentions.0", "attn"),
         ("middle_block.2", "mid_block.resnets.1", "res"),
     ]
-    for b in range(levels):  # diffusers up_blocks[b] is level levels-1-b
-        has_attn = levels - 1 - b in attn
-        for j in range(n + 1):
-            k = b * (n + 1) + j
+    k = 0
+    for b in range(levels):  # diffusers up_blocks[b] is level levels-1-b, with n + 1 resnets
+        level = levels - 1 - b
+        for j in range(ns[level] + 1):
             pairs.append((f"output_blocks.{k}.0", f"up_blocks.{b}.resnets.{j}", "res"))
-            if has_attn:
+            if level in attn:
                 pairs.append((f"output_blocks.{k}.1", f"up_blocks.{b}.attentions.{j}", "attn"))
-            if j == n and b != levels - 1:
-                pairs.append(
-                    (
-                        f"output_blocks.{k}.{2 if has_attn else 1}.conv",
-                        f"up_blocks.{b}.upsamplers.0.conv",
-                        "same",
-                    )
-                )
+            if j == ns[level] and level:
+                index = 2 if level in attn else 1
+                pairs.append(_resampler(f"output_blocks.{k}.{index}", f"up_blocks.{b}.upsamplers.0", updown))
+            k += 1
     return pairs
 
 
@@ -155,192 +174,3 @@ def unet_module_diffusers_to_ldmlab(name: str, config: dict[str, Any]) -> str:
     """ldmlab name of one diffusers U-Net module, for an ldmlab model with `config`."""
     table = {theirs: (ours, kind) for ours, theirs, kind in _block_prefixes(config)}
     return _translate(f"{name}.weight", table, _RES_TO_LDM, "diffusers").removesuffix(".weight")
-
-
-def _heads_per_level(config: dict[str, Any]) -> int | list[int]:
-    """diffusers' `attention_head_dim`, which (for legacy reasons) holds the number of heads per level."""
-    if config["head_dim"] is None:
-        return config["num_heads"]
-    return [max(1, config["model_channels"] * m // config["head_dim"]) for m in config["channel_mult"]]
-
-
-def diffusers_unet_config(config: dict[str, Any], sample_size: int = 64) -> dict[str, Any]:
-    """`UNet2DConditionModel` config (as in its config.json) of the ldmlab U-Net with `config`."""
-    levels, attn = len(config["channel_mult"]), set(config["attention_levels"])
-    widths = [config["model_channels"] * m for m in config["channel_mult"]]
-    cross = config["context_dim"] if config["context_dim"] is not None else widths  # see module docstring
-    return {
-        "_class_name": "UNet2DConditionModel",
-        "_diffusers_version": DIFFUSERS_VERSION,
-        "sample_size": sample_size,
-        "in_channels": config["in_channels"],
-        "out_channels": config["out_channels"],
-        "center_input_sample": False,
-        "flip_sin_to_cos": True,
-        "freq_shift": 0,
-        "down_block_types": ["CrossAttnDownBlock2D" if i in attn else "DownBlock2D" for i in range(levels)],
-        "mid_block_type": "UNetMidBlock2DCrossAttn",
-        "up_block_types": [
-            "CrossAttnUpBlock2D" if i in attn else "UpBlock2D" for i in reversed(range(levels))
-        ],
-        "only_cross_attention": False,
-        "block_out_channels": widths,
-        "layers_per_block": config["num_res_blocks"],
-        "downsample_padding": 1,
-        "mid_block_scale_factor": 1,
-        "dropout": config["dropout"],
-        "act_fn": "silu",
-        "norm_num_groups": config["norm_groups"],
-        "norm_eps": 1e-5,
-        "cross_attention_dim": cross,
-        "transformer_layers_per_block": config["transformer_depth"],
-        "attention_head_dim": _heads_per_level(config),
-        "use_linear_projection": config["use_linear_projection"],
-        "num_class_embeds": None if config["num_classes"] is None else config["num_classes"] + 1,
-        "upcast_attention": False,
-        "resnet_time_scale_shift": "default",
-        "time_embedding_type": "positional",
-        "_ldmlab_config": dict(config),  # diffusers ignores "_" keys; lets the reverse trip be exact
-    }
-
-
-# diffusers options outside the LDM U-Net, with the only value ldmlab can represent
-_SUPPORTED_VALUES = {
-    "class_embed_type": None,
-    "addition_embed_type": None,
-    "encoder_hid_dim": None,
-    "time_cond_proj_dim": None,
-    "resnet_time_scale_shift": "default",
-    "center_input_sample": False,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "dual_cross_attention": False,
-    "only_cross_attention": False,
-    "class_embeddings_concat": False,
-    "conv_in_kernel": 3,
-    "conv_out_kernel": 3,
-    "mid_block_type": "UNetMidBlock2DCrossAttn",
-    "downsample_padding": 1,
-    "mid_block_scale_factor": 1,
-    "resnet_out_scale_factor": 1.0,
-    "resnet_skip_time_act": False,
-    "act_fn": "silu",
-    "norm_eps": 1e-5,
-    "time_embedding_type": "positional",
-    "time_embedding_dim": None,
-    "time_embedding_act_fn": None,
-    "timestep_post_act": None,
-    "attention_type": "default",
-    "encoder_hid_dim_type": None,
-}
-
-
-def _check_diffusers_config(cfg: dict[str, Any]) -> None:
-    """Reject diffusers U-Net features that the LDM U-Net does not have."""
-    for key, expected in _SUPPORTED_VALUES.items():
-        if cfg.get(key, expected) != expected:
-            raise ValueError(
-                f"diffusers config {key}={cfg[key]!r} has no ldmlab UNetModel equivalent "
-                f"(supported: {expected!r}): convert SD1.x/2.x-style U-Nets only"
-            )
-    per_block = [
-        k
-        for k in ("layers_per_block", "transformer_layers_per_block")
-        if isinstance(cfg.get(k), (list, tuple))
-    ]
-    if per_block:
-        raise ValueError(
-            f"diffusers config {per_block[0]}={cfg[per_block[0]]!r} varies per block: ldmlab's "
-            "UNetModel takes one value for all levels"
-        )
-
-
-def _context_dim(cfg: dict[str, Any], widths: list[int]) -> int | None:
-    """ldmlab context_dim; a per-level cross_attention_dim equal to the widths marks self-attention only."""
-    cross = cfg.get("cross_attention_dim", 1280)
-    if isinstance(cross, int):
-        return cross
-    if list(cross) == widths:
-        return None
-    raise ValueError(
-        f"diffusers config cross_attention_dim={cross!r} varies per block: ldmlab's "
-        "UNetModel takes one context_dim for all levels"
-    )
-
-
-def _attention_args(cfg: dict[str, Any], widths: list[int], attn: list[int]) -> dict[str, Any]:
-    """num_heads / head_dim from diffusers' per-level head counts (legacy name attention_head_dim)."""
-    heads = cfg.get("attention_head_dim", 8)
-    heads = [heads] * len(widths) if isinstance(heads, int) else list(heads)
-    used = [heads[i] for i in {*attn, len(widths) - 1}]
-    if len(set(used)) == 1:
-        return {"num_heads": used[0], "head_dim": None}
-    dims = {widths[i] // heads[i] for i in {*attn, len(widths) - 1}}
-    if len(dims) != 1:
-        raise ValueError(
-            f"diffusers attention_head_dim={heads} gives neither a constant head count nor a "
-            "constant head width: not expressible as ldmlab num_heads or head_dim"
-        )
-    return {"num_heads": 8, "head_dim": dims.pop()}
-
-
-def ldmlab_unet_config(cfg: dict[str, Any]) -> dict[str, Any]:
-    """ldmlab `UNetModel` arguments of a diffusers `UNet2DConditionModel` config (exact if we wrote it)."""
-    if "_ldmlab_config" in cfg:
-        return dict(cfg["_ldmlab_config"])
-    _check_diffusers_config(cfg)
-    widths = list(cfg["block_out_channels"])
-    mc = widths[0]
-    if any(w % mc for w in widths):
-        raise ValueError(
-            f"diffusers block_out_channels={widths} are not multiples of the first: "
-            "ldmlab needs model_channels * integer channel_mult"
-        )
-    attn = [i for i, kind in enumerate(cfg["down_block_types"]) if "CrossAttn" in kind]
-    num_class_embeds = cfg.get("num_class_embeds")
-    return {
-        "in_channels": cfg.get("in_channels", 4),
-        "out_channels": cfg.get("out_channels", 4),
-        "model_channels": mc,
-        "channel_mult": [w // mc for w in widths],
-        "num_res_blocks": cfg.get("layers_per_block", 2),
-        "attention_levels": attn,
-        **_attention_args(cfg, widths, attn),
-        "transformer_depth": cfg.get("transformer_layers_per_block", 1),
-        "context_dim": _context_dim(cfg, widths),
-        "num_classes": None if num_class_embeds is None else num_class_embeds - 1,
-        "dropout": cfg.get("dropout", 0.0),
-        "use_linear_projection": cfg.get("use_linear_projection", False),
-        "norm_groups": cfg.get("norm_num_groups", 32),
-    }
-
-
-def infer_unet_config(
-    sd: dict[str, Tensor], num_heads: int = 8, head_dim: int | None = None
-) -> dict[str, Any]:
-    """UNetModel arguments read off an SD-original-layout state dict (heads and dropout are not stored)."""
-    mc = sd["input_blocks.0.0.weight"].shape[0]
-    blocks = sorted({int(m.group(1)) for k in sd if (m := re.match(r"input_blocks\.(\d+)\.", k))})
-    downs = [i for i in blocks if f"input_blocks.{i}.0.op.weight" in sd]
-    n = downs[0] - 1 if downs else len(blocks) - 1  # res blocks before the first Downsample
-    levels = len(downs) + 1
-    first = [1 + level * (n + 1) for level in range(levels)]  # first res block of every level
-    to_k = sd.get("middle_block.1.transformer_blocks.0.attn2.to_k.weight")  # (inner, context_dim)
-    depth = {k.split(".")[3] for k in sd if k.startswith("middle_block.1.transformer_blocks.")}
-    return {
-        "in_channels": sd["input_blocks.0.0.weight"].shape[1],
-        "out_channels": sd["out.2.weight"].shape[0],
-        "model_channels": mc,
-        "channel_mult": [sd[f"input_blocks.{i}.0.out_layers.3.weight"].shape[0] // mc for i in first],
-        "num_res_blocks": n,
-        "attention_levels": [lv for lv, i in enumerate(first) if f"input_blocks.{i}.1.norm.weight" in sd],
-        "num_heads": num_heads,
-        "head_dim": head_dim,
-        "transformer_depth": len(depth),
-        "context_dim": None if to_k is None else to_k.shape[1],
-        # ldmlab's label_emb has num_classes + 1 rows, the last being the null class
-        "num_classes": sd["label_emb.weight"].shape[0] - 1 if "label_emb.weight" in sd else None,
-        "dropout": 0.0,
-        "use_linear_projection": sd["middle_block.1.proj_in.weight"].ndim == 2,
-        "norm_groups": 32,  # not stored in the weights; SD uses 32
-    }

@@ -2,7 +2,13 @@
 
 from ldmlab.diffusion.flow import FlowMatching, flow_timesteps, mode_density, shift_sigmas
 from ldmlab.diffusion.flow_samplers import flow_euler_sample, flow_heun_sample, flow_sigmas
-from ldmlab.diffusion.guidance import classifier_free_guidance, dynamic_threshold, static_threshold
+from ldmlab.diffusion.guidance import (
+    classifier_free_guidance,
+    classifier_gradient,
+    classifier_guidance,
+    dynamic_threshold,
+    static_threshold,
+)
 from ldmlab.diffusion.parameterization import EpsPrediction, Prediction, VPrediction, X0Prediction
 from ldmlab.diffusion.samplers import StepInfo, ddim_sample, ddpm_sample, dpmpp_2m_sample, euler_sample
 from ldmlab.diffusion.schedules import (
@@ -43,6 +49,8 @@ __all__ = [
     "VPrediction",
     "X0Prediction",
     "classifier_free_guidance",
+    "classifier_gradient",
+    "classifier_guidance",
     "cosine",
     "ddim_sample",
     "ddpm_linear",

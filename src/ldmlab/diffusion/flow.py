@@ -114,6 +114,15 @@ class FlowMatching(Prediction):
                                                                                      min_snr_gamma)
         return x_t, t * self.num_timesteps, self.target_at(x0, noise, 1 - tb, tb), weight
 
+    def noise_level(self, t: Tensor, schedule: NoiseSchedule | None, like: Tensor) -> tuple[Tensor, Tensor]:
+        """(α, σ) = (1 − s, s) at the network's time t = s·T, shaped (B, 1, …) like `like` (schedule unused)."""
+        s = (t.to(torch.float64) / self.num_timesteps).reshape(-1, *([1] * (like.ndim - 1))).to(like.device)
+        return (1 - s).to(like.dtype), s.to(like.dtype)
+
+    def noise_path(self, schedule: NoiseSchedule | None) -> str:
+        """The straight path's identity (the schedule is not used)."""
+        return f"flow/T={self.num_timesteps}"
+
     def __repr__(self) -> str:
         return (f"FlowMatching(density={self.density!r}, logit_mean={self.logit_mean}, logit_std={self.logit_std}, "
                 f"mode_scale={self.mode_scale}, shift={self.shift}, num_timesteps={self.num_timesteps})")

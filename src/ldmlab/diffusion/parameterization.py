@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ldmlab.diffusion.schedules import NoiseSchedule
-from ldmlab.diffusion.timesteps import sample_timesteps
+from ldmlab.diffusion.timesteps import interp_sigmas, sample_timesteps, ve_sigmas
 from ldmlab.diffusion.weighting import noisy_inputs
 
 __all__ = ["EpsPrediction", "Prediction", "VPrediction", "X0Prediction"]
@@ -74,6 +74,25 @@ class Prediction(ABC):
         snr = schedule.snr(t)  # float64 table kept on t's device: no host sync
         weight = torch.ones_like(snr) if min_snr_gamma is None else self.min_snr_weight(snr, min_snr_gamma)
         return x_t, t, target, weight
+
+    def noise_level(self, t: Tensor, schedule: NoiseSchedule | None, like: Tensor) -> tuple[Tensor, Tensor]:
+        """(α, σ) at the network's time t (B,), shaped (B, 1, …) like `like`: the schedule's (√ᾱ_t, √(1−ᾱ_t)) at
+        integer t, and at fractional t (Euler's grid) the VP scalings of the linearly interpolated VE σ, which is
+        Euler's own σ (on Karras σ, whose t is log-interpolated, a close approximation of it)."""
+        if schedule is None:
+            raise ValueError(f"prediction {self.name} needs a noise schedule: set model/noise_schedule=scaled_linear")
+        if not t.is_floating_point():
+            return schedule.scalings(t, like)
+        sigma_ve = interp_sigmas(ve_sigmas(schedule), t.detach().cpu()).to(like.device)
+        alpha = (1.0 + sigma_ve**2).rsqrt().reshape(-1, *([1] * (like.ndim - 1)))  # VE → VP: α = 1/√(1 + σ²)
+        return alpha.to(like.dtype), (alpha * sigma_ve.reshape(alpha.shape)).to(like.dtype)
+
+    def noise_path(self, schedule: NoiseSchedule | None) -> str:
+        """What fixes x_t given (x0, ε, t): the schedule (ε, v and x0 models share it); a guiding classifier must
+        have been trained on the same."""
+        if schedule is None:
+            raise ValueError(f"prediction {self.name} needs a noise schedule: set model/noise_schedule=scaled_linear")
+        return f"{schedule.name}/T={schedule.num_timesteps}"
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

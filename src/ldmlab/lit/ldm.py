@@ -15,21 +15,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from ldmlab.diffusion import FixedVariance, NoiseSchedule, Prediction, classifier_free_guidance
 from ldmlab.lit.conditioning import TextConditioner
-from ldmlab.lit.contract import TrainingModule
 from ldmlab.lit.finetune import FineTune
+from ldmlab.lit.latents import LatentModule
 from ldmlab.lit.settings import Sampling, Training, settings
-from ldmlab.lit.weights import load_unet_init, save_weights, scale_by_std
+from ldmlab.lit.weights import load_unet_init, save_weights
 from ldmlab.nn.autoencoder import AutoencoderKL
 
 Sampler = Callable[..., Tensor]
+Denoise = Callable[[Tensor, Tensor], Tensor]
 
 
-class LatentDiffusionModule(TrainingModule):
+class LatentDiffusionModule(LatentModule):
     """Latent diffusion on a frozen VAE; `latent_scale=None` estimates 1/std of the first batch's latents."""
 
     def __init__(
@@ -68,44 +68,14 @@ class LatentDiffusionModule(TrainingModule):
             finetune.apply(unet, conditioner)
         self.finetune = finetune
         self.unet, self.schedule, self.prediction, self.sampler = unet, noise_schedule, prediction, sampler
-        self.vae = vae.eval().requires_grad_(False) if vae is not None else None
+        self.set_latent_source(vae, latent_scale)  # lit.latents: the frozen VAE, the scale (estimated if None)
         self.conditioner = conditioner
-        # the scale travels in the state dict, so an estimated value is restored with the checkpoint
-        self.register_buffer("latent_scale", torch.tensor(float(latent_scale or 0.0)))
         self.optimizer_factory = optimizer or partial(torch.optim.AdamW, lr=1e-4)
         self.scheduler_factory = lr_scheduler
-        self._latent_shape: tuple[int, ...] | None = None  # (C, h, w), from the latest batch or the checkpoint
-        self._scale_known = False  # a Python flag: reading the buffer every step would sync the GPU
 
     _load_unet = staticmethod(load_unet_init)  # the name older callers use
 
-    def train(self, mode: bool = True) -> LatentDiffusionModule:
-        super().train(mode)
-        if self.vae is not None:
-            self.vae.eval()  # frozen first stage: never in training mode
-        return self
-
-    # ------------------------------------------------------------------ latents, training
-
-    @torch.no_grad()
-    def latents(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> Tensor:
-        """Scaled latents z·s: cached raw latents from the batch, else the VAE posterior sample of the images
-        (drawn from `generator`: seeded per step, so a resumed run and validation draw the same)."""
-        if "latent" in batch:
-            raw = batch["latent"].float()
-        elif self.vae is not None:
-            raw = self.vae.encode(batch["image"]).sample(generator)
-        else:
-            raise ValueError("batch has no 'latent' and the model has no VAE: set model.vae or use data=wds_latents")
-        if self._latent_shape is None:  # (C, h, w) of the first batch: what sample() draws by default (with
-            self._latent_shape = tuple(raw.shape[1:])  # buckets, the first step's bucket, as every rank agrees)
-        if not self._scale_known:
-            if float(self.latent_scale) == 0.0:  # first training batch, over all ranks
-                reduce = partial(self.trainer.strategy.reduce, reduce_op="sum") if self._trainer is not None else None
-                self.latent_scale.fill_(scale_by_std(raw, reduce))
-                rank_zero_info(f"latent scale estimated from the first batch: 1/std = {float(self.latent_scale):.5f}")
-            self._scale_known = True
-        return raw * self.latent_scale
+    # ------------------------------------------------------------------ training
 
     def diffusion_loss(self, batch: dict[str, Any], generator: torch.Generator, p_uncond: float) -> Tensor:
         """The weighted denoising loss of one batch (DDPM eq. 14, or flow matching, with the chosen weighting)."""
@@ -168,8 +138,9 @@ class LatentDiffusionModule(TrainingModule):
     @torch.no_grad()
     def sample(self, cond_values: list[Any] | None, n: int, guidance_scale: float = 1.0, seed: int = 0,
                latent_shape: tuple[int, int, int] | None = None, sampler: Sampler | None = None,
-               callback: Callable | None = None) -> Tensor:
-        """Generate n images (or latents when there is no VAE) for labels/prompts `cond_values` (None = unconditional)."""
+               callback: Callable | None = None, guide: Callable[[Denoise], Denoise] | None = None) -> Tensor:
+        """Generate n images (or latents when there is no VAE) for labels/prompts `cond_values` (None = unconditional);
+        `guide` wraps the (CFG) denoiser, e.g. classifier guidance (diffusion.guidance.classifier_guidance)."""
         shape = latent_shape or self.latent_shape
         g = torch.Generator(device="cpu").manual_seed(seed)
         x_T = torch.randn((n, *shape), generator=g).to(self.device)
@@ -181,15 +152,10 @@ class LatentDiffusionModule(TrainingModule):
             uncond = self.conditioner.unconditional(n, self.device)[key]
             denoise = classifier_free_guidance(lambda x, t, c: self.unet(x, t, **{key: c}), cond, uncond,
                                                guidance_scale)
+        if guide is not None:
+            denoise = guide(denoise)
         z0 = (sampler or self.sampler)(denoise, x_T, self.schedule, self.prediction, generator=g, callback=callback)
         return z0 if self.vae is None else self.vae.decode(z0 / self.latent_scale).clamp(-1, 1)
-
-    @property
-    def latent_shape(self) -> tuple[int, ...]:
-        """(C, h, w) of the latents seen in training or validation (set on the first batch)."""
-        if self._latent_shape is None:
-            raise ValueError("latent shape unknown: pass latent_shape=(C, h, w) to sample()")
-        return self._latent_shape
 
     def log_images(self, batch: dict[str, Any], num_images: int = 8) -> dict[str, Tensor]:
         """Fixed-seed samples at every guidance scale, for the ImageGrids callback (EMA weights if swapped in)."""
@@ -205,12 +171,8 @@ class LatentDiffusionModule(TrainingModule):
     # ------------------------------------------------------------------ checkpoints, export
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
+        super().on_save_checkpoint(checkpoint)  # lit.latents: vae_config, latent_shape
         checkpoint["unet_config"] = dict(getattr(self.unet, "config", {}))
-        if self.vae is not None:
-            checkpoint["vae_config"] = dict(self.vae.config)
-        if self._latent_shape is not None:
-            checkpoint["latent_shape"] = list(self._latent_shape)
         if isinstance(self.conditioner, TextConditioner):
             # the frozen text encoder is reloaded from its own directory: keep only what a fine-tune trains
             trained = {f"conditioner.{k}" for k, p in self.conditioner.named_parameters() if p.requires_grad}
@@ -219,8 +181,6 @@ class LatentDiffusionModule(TrainingModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
-        if "latent_shape" in checkpoint:
-            self._latent_shape = tuple(checkpoint["latent_shape"])
         if self.conditioner is not None:
             for k, v in self.conditioner.state_dict().items():  # the frozen parts; trained ones are stored
                 checkpoint["state_dict"].setdefault(f"conditioner.{k}", v)

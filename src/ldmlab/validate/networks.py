@@ -22,6 +22,7 @@ from torch import nn
 from ldmlab.data.buckets import parse_buckets
 from ldmlab.diffusion.variance import FixedVariance
 from ldmlab.nn.autoencoder import AutoencoderKL
+from ldmlab.nn.noisy_classifier import NoisyClassifier
 from ldmlab.nn.unet import UNetModel
 from ldmlab.validate.fields import get, image_size, target
 from ldmlab.validate.files import vae_file_config
@@ -74,7 +75,7 @@ def build_networks(cfg: DictConfig) -> tuple[dict[str, nn.Module], list[str]]:
 # ---------------------------------------------------------------- across groups: sizes and latents
 
 
-def size_problems(key: str, net: UNetModel | AutoencoderKL, side: Any, what: str, fix: str) -> list[str]:
+def size_problems(key: str, net: UNetModel | AutoencoderKL | NoisyClassifier, side: Any, what: str, fix: str) -> list[str]:
     """`side` (an image or latent side) divides by the network's downsampling factor."""
     factor = net.downsample_factor
     if not isinstance(side, int) or side % factor == 0:
@@ -207,11 +208,33 @@ def configured_variance(cfg: DictConfig) -> tuple[FixedVariance | None, list[str
     return meta_build(cfg, "model.variance")
 
 
+def classifier_problems(cfg: DictConfig, classifier: NoisyClassifier) -> list[str]:
+    """A noise-aware classifier's in_channels match the latents (cache or VAE); their side divides by its levels."""
+    vae, problems = file_vae(cfg)
+    shape = latent_manifest(cfg)
+    channels, source = ((shape[0], f"the latent cache data.root={get(cfg, 'data.root')}") if shape else
+                        (vae.embed_dim if vae is not None else None, f"the VAE at model.vae.path={get(cfg, 'model.vae.path')}"))
+    if channels and classifier.config["in_channels"] != channels:
+        problems.append(f"model.classifier.in_channels={classifier.config['in_channels']} but {source} has "
+                        f"{channels}-channel latents: set model.classifier.in_channels={channels}")
+    fix = "use fewer model.classifier.channel_mult levels, or latents whose side is a multiple"
+    if shape:
+        return problems + size_problems("model.classifier", classifier, shape[-1], f"the cached latent side ({source})",
+                                        fix)
+    size, field = image_size(cfg)
+    if vae is None or not isinstance(size, int) or size % vae.downsample_factor:
+        return problems
+    what = f"the latent side ({field}={size} / VAE factor {vae.downsample_factor})"
+    return problems + size_problems("model.classifier", classifier, size // vae.downsample_factor, what, fix)
+
+
 def network_problems(cfg: DictConfig) -> list[str]:
     """Each configured network builds (its constructor's rules), and the networks fit the data and each other."""
     built, problems = build_networks(cfg)
     variance, refused = configured_variance(cfg)
     problems += refused
+    if isinstance(classifier := built.get("model.classifier"), NoisyClassifier):  # a noise-aware classifier (classifier guidance)
+        problems += classifier_problems(cfg, classifier)
     if (ae := built.get("model.autoencoder")) is not None:  # VAE training
         size, field = image_size(cfg)
         problems += size_problems("model.autoencoder", ae, size, field,

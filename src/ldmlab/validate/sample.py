@@ -8,6 +8,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from ldmlab.configs import CONF_DIR as CONF
+from ldmlab.validate.classifier import classifier_problems
 from ldmlab.validate.fields import get, target
 from ldmlab.validate.files import checkpoint_problems
 from ldmlab.validate.rules import missing_values, objective_problems
@@ -41,14 +42,16 @@ def conditioning_problems(cfg: DictConfig, stored: DictConfig) -> list[str]:
     """prompt= and label= fit what the checkpoint is conditioned on (neither would be silently ignored)."""
     prompt, label, ckpt = cfg.get("prompt"), cfg.get("label"), cfg.ckpt
     kind = target(stored, "model.conditioner")
+    guided = cfg.get("classifier") is not None  # label= then names the class the classifier guides towards
     if get(stored, "model.conditioner") is None:
-        return [f"{key}={value} but {ckpt} is unconditional (trained with model.conditioner=null), so it would be "
-                f"ignored: drop {key}=" for key, value in (("prompt", prompt), ("label", label)) if value is not None]
+        return [(f"{key}={value} but {ckpt} is unconditional (trained with model.conditioner=null), so it would be "
+                 f"ignored: drop {key}=") for key, value in (("prompt", prompt), ("label", label))
+                if value is not None and not (key == "label" and guided)]
     if cfg.get("embedding") is not None and not kind.endswith("TextConditioner"):
         return [(f"embedding={cfg.embedding} but {ckpt} is not text-conditional: a Textual Inversion token needs a "
                  "text model")]
     if kind.endswith("TextConditioner"):
-        if label is not None:
+        if label is not None and not guided:
             return [(f"label={label} but {ckpt} is text-conditional, so the label would be ignored: give "
                     f"prompt=\"...\" instead")]
         return [] if prompt is not None else [(f"prompt is null but {ckpt} is text-conditional: give "
@@ -93,7 +96,7 @@ def sample_problems(cfg: DictConfig) -> list[str]:
         return problems
     sampler = objective_problems(stored, cfg.sampler, "sampler") if cfg.get("sampler") in samplers else []
     return (problems + stored_guidance_problems(cfg, stored) + conditioning_problems(cfg, stored) + sampler
-            + size_problems(cfg, stored))
+            + size_problems(cfg, stored) + classifier_problems(cfg, stored))
 
 
 def size_problems(cfg: DictConfig, stored: DictConfig) -> list[str]:
