@@ -123,6 +123,19 @@ def test_guided_eps_is_eps_minus_gamma_sigma_grad_for_every_parameterisation() -
                                        rtol=1e-10, atol=1e-10)
 
 
+def test_a_learned_variance_half_is_passed_through_unguided() -> None:
+    """model/variance=learned: the denoiser returns [ε̂ | v] (2C channels); the ε half is guided as a C-channel
+    model's would be, the interpolation v is the model's own (as classifier-free guidance leaves it)."""
+    x = torch.randn(3, 2, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    y, t, gamma = torch.tensor([1, 0, 2]), torch.tensor([300, 500, 900]), 1.5
+    grad_fn = lambda z, s: MUS[y] - z
+    v = torch.rand(3, 2, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(8)) * 2 - 1
+    with_variance = lambda z, s: torch.cat([mixture_eps(z, s), v], dim=1)  # (B, 2C)
+    out = classifier_guidance(with_variance, grad_fn, gamma, SCHEDULE, EpsPrediction())(x, t)
+    alone = classifier_guidance(mixture_eps, grad_fn, gamma, SCHEDULE, EpsPrediction())(x, t)
+    assert out.shape == (3, 4, 2, 2) and torch.equal(out[:, :2], alone) and torch.equal(out[:, 2:], v)
+
+
 def test_guidance_at_scale_one_is_bayes_conditional_on_a_point_mass_mixture() -> None:
     """∇ log p(x_t | y) = ∇ log p(x_t) + ∇ log p(y | x_t): with the exact unconditional ε̂ and the exact noisy
     classifier, γ = 1 gives the class's own ε = (x_t − α μ_y)/σ, and DDIM from noise lands on μ_y."""
