@@ -1,0 +1,436 @@
+"""LoRA training speed and memory on the SD1.5 U-Net at 512 px (issue 20, item 4): full fine-tuning, our adapters
+(ldmlab.finetune.lora) and diffusers' UNet2DConditionModel + PEFT, same ranks, targets and batch, in one call.
+
+    python -m ldmlab.bench.lora [--variants full,ours:16,peft:16+cl+compile,...] [--batch 16] [--pixels 512]
+                                [--iters 20] [--budget-s 540] [--out docs/BENCHMARKS.md] [--tiny]
+
+A variant is `<impl>[:<rank>][+feature...]`. impl: `full` (every weight of our U-Net trains), `ours:<r>`
+(`add_lora` on conf/finetune/lora.yaml's default targets, the attention q/k/v/out projections) or `peft:<r>`
+(diffusers' U-Net of the same config; `unet.requires_grad_(False)`, then `unet.add_adapter(peft.LoraConfig(r,
+lora_alpha=r, target_modules=PEFT_TARGETS, init_lora_weights="gaussian"))` as diffusers'
+train_text_to_image_lora.py does; alpha = rank on both sides, that script's choice). Features: `cl`
+channels_last, `compile` torch.compile of the whole U-Net, `ro` its reduce-overhead mode (CUDA graphs),
+`cudnn_sdpa` cuDNN attention first (as bench.unet; `ours:16+cl+compile+ro+cudnn_sdpa` is what `train.py
+finetune=lora trainer=gpu` applies on one GPU, callbacks.speed.AUTO), `bf16base` the frozen weights stored in
+bf16 (what diffusers' script does under bf16 mixed precision; ldmlab keeps them fp32). A step: forward + MSE +
+backward + fused AdamW over the trainable tensors, bf16 autocast, fixed random inputs.
+
+Checked before any timing, so that a target mismatch cannot pass for a speed-up: at every rank ours and PEFT train
+as many parameters in as many layers (counted on the meta device; a mismatch stops the run), and in each row an
+eager backward gives a gradient to exactly the trainable tensors (the adapters; every tensor for `full`). Compiled
+rows note graph breaks and, with `ro`, inductor's CUDA-graph skips and the first reason given.
+
+Defaults, for one 10-minute H200 call (≈ 7-8 min):
+- batch 16 (diffusers' LoRA script's default): full fine-tuning at 512 px needs ≈ 25 GiB (docs/BENCHMARKS.md,
+  session 6: 35-36 GiB at batch 32, 14 GiB of it fp32 weights, gradients and Adam moments, the rest activations,
+  which halve with the batch), far inside 139 GiB, and an eager step (≈ 0.1-0.2 s) stays GPU-bound.
+- eager rows, ≈ 5-10 s each (build, checks, 25 steps): full, ours and PEFT at ranks 4, 16, 64, and both with
+  `bf16base` at rank 16.
+- compiled rows at rank 16 only: ours with trainer=gpu's settings and PEFT with channels_last + compile
+  (diffusers' best in bench.unet). A whole SD1.5 compile took 111-172 s on the H200 (docs/BENCHMARKS.md, sessions
+  4-6): two fit, a third would not. Other compiled rows (other ranks, `full+cl+compile+ro+cudnn_sdpa`,
+  `ours:16+cl+compile` without CUDA graphs, ...) cost ≈ 3 min each through --variants; a compiled row that would
+  end past --budget-s is left out with a printed line, so that the table is still written.
+`--tiny`: a small U-Net at 64 px, batch 2, the eager rows: a CPU rehearsal of every path in under a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata as md
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ldmlab import accel
+from ldmlab.bench import common, unet
+from ldmlab.finetune.lora import add_lora
+from ldmlab.nn.unet import UNetModel
+
+FEATURES = frozenset({"cl", "compile", "ro", "cudnn_sdpa", "bf16base"})
+PEFT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # diffusers' names of add_lora's default targets
+# eager first (a compile that overruns the budget then costs no eager row); CUDA graphs last: their memory pool
+# outlives the row
+DEFAULT_VARIANTS = ("full", "ours:4", "peft:4", "ours:16", "peft:16", "ours:64", "peft:64", "ours:16+bf16base",
+                    "peft:16+bf16base", "peft:16+cl+compile", "ours:16+cl+compile+ro+cudnn_sdpa")
+COMPILE_S = 200.0  # a compiled SD1.5 row's warm-up and timing on the H200, with margin (111-172 s measured)
+# a U-Net small enough for a CPU rehearsal whose layers still admit rank 64 (64 = its narrowest width and context)
+TINY = {"model_channels": 64, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_levels": [0, 1],
+        "num_heads": 4, "context_dim": 64}
+CONTEXT_TOKENS = 77  # CLIP's sequence length
+Forward = Callable[[nn.Module, Tensor, Tensor, Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row: which U-Net and adapters (`impl`, `rank`) and which speed features."""
+
+    name: str
+    impl: str  # full | ours | peft
+    rank: int | None
+    features: frozenset[str]
+
+    @property
+    def compiled(self) -> bool:
+        return "compile" in self.features
+
+    @property
+    def peer_key(self) -> tuple[int | None, bool, bool]:
+        """What an ours row and the PEFT rows it is compared with share: rank, compiled or not, frozen base dtype."""
+        return self.rank, self.compiled, "bf16base" in self.features
+
+
+def parse_variant(text: str) -> Variant:
+    """`full[+f...]`, `ours:<rank>[+f...]` or `peft:<rank>[+f...]`; one line naming the valid forms otherwise."""
+    head, *features = text.split("+")
+    impl, _, rank = head.partition(":")
+    ok = (impl == "full" and not rank) or (impl in ("ours", "peft") and rank.isdigit() and int(rank) > 0)
+    ok = ok and set(features) <= FEATURES and ("ro" not in features or "compile" in features)
+    if not ok or ("bf16base" in features and impl == "full"):
+        raise ValueError(f"variant {text!r}: full | ours:<rank> | peft:<rank>, then +features from "
+                         f"{sorted(FEATURES)} (ro needs compile; bf16base a rank)")
+    return Variant(text, impl, int(rank) if rank else None, frozenset(features))
+
+
+def full_config(config: dict[str, Any]) -> dict[str, Any]:
+    """UNetModel's complete config (its defaults are SD1.5's) for the given overrides, built on the meta device."""
+    with torch.device("meta"):
+        return UNetModel(**config).config
+
+
+def _peft_config(rank: int) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=PEFT_TARGETS)
+
+
+def add_peft(model: nn.Module, rank: int) -> str:
+    """Freeze diffusers' U-Net and inject PEFT's LoRA as train_text_to_image_lora.py does; returns the route taken
+    (`add_adapter`, or peft's `inject_adapter_in_model` where this diffusers lacks it or refuses this peft)."""
+    model.requires_grad_(False)
+    add_adapter = getattr(model, "add_adapter", None)
+    if add_adapter is not None:
+        try:
+            add_adapter(_peft_config(rank))
+            return "add_adapter"
+        except (ImportError, ValueError) as err:  # diffusers' peft version check
+            print(f"  unet.add_adapter refused ({err}); using peft.inject_adapter_in_model", flush=True)
+    from peft import inject_adapter_in_model
+
+    inject_adapter_in_model(_peft_config(rank), model)
+    return "inject_adapter_in_model"
+
+
+def _pretrained_like(model: nn.Module) -> None:
+    """Fill the zero-initialised layers (proj_out, out_layers.3, the output conv) as a trained U-Net has them;
+    otherwise no gradient reaches the attention adapters and the gradient check would prove nothing."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim > 1 and not p.is_meta and not p.any():
+                p.normal_(std=0.02)
+
+
+def build(variant: Variant, config: dict[str, Any], device: str) -> tuple[nn.Module, Forward, str]:
+    """The variant's U-Net on `device`, frozen but for what it trains; its forward(model, x, t, context); a note."""
+    torch.manual_seed(0)
+    if variant.impl == "peft":
+        return _build_peft(variant.rank or 0, config, device)
+    with torch.device(device):
+        model = UNetModel(**config)
+    _pretrained_like(model)
+    if variant.rank is not None:
+        add_lora(model, variant.rank, float(variant.rank))  # conf/finetune/lora.yaml's default targets
+    return model, lambda m, x, t, c: m(x, t, context=c), ""
+
+
+def _build_peft(rank: int, config: dict[str, Any], device: str) -> tuple[nn.Module, Forward, str]:
+    from diffusers import UNet2DConditionModel
+
+    from ldmlab.convert.unet import diffusers_unet_config
+
+    with torch.device(device):
+        model = UNet2DConditionModel(**diffusers_unet_config(full_config(config)))
+    _pretrained_like(model)
+    route = add_peft(model, rank)
+    return model, lambda m, x, t, c: m(x, t, encoder_hidden_states=c).sample, route
+
+
+def cast_frozen(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> None:
+    """Store the frozen weights in `dtype`, the adapters staying fp32: diffusers' LoRA script under bf16 mixed
+    precision (`unet.to(dtype=weight_dtype)`, then the trainable tensors cast back to fp32)."""
+    for p in model.parameters():
+        if not p.requires_grad and p.is_floating_point():
+            p.data = p.data.to(dtype)
+
+
+def is_adapter(impl: str, name: str) -> bool:
+    """Whether parameter `name` belongs to a LoRA adapter of `impl` (ours: `<layer>.lora.A|B`; PEFT: `lora_A|B`)."""
+    return ".lora." in name if impl == "ours" else ".lora_A." in name or ".lora_B." in name
+
+
+def trainable_names(model: nn.Module) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def check_trainable(variant: Variant, model: nn.Module) -> None:
+    """LoRA rows train adapter tensors alone, full fine-tuning trains every tensor."""
+    names = trainable_names(model)
+    if not names:
+        raise RuntimeError(f"{variant.name}: no tensor trains")
+    if variant.impl == "full":
+        wrong = {n for n, _ in model.named_parameters()} - names  # frozen where all should train
+    else:
+        wrong = {n for n in names if not is_adapter(variant.impl, n)}  # base tensors that train
+    if wrong:
+        raise RuntimeError(f"{variant.name}: {len(wrong)} tensors train wrongly, e.g. {sorted(wrong)[:2]}")
+
+
+def check_gradients(variant: Variant, model: nn.Module, fwd: Forward, x: Tensor, t: Tensor, c: Tensor) -> None:
+    """One eager backward on one sample: exactly the trainable tensors receive a gradient (an adapter that is not
+    in the forward path would receive none)."""
+    with torch.autocast(x.device.type, torch.bfloat16):
+        out = fwd(model, x[:1], t[:1], c[:1])
+    out.float().square().mean().backward()
+    got = {n for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    want = trainable_names(model)
+    if got != want:
+        raise RuntimeError(f"{variant.name}: gradients reached {len(got - want)} frozen tensors "
+                           f"(e.g. {sorted(got - want)[:1]}) and missed {len(want - got)} trainable ones "
+                           f"(e.g. {sorted(want - got)[:1]})")
+
+
+def adapter_counts(impl: str, config: dict[str, Any], rank: int) -> tuple[int, int]:
+    """(trainable parameters, adapted layers) of `impl` at `rank`, built on the meta device (no memory, no time)."""
+    model, _, _ = build(Variant(impl, impl, rank, frozenset()), config, "meta")
+    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    layers = sum(1 for n, _ in model.named_modules() if n.endswith((".lora", ".lora_A")))
+    return params, layers
+
+
+def check_parity(config: dict[str, Any], ranks: Sequence[int], peft: bool) -> dict[int, tuple[int, int]]:
+    """{rank: (trainable parameters, adapted layers)} of our LoRA; raises if PEFT's differ at any rank."""
+    counts = {}
+    for rank in sorted(set(ranks)):
+        counts[rank] = adapter_counts("ours", config, rank)
+        theirs = adapter_counts("peft", config, rank) if peft else counts[rank]
+        if theirs != counts[rank]:
+            raise RuntimeError(f"rank {rank}: ours trains {counts[rank][0]} parameters in {counts[rank][1]} layers, "
+                               f"PEFT {theirs[0]} in {theirs[1]}: the targets differ, the speeds would not compare")
+    return counts
+
+
+def step_fn(model: nn.Module, fwd: Forward, params: list[nn.Parameter], x: Tensor, t: Tensor,
+            c: Tensor) -> Callable[[], None]:
+    """One training step on fixed inputs: bf16 autocast forward, MSE to fixed noise, backward, fused AdamW."""
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    noise = torch.randn_like(x)
+
+    def step() -> None:
+        with torch.autocast(x.device.type, torch.bfloat16):
+            out = fwd(model, x, t, c)
+        F.mse_loss(out.float(), noise).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@contextmanager
+def cudagraph_skip_reasons() -> Iterator[list[str]]:
+    """The `skipping cudagraphs due to <reason>` warnings inductor gives inside the block (its artifact logger
+    stays silent unless TORCH_LOGS names it)."""
+    handler, logger = _Collect(), logging.getLogger("torch._inductor.cudagraph_utils.__cudagraphs")
+    logger.addHandler(handler)
+    try:
+        yield handler.messages
+    finally:
+        logger.removeHandler(handler)
+
+
+def compiler_counts() -> tuple[int, int]:
+    """(CUDA-graph skips, graph breaks) counted by dynamo/inductor so far in this process."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["cudagraph_skips"], sum(counters["graph_break"].values())
+
+
+def time_row(variant: Variant, config: dict[str, Any], pixels: int, batch: int, iters: int,
+             device: str) -> dict[str, Any]:
+    """img/s, peak GiB, warm-up s, trainable parameters and a note of one variant's training step."""
+    try:
+        if "cudnn_sdpa" in variant.features:  # before any compile: inductor's cache does not key on the order
+            accel.set_sdpa_order(["cudnn"])
+        model, fwd, note = build(variant, config, device)
+        check_trainable(variant, model)
+        if "bf16base" in variant.features:
+            cast_frozen(model)
+        g, shape = torch.Generator(device).manual_seed(0), full_config(config)
+        latent = pixels // 8
+        x = torch.randn(batch, shape["in_channels"], latent, latent, device=device, generator=g)
+        t = torch.randint(0, 1000, (batch,), device=device, generator=g)
+        c = torch.randn(batch, CONTEXT_TOKENS, shape["context_dim"], device=device, generator=g)
+        check_gradients(variant, model, fwd, x, t, c)
+        common.free_gpu()  # the check's gradients are gone; peak memory counts from here
+        before = compiler_counts()
+        params = [p for p in model.parameters() if p.requires_grad]
+        step = step_fn(unet.prepare(model, set(variant.features)), fwd, params, x, t, c)
+        with cudagraph_skip_reasons() as reasons:
+            warmup = common.timed_warmup(step)  # compiles here
+            seconds = common.cuda_seconds(step, iters, warmup=2)
+        skips, breaks = (a - b for a, b in zip(compiler_counts(), before, strict=True))
+    finally:
+        unet.reset_sdpa()
+    if variant.compiled:
+        graphs = [f"CUDA-graph skips: {skips}", *reasons[:1]] if "ro" in variant.features else []
+        note = "; ".join(filter(None, [note, f"{breaks} graph breaks", *graphs]))
+    return {"img_s": batch / seconds, "peak_gib": common.peak_gib(), "warmup_s": warmup,
+            "trainable": sum(p.numel() for p in params), "note": note}
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}" if a and b and not (math.isnan(a) or math.isnan(b)) else "–"  # NaN: no peak on the CPU
+
+
+def _gib(value: float) -> str:
+    return "–" if math.isnan(value) else f"{value:.1f}"  # NaN: no peak counter (CPU)
+
+
+def table(results: dict[Variant, dict[str, Any]]) -> str:
+    """Markdown rows: ours against PEFT's fastest row of the same rank, compiled or not and base dtype, and against
+    full fine-tuning with the same features."""
+    lines = ["| variant | rank | trainable M | img/s | × full | × PEFT | peak GiB | peak × PEFT | warm-up s | note |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for v, r in results.items():
+        full = next((q for w, q in results.items() if w.impl == "full" and w.features == v.features), None)
+        peers = [q for w, q in results.items() if w.impl == "peft" and w.peer_key == v.peer_key]
+        peer = max(peers, key=lambda q: q["img_s"]) if peers and v.impl == "ours" else None
+        lines.append(f"| {v.name} | {v.rank or '–'} | {r['trainable'] / 1e6:.2f} | {r['img_s']:.1f} | "
+                     f"{_ratio(r['img_s'], full['img_s']) if full and v.impl != 'full' else '–'} | "
+                     f"{_ratio(r['img_s'], peer['img_s']) if peer else '–'} | {_gib(r['peak_gib'])} | "
+                     f"{_ratio(r['peak_gib'], peer['peak_gib']) if peer else '–'} | {r['warmup_s']:.0f} | "
+                     f"{r['note']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _fastest(results: dict[Variant, dict[str, Any]], impl: str,
+             rank: int) -> tuple[Variant, dict[str, Any]] | None:
+    rows = [(v, r) for v, r in results.items() if (v.impl, v.rank) == (impl, rank)]
+    return max(rows, key=lambda row: row[1]["img_s"]) if rows else None
+
+
+def goal_lines(results: dict[Variant, dict[str, Any]]) -> list[str]:
+    """Issue 20's goal per rank: our fastest row ≥ 1.3× PEFT's fastest at no more peak memory."""
+    lines = []
+    for rank in sorted({v.rank for v in results if v.rank}):
+        ours, peft = (_fastest(results, impl, rank) for impl in ("ours", "peft"))
+        if ours is None or peft is None:
+            continue
+        (ov, o), (pv, p) = ours, peft
+        speed, memory = o["img_s"] / p["img_s"], _ratio(o["peak_gib"], p["peak_gib"])
+        met = speed >= 1.3 and (memory == "–" or o["peak_gib"] <= p["peak_gib"])
+        lines.append(f"- rank {rank}: ours `{ov.name}` {o['img_s']:.1f} img/s against PEFT `{pv.name}` "
+                     f"{p['img_s']:.1f}: **{speed:.2f}×**, peak memory {memory}× — goal ≥ 1.3× at no more memory "
+                     f"{'met' if met else 'not met'}")
+    return lines
+
+
+def peft_available() -> bool:
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def run(variants: Sequence[str], config: dict[str, Any], pixels: int, batch: int, iters: int,
+        budget_s: float = math.inf) -> str:
+    """The checks, every row (a failing row is printed and skipped; a compiled one that would end past `budget_s`
+    seconds from now is left out) and the Markdown table with the goal lines."""
+    deadline = time.monotonic() + budget_s
+    parsed = [parse_variant(v) for v in variants]  # every name checked before any work
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    have_peft = peft_available()
+    if not have_peft and any(v.impl == "peft" for v in parsed):
+        print("PEFT rows skipped: peft is not installed (pip install peft)", flush=True)
+        parsed = [v for v in parsed if v.impl != "peft"]
+    counts = check_parity(config, [v.rank for v in parsed if v.rank], have_peft)
+    from ldmlab.bench.gpu import guarded
+
+    results: dict[Variant, dict[str, Any]] = {}
+    for v in parsed:
+        if v.compiled and time.monotonic() + COMPILE_S > deadline:
+            print(f"lora {v.name}: left out, a compile (≈ {COMPILE_S:.0f} s) would pass --budget-s", flush=True)
+            continue
+        if (r := guarded(f"lora {v.name}", partial(time_row, v, config, pixels, batch, iters, device))):
+            results[v] = r
+            print(f"  {v.name:36s} {r['img_s']:8.1f} img/s  peak {_gib(r['peak_gib'])} GiB  "
+                  f"warm-up {r['warmup_s']:.0f} s  {r['note']}", flush=True)
+    parity = ", ".join(f"rank {r}: {p / 1e6:.2f} M in {n} layers" for r, (p, n) in counts.items())
+    same = "ours = PEFT, checked on the meta device" if have_peft else "ours only: peft is not installed"
+    text = [f"Trainable parameters ({same}): {parity or 'no LoRA rows'}.", "", table(results), *goal_lines(results)]
+    return "\n".join(text) + "\n"
+
+
+def versions() -> str:
+    """common.environment() and peft's version (diffusers' is already in it)."""
+    try:
+        return f"{common.environment()}, peft {md.version('peft')}"
+    except md.PackageNotFoundError:
+        return f"{common.environment()}, no peft"
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", default=None, help=f"comma-separated (default {','.join(DEFAULT_VARIANTS)}; "
+                        "--tiny: its eager ones)")
+    parser.add_argument("--pixels", type=int, default=None, help="image side (latents pixels/8); 512, --tiny 64")
+    parser.add_argument("--batch", type=int, default=None, help="16, --tiny 2")
+    parser.add_argument("--iters", type=int, default=None, help="timed steps per row: 20, --tiny 2")
+    parser.add_argument("--tiny", action="store_true", help="a small U-Net, for a CPU rehearsal of every code path")
+    parser.add_argument("--budget-s", type=float, default=540.0,
+                        help="leave out compiled rows that would end later than this many seconds after the start")
+    parser.add_argument("--out", type=Path, default=None, help="append the section to this Markdown file")
+    args = parser.parse_args(argv)
+    config = TINY if args.tiny else {}  # {}: UNetModel's defaults, SD1.5 (conf/model/unet_sd15.yaml)
+    eager = [v for v in DEFAULT_VARIANTS if "compile" not in v]
+    variants = args.variants.split(",") if args.variants else (eager if args.tiny else list(DEFAULT_VARIANTS))
+    pixels, batch = args.pixels or (64 if args.tiny else 512), args.batch or (2 if args.tiny else 16)
+    iters = args.iters or (2 if args.tiny else 20)
+    accel.enable_tensor_cores()
+    body = run(variants, config, pixels, batch, iters, args.budget_s)
+    command = " ".join(["python -m ldmlab.bench.lora", *(sys.argv[1:] if argv is None else argv)])
+    size = "tiny U-Net (CPU rehearsal)" if args.tiny else "SD1.5 U-Net"
+    text = "\n".join([f"### LoRA training step, {size}, {pixels} px, batch {batch} ({versions()})", "",
+                      f"    {command}", "",
+                      ("bf16 autocast, fused AdamW on the trainable tensors, alpha = rank, targets: the attention "
+                       "q/k/v/out projections."), "", body])
+    print(text, flush=True)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write("\n" + text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
