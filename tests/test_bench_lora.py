@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ldmlab.bench import gpu, lora
+from ldmlab.bench import gpu, lora, lora_models
 
 
 def tiny_lora_params(rank: int) -> tuple[int, int]:
@@ -55,7 +55,7 @@ def test_parity_counts_match_the_closed_form_and_catch_a_target_mismatch(monkeyp
     pytest.importorskip("peft")
     counts = lora.check_parity(lora.TINY, [64, 4, 4], peft=True)
     assert counts == {4: tiny_lora_params(4), 64: tiny_lora_params(64)}
-    monkeypatch.setattr(lora, "PEFT_TARGETS", ["to_q", "to_k", "to_v"])  # out projections forgotten
+    monkeypatch.setattr(lora_models, "PEFT_TARGETS", ["to_q", "to_k", "to_v"])  # out projections forgotten
     with pytest.raises(RuntimeError, match="rank 4: ours trains .* in 56 layers, PEFT .* in 42: the targets differ"):
         lora.check_parity(lora.TINY, [4], peft=True)
 
@@ -72,8 +72,8 @@ def test_rows_compare_with_their_own_kind() -> None:
     assert table["ours:16+cl+compile+ro+cudnn_sdpa"][4:6] == ["–", "1.50"]
     assert table["ours:16+bf16base"][5] == "1.10" and table["peft:16"][4:6] == ["2.00", "–"]
     assert lora.goal_lines(results) == [
-        "- rank 16: ours `ours:16+cl+compile+ro+cudnn_sdpa` 60.0 img/s against PEFT `peft:16+cl+compile` 40.0: "
-        "**1.50×**, peak memory 1.50× — goal ≥ 1.3× at no more memory not met"]
+        ("- rank 16: ours `ours:16+cl+compile+ro+cudnn_sdpa` 60.0 img/s against PEFT `peft:16+cl+compile` 40.0: "
+         "**1.50×**, peak memory 1.50× — goal ≥ 1.3× at no more memory not met")]
     cpu = {v: {**r, "peak_gib": math.nan} for v, r in results.items()}  # no peak counter on the CPU
     assert lora.goal_lines(cpu)[0].endswith("peak memory –× — goal ≥ 1.3× at no more memory met")
 
@@ -86,3 +86,9 @@ def test_variant_names_are_checked_before_any_work(capsys: pytest.CaptureFixture
     with pytest.raises(SystemExit):
         gpu.main(["--help"])
     assert "--parts lora" in capsys.readouterr().out and gpu.lora_part.__module__ == "ldmlab.bench.gpu"
+
+
+def test_a_compile_that_would_pass_the_budget_is_left_out(capsys: pytest.CaptureFixture) -> None:
+    text = lora.run(["ours:4+compile", "ours:4"], lora.TINY, 64, 2, 1, budget_s=0.0)
+    assert "lora ours:4+compile: left out, a compile (≈ 220 s) would pass --budget-s" in capsys.readouterr().out
+    assert "| ours:4+compile |" not in text and "| ours:4 | 4 |" in text
