@@ -72,6 +72,15 @@ def test_default_targets_are_the_attention_projections() -> None:
     assert leaves == {f"{a}.{p}" for a in ("attn1", "attn2") for p in ("to_q", "to_k", "to_v", "to_out.0")}
 
 
+def test_adapters_live_on_the_base_layers_device() -> None:
+    """Every adapter tensor, alpha included, follows its base layer (the meta device stands in for a GPU: a CPU
+    scalar in a CUDA model makes inductor skip CUDA graphs)."""
+    model = small_unet().to("meta")
+    add_lora(model, 4, 8.0)
+    devices = {n: t.device.type for n, t in lora_state_dict(model).items()}
+    assert devices and set(devices.values()) == {"meta"}, devices
+
+
 def test_only_adapters_train_and_the_base_stays_bit_identical() -> None:
     model, (x, t, c) = small_unet(), inputs()
     add_lora(model, 4, 8.0, dropout=0.1)

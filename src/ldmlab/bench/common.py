@@ -14,10 +14,22 @@ import torch
 DATASHEET_TFLOPS = 989.0  # H100 SXM dense bf16
 
 
+def synchronize() -> None:
+    """Wait for the GPU's queued work (nothing to wait for on a machine without CUDA: CPU rehearsals)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def cuda_seconds(fn: Callable[[], object], iters: int, warmup: int = 3) -> float:
-    """Mean seconds per call of `fn` on the GPU (CUDA events), after `warmup` calls."""
+    """Mean seconds per call of `fn` on the GPU (CUDA events), after `warmup` calls; wall-clock seconds on a
+    machine without CUDA (CPU rehearsals of a GPU benchmark)."""
     for _ in range(warmup):
         fn()
+    if not torch.cuda.is_available():
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        return (time.perf_counter() - t0) / iters
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -30,11 +42,11 @@ def cuda_seconds(fn: Callable[[], object], iters: int, warmup: int = 3) -> float
 
 def timed_warmup(fn: Callable[[], object], calls: int = 3) -> float:
     """Wall seconds of the first `calls` calls (compilation included): the warm-up a user waits for."""
-    torch.cuda.synchronize()
+    synchronize()
     t0 = time.perf_counter()
     for _ in range(calls):
         fn()
-    torch.cuda.synchronize()
+    synchronize()
     return time.perf_counter() - t0
 
 
@@ -47,13 +59,15 @@ def matmul_ceiling(n: int = 8192, iters: int = 50) -> float:
 def free_gpu() -> None:
     """Release the previous case's models and optimizer state before the next one is built."""
     gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     torch._dynamo.reset()  # compiled graphs of the previous case hold their own buffers
 
 
 def peak_gib() -> float:
-    return torch.cuda.max_memory_allocated() / 2**30
+    """Peak GPU memory allocated since the last reset (NaN without CUDA: the CPU has no such counter)."""
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
 
 
 def environment() -> str:

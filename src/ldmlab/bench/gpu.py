@@ -1,7 +1,7 @@
 """GPU benchmark, ours against diffusers in one process: SD1.5 U-Net training step, VAE encode/decode and
 training step, 50-step DDIM with CFG, and the `train.py` path on synthetic latents; writes Markdown.
 
-    python -m ldmlab.bench.gpu [--parts ceiling,sdpa,unet,profile,vae,vae_train,sampling,sampling_profile,train,train_profile]
+    python -m ldmlab.bench.gpu [--parts ceiling,sdpa,unet,profile,vae,vae_train,sampling,sampling_profile,train,train_profile,lora]
                                [--cases 256x64,256x128,512x32] [--variants ours+cl+regional,...]
                                [--iters 20] [--out docs/BENCHMARKS.md]
 
@@ -17,6 +17,8 @@ U-Net cases are `<pixels>x<batch>` (latents pixels/8); variants are `<ours|diffu
 [+cudnn_sdpa][+ro][+graph]` (bench.unet). MFU uses the forward FLOPs counted by torch's FlopCounterMode (×3 for a
 training step) against the 989 TF/s datasheet and against a bf16 matmul ceiling measured in the same run.
 diffusers is optional: its rows are skipped without it. Every part prints its table as soon as it is done.
+`--parts lora` is bench.lora's table (full fine-tuning, our LoRA and diffusers + PEFT at `--lora-case`); alone,
+`python -m ldmlab.bench.lora` does the same with its own heading.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from functools import partial
 from pathlib import Path
 
 from ldmlab import accel
-from ldmlab.bench import common, unet
+from ldmlab.bench import common, lora, unet
 
 DEFAULT_VARIANTS = ("diffusers", "diffusers+cl+compile", "ours", "ours+cl+compile+cudnn_sdpa",
                     "ours+cl+compile+ro+cudnn_sdpa", "ours+cl+compile+graph+cudnn_sdpa")
@@ -168,6 +170,12 @@ def train_profile_part(steps: int, extra: list[str]) -> str:
     return (r or {}).get("profile") or "no profile written (see the log)\n"
 
 
+def lora_part(case: str, variants: list[str], iters: int) -> str:
+    """bench.lora's rows at `case` (`<pixels>x<batch>`) on the SD1.5 U-Net."""
+    pixels, batch = map(int, case.split("x"))
+    return lora.run(variants, {}, pixels, batch, iters)
+
+
 def guarded(name: str, fn: Callable[[], dict]) -> dict | None:
     """Run one measurement; a failure (no diffusers, OOM, a compiler error) is printed and skipped."""
     try:
@@ -197,6 +205,8 @@ def main(argv: list[str] | None = None) -> str:
                         help="compile scope:Adam kind of each VAE training row")
     parser.add_argument("--sampling-variants", default="diffusers,ours,ours+cl+compile")
     parser.add_argument("--sampling-profile", default="ours+cl+compile+cudnn_sdpa", help="sampling variant to profile")
+    parser.add_argument("--lora-case", default="512x16", help="<pixels>x<batch> of the lora part")
+    parser.add_argument("--lora-variants", default=",".join(lora.DEFAULT_VARIANTS), help="bench.lora variants")
     parser.add_argument("--out", type=Path, default=None, help="append the tables to this Markdown file")
     args = parser.parse_args(argv)
     parts = args.parts.split(",")
@@ -221,6 +231,8 @@ def main(argv: list[str] | None = None) -> str:
         "sampling_profile": (f"Profile of sampling, {args.sampling_profile}",
                              lambda: sampling_profile_part(args.sampling_profile)),
         "train": (train_cmd, lambda: train_part(args.train_steps, extras, measured.get(args.bare))),
+        "lora": ("LoRA training step, SD1.5 U-Net (bench.lora: bf16 autocast, fused AdamW on the trainable tensors)",
+                 lambda: lora_part(args.lora_case, args.lora_variants.split(","), args.iters)),
         "train_profile": (f"Profile of {train_cmd} (the first --train-extras set)",
                           lambda: train_profile_part(args.train_steps, extras[0])),
     }

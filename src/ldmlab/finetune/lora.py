@@ -41,7 +41,8 @@ class LoRA(nn.Module):
         nn.init.kaiming_uniform_(self.A.weight, a=math.sqrt(5))  # nn.Linear's own init, as in the paper's code
         nn.init.zeros_(self.B.weight)
         self.A.to(base.weight), self.B.to(base.weight)
-        self.register_buffer("alpha", torch.tensor(float(alpha)))
+        # on the base's device: a CPU scalar in a CUDA model makes inductor skip CUDA graphs (reduce-overhead)
+        self.register_buffer("alpha", torch.tensor(float(alpha), device=base.weight.device))
         self.rank, self.scale, self.merged = rank, 1.0, False
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
