@@ -8,7 +8,9 @@ Differences handled (cf. diffusers' `convert_ldm_unet_checkpoint` in `loaders/si
 - res blocks: `in_layers.0/2`, `emb_layers.1`, `out_layers.0/3`, `skip_connection` <-> `norm1`, `conv1`,
   `time_emb_proj`, `norm2`, `conv2`, `conv_shortcut`; transformer internals have the same names on both sides;
 - `time_embed.0/2`, `label_emb`, `input_blocks.0.0`, `out.0/2` <-> `time_embedding.linear_1/2`,
-  `class_embedding`, `conv_in`, `conv_norm_out`, `conv_out`;
+  `class_embedding`, `conv_in`, `conv_norm_out`, `conv_out`; a super-resolution U-Net's noise-level embedding
+  `level_embed.0/2` <-> `class_embedding.linear_1/2` of `class_embed_type="timestep"`;
+- image-conditioned U-Nets (SD-inpainting's 9 input channels) differ only in `in_channels`: nothing to rename;
 - self-attention-only U-Nets (context_dim None) have no `attn2`/`norm2`; diffusers' UNet2DConditionModel
   always builds them, so the export adds an `attn2` with all-zero weights (it adds exactly 0) and per-level
   `cross_attention_dim` = the block width, which keeps `encoder_hidden_states=None` valid in diffusers.
@@ -36,6 +38,8 @@ _TOP_LEVEL = [
     ("time_embed.0", "time_embedding.linear_1"),
     ("time_embed.2", "time_embedding.linear_2"),
     ("label_emb", "class_embedding"),
+    ("level_embed.0", "class_embedding.linear_1"),  # noise_level_embed: diffusers' class_embed_type="timestep"
+    ("level_embed.2", "class_embedding.linear_2"),
     ("input_blocks.0.0", "conv_in"),
     ("out.0", "conv_norm_out"),
     ("out.2", "conv_out"),
@@ -169,6 +173,10 @@ def diffusers_unet_config(config: dict[str, Any], sample_size: int = 64) -> dict
     levels, attn = len(config["channel_mult"]), set(config["attention_levels"])
     widths = [config["model_channels"] * m for m in config["channel_mult"]]
     cross = config["context_dim"] if config["context_dim"] is not None else widths  # see module docstring
+    levels_embed = bool(config.get("noise_level_embed"))
+    if levels_embed and config["num_classes"] is not None:
+        raise ValueError("a U-Net with num_classes and noise_level_embed has two class embeddings; diffusers' "
+                         "UNet2DConditionModel has one: export a model with only one of them")
     return {
         "_class_name": "UNet2DConditionModel",
         "_diffusers_version": DIFFUSERS_VERSION,
@@ -197,6 +205,7 @@ def diffusers_unet_config(config: dict[str, Any], sample_size: int = 64) -> dict
         "attention_head_dim": _heads_per_level(config),
         "use_linear_projection": config["use_linear_projection"],
         "num_class_embeds": None if config["num_classes"] is None else config["num_classes"] + 1,
+        "class_embed_type": "timestep" if levels_embed else None,
         "upcast_attention": False,
         "resnet_time_scale_shift": "default",
         "time_embedding_type": "positional",
@@ -206,7 +215,6 @@ def diffusers_unet_config(config: dict[str, Any], sample_size: int = 64) -> dict
 
 # diffusers options outside the LDM U-Net, with the only value ldmlab can represent
 _SUPPORTED_VALUES = {
-    "class_embed_type": None,
     "addition_embed_type": None,
     "encoder_hid_dim": None,
     "time_cond_proj_dim": None,
@@ -237,6 +245,9 @@ _SUPPORTED_VALUES = {
 
 def _check_diffusers_config(cfg: dict[str, Any]) -> None:
     """Reject diffusers U-Net features that the LDM U-Net does not have."""
+    if cfg.get("class_embed_type") not in (None, "timestep"):  # "timestep": ldmlab's noise_level_embed
+        raise ValueError(f"diffusers config class_embed_type={cfg['class_embed_type']!r} has no ldmlab UNetModel "
+                         "equivalent (supported: None, 'timestep'): convert SD1.x/2.x-style U-Nets only")
     for key, expected in _SUPPORTED_VALUES.items():
         if cfg.get(key, expected) != expected:
             raise ValueError(
@@ -297,7 +308,8 @@ def ldmlab_unet_config(cfg: dict[str, Any]) -> dict[str, Any]:
             "ldmlab needs model_channels * integer channel_mult"
         )
     attn = [i for i, kind in enumerate(cfg["down_block_types"]) if "CrossAttn" in kind]
-    num_class_embeds = cfg.get("num_class_embeds")
+    # with class_embed_type="timestep" diffusers ignores num_class_embeds (its class embedding is an MLP)
+    num_class_embeds = cfg.get("num_class_embeds") if cfg.get("class_embed_type") is None else None
     return {
         "in_channels": cfg.get("in_channels", 4),
         "out_channels": cfg.get("out_channels", 4),
@@ -312,6 +324,7 @@ def ldmlab_unet_config(cfg: dict[str, Any]) -> dict[str, Any]:
         "dropout": cfg.get("dropout", 0.0),
         "use_linear_projection": cfg.get("use_linear_projection", False),
         "norm_groups": cfg.get("norm_num_groups", 32),
+        "noise_level_embed": cfg.get("class_embed_type") == "timestep",
     }
 
 
@@ -343,4 +356,5 @@ def infer_unet_config(
         "dropout": 0.0,
         "use_linear_projection": sd["middle_block.1.proj_in.weight"].ndim == 2,
         "norm_groups": 32,  # not stored in the weights; SD uses 32
+        "noise_level_embed": "level_embed.0.weight" in sd,
     }

@@ -3,7 +3,8 @@
 encode (or read cached latents) → scale → drop the condition (CFG) → noise at random t → weighted MSE.
 Schedule, objective (ε, v, x0 or flow matching), loss weighting and sampler come from `ldmlab.diffusion` via the
 config groups `model/noise_schedule`, `model/prediction`, `model/sampler`; how the U-Net is trained is `model.training`
-(`Training`), how validation grids are drawn `model.sampling` (`Sampling`).
+(`Training`), how validation grids are drawn `model.sampling` (`Sampling`). An image condition (super-resolution,
+inpainting: `lit.image_condition`) adds U-Net input channels to the same `cond` dict.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from ldmlab.diffusion.weighting import weighted_mse
 from ldmlab.lit.conditioning import TextConditioner
 from ldmlab.lit.contract import TrainingModule
 from ldmlab.lit.finetune import FineTune
+from ldmlab.lit.image_condition import ImageCondition
 from ldmlab.lit.settings import Sampling, Training, settings
 from ldmlab.lit.weights import load_unet_init, save_weights, scale_by_std
 from ldmlab.nn.autoencoder import AutoencoderKL
@@ -47,16 +49,18 @@ class LatentDiffusionModule(TrainingModule):
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         lr_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
         finetune: FineTune | None = None,
+        image_condition: ImageCondition | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["unet", "noise_schedule", "prediction", "sampler", "vae", "conditioner",
-                                          "optimizer", "lr_scheduler", "finetune"])
+                                          "optimizer", "lr_scheduler", "finetune", "image_condition"])
         self.train_cfg: Training = settings(Training, training, "training")
         self.sample_cfg: Sampling = settings(Sampling, sampling, "sampling")
         unet_in = getattr(unet, "config", {}).get("in_channels")
-        if vae is not None and unet_in is not None and unet_in != vae.embed_dim:
-            raise ValueError(f"model.unet.in_channels={unet_in} but the VAE's latents have {vae.embed_dim} channels: "
-                             f"set model.unet.in_channels=model.unet.out_channels={vae.embed_dim}")
+        extra = image_condition.channels(vae.embed_dim) if image_condition is not None and vae is not None else 0
+        if vae is not None and unet_in is not None and unet_in != vae.embed_dim + extra:
+            raise ValueError(f"model.unet.in_channels={unet_in} but the VAE's latents have {vae.embed_dim} channels "
+                             f"(+ {extra} of model.image_condition): set model.unet.in_channels={vae.embed_dim + extra}")
         if unet_init is not None:  # a fine-tune keeps the latent scale its base trained with (unless set)
             stored_scale = load_unet_init(unet, unet_init)
             latent_scale = latent_scale or stored_scale
@@ -65,7 +69,7 @@ class LatentDiffusionModule(TrainingModule):
         self.finetune = finetune
         self.unet, self.schedule, self.prediction, self.sampler = unet, noise_schedule, prediction, sampler
         self.vae = vae.eval().requires_grad_(False) if vae is not None else None
-        self.conditioner = conditioner
+        self.conditioner, self.image_condition = conditioner, image_condition
         # the scale travels in the state dict, so an estimated value is restored with the checkpoint
         self.register_buffer("latent_scale", torch.tensor(float(latent_scale or 0.0)))
         self.optimizer_factory = optimizer or partial(torch.optim.AdamW, lr=1e-4)
@@ -108,11 +112,18 @@ class LatentDiffusionModule(TrainingModule):
         cond = self.conditioner(batch) if self.conditioner is not None else {}
         if cond and p_uncond > 0:
             cond = self.conditioner.drop(cond, p_uncond, generator)
+        if self.image_condition is not None:  # extra input channels (SR3's low-res image, SD-inpainting's mask)
+            cond |= self.image_condition.inputs(batch, z.shape[-2:], self.encode_condition, generator, self.training)
         gamma = cfg.min_snr_gamma if cfg.loss_weighting == "min_snr" else None  # None: the simple loss
         # t, x_t, target and weight come from the objective (ε/v/x0 on the schedule, or flow matching)
         x_t, t, target, weight = self.prediction.training_inputs(z, self.schedule, generator, cfg.offset_noise,
                                                                  cfg.input_perturbation, gamma)
         return weighted_mse(self.unet(x_t, t, **cond), target, weight)
+
+    @torch.no_grad()
+    def encode_condition(self, pixels: Tensor) -> Tensor:
+        """Scaled posterior mean of condition pixels (the masked image): one latent per image, whatever the seed."""
+        return self.vae.encode(pixels).mode() * self.latent_scale
 
     def prepare_data(self) -> None:
         if self.finetune is not None:  # DreamBooth's class images, drawn by the base model
@@ -153,19 +164,21 @@ class LatentDiffusionModule(TrainingModule):
     @torch.no_grad()
     def sample(self, cond_values: list[Any] | None, n: int, guidance_scale: float = 1.0, seed: int = 0,
                latent_shape: tuple[int, int, int] | None = None, sampler: Sampler | None = None,
-               callback: Callable | None = None) -> Tensor:
-        """Generate n images (or latents when there is no VAE) for labels/prompts `cond_values` (None = unconditional)."""
+               callback: Callable | None = None, images: dict[str, Tensor] | None = None) -> Tensor:
+        """Generate n images (or latents when there is no VAE) for labels/prompts `cond_values` (None = unconditional)
+        and, for an image-conditioned model, the n rows of `images` ("low_res", or "image" and "mask")."""
         shape = latent_shape or self.latent_shape
         g = torch.Generator(device="cpu").manual_seed(seed)
         x_T = torch.randn((n, *shape), generator=g).to(self.device)
-        if self.conditioner is None or cond_values is None:
-            denoise = lambda x, t: self.unet(x, t)
-        else:
-            key = self.conditioner.key
-            cond = self.conditioner.from_values(cond_values, self.device)[key]
-            uncond = self.conditioner.unconditional(n, self.device)[key]
-            denoise = classifier_free_guidance(lambda x, t, c: self.unet(x, t, **{key: c}), cond, uncond,
-                                               guidance_scale)
+        cond, uncond = {}, None
+        if self.conditioner is not None and cond_values is not None:
+            cond = self.conditioner.from_values(cond_values, self.device)
+            uncond = self.conditioner.unconditional(n, self.device)
+        if self.image_condition is not None:
+            extra = self.image_condition.inputs(images or {}, shape[-2:], self.encode_condition, g)
+            cond, uncond = self.image_condition.guided(cond, uncond, extra)
+        denoise = classifier_free_guidance(lambda x, t, c: self.unet(x, t, **c), cond, uncond or cond,
+                                           guidance_scale if uncond is not None else 1.0)
         z0 = (sampler or self.sampler)(denoise, x_T, self.schedule, self.prediction, generator=g, callback=callback)
         return z0 if self.vae is None else self.vae.decode(z0 / self.latent_scale).clamp(-1, 1)
 
@@ -181,10 +194,15 @@ class LatentDiffusionModule(TrainingModule):
         if self.vae is None:  # latents alone are not pictures
             return {}
         # labels 0…K−1 cycled (class models) or the batch's prompts (text models)
+        images = None
+        if self.image_condition is not None:  # condition | sample | ground truth, from the batch's first rows
+            num_images = min(num_images, self._batch_size(batch))
+            images = {k: v[:num_images] for k, v in batch.items() if isinstance(v, Tensor)}
         values = None if self.conditioner is None else self.conditioner.grid_values(batch, num_images)
         scales = self.sample_cfg.guidance_scales if values is not None else (1.0,)
-        return {f"samples_cfg{s:g}": self.sample(values, num_images, s, seed=self.sample_cfg.sample_seed)
-                for s in scales}
+        grids = {f"samples_cfg{s:g}": self.sample(values, num_images, s, seed=self.sample_cfg.sample_seed,
+                                                  images=images) for s in scales}
+        return grids if images is None else {k: self.image_condition.triptych(images, v) for k, v in grids.items()}
 
     # ------------------------------------------------------------------ checkpoints, export
 
