@@ -119,15 +119,17 @@ def latent_buckets(cfg: DictConfig) -> list[list[int]] | None:
     return json.loads(manifest.read_text()).get("buckets")
 
 
-def condition_channels(cfg: DictConfig, channels: int) -> tuple[int, list[str]]:
-    """Input channels model.image_condition adds to `channels`-channel latents (its own rule: `channels()`)."""
+def condition_channels(cfg: DictConfig, channels: int) -> tuple[int | None, list[str]]:
+    """Input channels model.image_condition adds to `channels`-channel latents (its own rule: `channels()`);
+    None and its one-line refusal when it does not build."""
     node = get(cfg, "model.image_condition")
     if not isinstance(node, DictConfig) or "_target_" not in node:
         return 0, []
     try:
         return hydra.utils.instantiate(node, _convert_="all").channels(channels), []
     except InstantiationException as error:
-        return 0, [f"model.image_condition: {_first_line(error.__cause__ or error)}"]
+        line = _first_line(error.__cause__ or error)
+        return None, [line if line.startswith("model.image_condition") else f"model.image_condition: {line}"]
 
 
 def latent_problems(cfg: DictConfig, unet: UNetModel, vae: AutoencoderKL | None, source: str) -> list[str]:
@@ -139,11 +141,12 @@ def latent_problems(cfg: DictConfig, unet: UNetModel, vae: AutoencoderKL | None,
     else:
         channels = vae.embed_dim if vae is not None else None
     extra, problems = condition_channels(cfg, channels) if channels else (0, [])
-    expected = {"in_channels": (channels or 0) + extra, "out_channels": channels}
+    expected = {"in_channels": (channels or 0) + (extra or 0), "out_channels": channels}
+    keys = ("in_channels", "out_channels") if extra is not None else ("out_channels",)  # else: its own line
     why = f" + {extra} of model.image_condition" if extra else ""
     problems += [f"model.unet.{key}={unet.config[key]} but {source} has {channels}-channel latents{why}: set "
                  f"model.unet.in_channels={expected['in_channels']} model.unet.out_channels={channels}"
-                 for key in ("in_channels", "out_channels") if channels and unet.config[key] != expected[key]]
+                 for key in keys if channels and unet.config[key] != expected[key]]
     fix = f"change the image size so the latent side is a multiple of {unet.downsample_factor}, or use fewer levels"
     if shape:
         sides = sorted({side for b in latent_buckets(cfg) or [shape] for side in b[-2:]})  # every bucket's h, w
