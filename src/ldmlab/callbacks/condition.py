@@ -36,14 +36,16 @@ class ConditionPSNR(pl.Callback):
 
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                                 batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        if trainer.sanity_checking or batch_idx >= self.batches or not isinstance(pl_module, LatentDiffusionModule):
+        if trainer.sanity_checking or batch_idx >= self.batches:
             return
+        if not isinstance(pl_module, LatentDiffusionModule) or pl_module.image_condition is None:
+            return  # setup() refused it
         images = {k: v for k, v in batch.items() if isinstance(v, Tensor)}
         truth = images["image"]
-        n = len(truth)
+        n, condition = len(truth), pl_module.image_condition
         values = None if pl_module.conditioner is None else pl_module.conditioner.grid_values(batch, n)
         samples = pl_module.sample(values, n, self.guidance_scale, seed=self.seed + batch_idx, images=images)
-        picture = pl_module.image_condition.picture(images, truth.shape[-2:])
+        picture = condition.picture(images, (truth.shape[-2], truth.shape[-1]))
         self._sums += torch.tensor([psnr(samples, truth).sum(), psnr(picture, truth).sum(), n], dtype=torch.float64)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

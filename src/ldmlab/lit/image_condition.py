@@ -15,7 +15,7 @@ U-Net call `unet(x_t, t, **cond)`). The U-Net's `in_channels` is the latent chan
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -28,6 +28,7 @@ from ldmlab.diffusion.schedules import NoiseSchedule, ddpm_linear
 
 Encode = Callable[[Tensor], Tensor]  # pixels in [-1, 1] → scaled latents
 Inputs = dict[str, Tensor]  # U-Net keyword arguments
+Size = tuple[int, int]  # (h, w)
 
 
 def _randn(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> Tensor:
@@ -53,21 +54,22 @@ class ImageCondition(ABC):
         """Input channels this condition adds to the U-Net's `latent_channels`."""
 
     @abstractmethod
-    def _inputs(self, batch: dict[str, Any], size: tuple[int, int], encode: Encode,
+    def _inputs(self, batch: dict[str, Any], size: Size, encode: Encode,
                 generator: torch.Generator | None, train: bool) -> Inputs:
         """The U-Net keyword arguments of a batch whose latents are (h, w) = `size`."""
 
     @abstractmethod
-    def picture(self, batch: dict[str, Any], size: tuple[int, int]) -> Tensor:
+    def picture(self, batch: dict[str, Any], size: Size) -> Tensor:
         """The condition as (N, 3, H, W) pixels in [-1, 1] at `size` (grids; the baseline a sample should beat)."""
 
-    def inputs(self, batch: dict[str, Any], size: tuple[int, int], encode: Encode,
+    def inputs(self, batch: dict[str, Any], size: Sequence[int], encode: Encode,
                generator: torch.Generator | None = None, train: bool = False) -> Inputs:
-        """U-Net keyword arguments for `batch` (rows dropped to zeros with p_drop when `train`)."""
+        """U-Net keyword arguments for `batch` whose latents are (h, w) = `size` (rows dropped to zeros with p_drop
+        when `train`)."""
         if missing := [k for k in self.keys if k not in batch]:
             raise ValueError(f"{type(self).__name__} needs batch entries {list(self.keys)}, missing {missing}: "
                              f"train on its data decoder, or at sampling give {self.what}")
-        out = self._inputs(batch, tuple(size), encode, generator, train)
+        out = self._inputs(batch, (int(size[0]), int(size[1])), encode, generator, train)
         if train and self.p_drop > 0:
             out["concat"] = drop_condition(out["concat"], torch.zeros(()), self.p_drop, generator)
         return out
@@ -82,7 +84,7 @@ class ImageCondition(ABC):
 
     def triptych(self, batch: dict[str, Any], samples: Tensor) -> Tensor:
         """condition | sample | ground truth (when the batch has "image"), side by side: (N, 3, H, 2W or 3W)."""
-        parts = [self.picture(batch, samples.shape[-2:]).to(samples), samples]
+        parts = [self.picture(batch, (samples.shape[-2], samples.shape[-1])).to(samples), samples]
         return torch.cat(parts + ([batch["image"].to(samples)] if "image" in batch else []), dim=-1)
 
 
@@ -112,13 +114,13 @@ class SuperResolution(ImageCondition):
     def channels(self, latent_channels: int) -> int:
         return 3
 
-    def _resized(self, low: Tensor, size: tuple[int, int]) -> Tensor:
+    def _resized(self, low: Tensor, size: Size) -> Tensor:
         if tuple(low.shape[-2:]) == size:  # f_VAE = factor (the demo's 16 px → 64 px through an f4 VAE)
             return low
         smooth = {} if self.resize == "nearest" else {"align_corners": False, "antialias": True}
         return F.interpolate(low, size=size, mode=self.resize, **smooth)
 
-    def _inputs(self, batch: dict[str, Any], size: tuple[int, int], encode: Encode,
+    def _inputs(self, batch: dict[str, Any], size: Size, encode: Encode,
                 generator: torch.Generator | None, train: bool) -> Inputs:
         low = self._resized(batch["low_res"].float(), size)
         if not self.augments:
@@ -132,10 +134,10 @@ class SuperResolution(ImageCondition):
         noisy = self.schedule.add_noise(low, _randn(tuple(low.shape), generator, device), s)  # q(z_s | low), eq. 4
         return {"concat": noisy, "noise_level": s}
 
-    def picture(self, batch: dict[str, Any], size: tuple[int, int]) -> Tensor:
+    def picture(self, batch: dict[str, Any], size: Size) -> Tensor:
         """The low-res image, bicubic-upsampled: the baseline an SR sample should beat."""
         low = batch["low_res"].float()
-        return F.interpolate(low, size=tuple(size), mode="bicubic", align_corners=False).clamp(-1, 1)
+        return F.interpolate(low, size=size, mode="bicubic", align_corners=False).clamp(-1, 1)
 
 
 class Inpainting(ImageCondition):
@@ -146,12 +148,12 @@ class Inpainting(ImageCondition):
     def channels(self, latent_channels: int) -> int:
         return 1 + latent_channels
 
-    def _inputs(self, batch: dict[str, Any], size: tuple[int, int], encode: Encode,
+    def _inputs(self, batch: dict[str, Any], size: Size, encode: Encode,
                 generator: torch.Generator | None, train: bool) -> Inputs:
         image, mask = batch["image"], batch["mask"].to(batch["image"].dtype)
         latent = encode(masked_image(image, mask))  # (B, C, h, w)
         return {"concat": torch.cat([F.interpolate(mask, size=size), latent.to(image.dtype)], dim=1)}
 
-    def picture(self, batch: dict[str, Any], size: tuple[int, int]) -> Tensor:
+    def picture(self, batch: dict[str, Any], size: Size) -> Tensor:
         """The masked image (masked pixels grey)."""
         return masked_image(batch["image"], batch["mask"].to(batch["image"].dtype))

@@ -194,15 +194,16 @@ class LatentDiffusionModule(TrainingModule):
         if self.vae is None:  # latents alone are not pictures
             return {}
         # labels 0…K−1 cycled (class models) or the batch's prompts (text models)
-        images = None
-        if self.image_condition is not None:  # condition | sample | ground truth, from the batch's first rows
+        condition, images = self.image_condition, None
+        if condition is not None:  # condition | sample | ground truth, from the batch's first rows
             num_images = min(num_images, self._batch_size(batch))
             images = {k: v[:num_images] for k, v in batch.items() if isinstance(v, Tensor)}
         values = None if self.conditioner is None else self.conditioner.grid_values(batch, num_images)
         scales = self.sample_cfg.guidance_scales if values is not None else (1.0,)
         grids = {f"samples_cfg{s:g}": self.sample(values, num_images, s, seed=self.sample_cfg.sample_seed,
                                                   images=images) for s in scales}
-        return grids if images is None else {k: self.image_condition.triptych(images, v) for k, v in grids.items()}
+        return grids if images is None or condition is None else {k: condition.triptych(images, v)
+                                                                   for k, v in grids.items()}
 
     # ------------------------------------------------------------------ checkpoints, export
 

@@ -134,8 +134,8 @@ def image_problems(cfg: DictConfig, stored: DictConfig) -> list[str]:
     needs = "image" if kind == "SuperResolution" else "image and mask"
     unused = ("mask",) if kind == "SuperResolution" else ("noise_level",)
     if missing := [k for k in ("image", "mask")[: 1 if kind == "SuperResolution" else 2] if k not in given]:
-        return [f"{missing[0]} is null but {cfg.ckpt} is a {kind} model: it needs {needs}, give "
-                f"{CONDITION_INPUTS[kind]}"]
+        return [(f"{missing[0]} is null but {cfg.ckpt} is a {kind} model: it needs {needs}, give "
+                 f"{CONDITION_INPUTS[kind]}")]
     problems = [f"{k}={given[k]} is not used by a {kind} model: drop it" for k in unused if k in given]
     problems += [f"{k}={cfg.get(k)}: an image-conditioned model's size follows image=; drop {k}="
                  for k in ("height", "width") if cfg.get(k) is not None]
@@ -162,9 +162,10 @@ def _image_size(path: str) -> tuple[int, int] | str:
 
 def file_size_problems(cfg: DictConfig, stored: DictConfig, kind: str) -> list[str]:
     """The files open; the mask has the image's size; the output sides divide by VAE × U-Net downsampling."""
-    sizes = {k: _image_size(str(cfg[k])) for k in ("image", "mask") if cfg.get(k) is not None}
-    if bad := [f"{k}={cfg[k]} {size}" for k, size in sizes.items() if isinstance(size, str)]:
+    found = {k: _image_size(str(cfg[k])) for k in ("image", "mask") if cfg.get(k) is not None}
+    if bad := [f"{k}={cfg[k]} {size}" for k, size in found.items() if isinstance(size, str)]:
         return bad
+    sizes = {k: size for k, size in found.items() if isinstance(size, tuple)}
     (h, w), factor = sizes["image"], get(stored, "model.image_condition.factor") or 4
     if kind == "Inpainting" and sizes["mask"] != (h, w):
         mh, mw = sizes["mask"]
@@ -180,5 +181,5 @@ def file_size_problems(cfg: DictConfig, stored: DictConfig, kind: str) -> list[s
         return []
     step = total // math.gcd(total, scale)  # the input side multiple that makes scale × side a multiple of total
     made = f" × factor {scale} = {w * scale}×{h * scale}" if scale > 1 else ""
-    return [f"image={cfg.image} is {w}×{h} px{made}, not a multiple of {total} ({why}): give an image whose "
-            f"sides are multiples of {step}"]
+    return [(f"image={cfg.image} is {w}×{h} px{made}, not a multiple of {total} ({why}): give an image whose "
+             f"sides are multiples of {step}")]
