@@ -225,6 +225,7 @@ def test_inpainting_model_runs_in_diffusers_inpaint_pipeline(tiny_assets: dict[s
     (["experiment=sr_demo", "data.decoder.factor=2"], "data.decoder.factor=2 (the low-res crops) differs"),
     (["experiment=sr_demo", "model.unet.noise_level_embed=false"], "set model.unet.noise_level_embed=true"),
     (["experiment=sr_demo", "model.image_condition.noise_level=400"], "noise_level=400 <= max_noise_level=350"),
+    (["model=unet_small", "eval=psnr"], "eval=psnr scores an image-conditioned model, but model.image_condition"),
 ])
 def test_config_mismatches_are_one_line(overrides: list[str], line: str, tiny_assets: dict[str, Path],
                                         tmp_path: Path) -> None:

@@ -43,8 +43,9 @@ def test_training_logs_psnr_and_triptych_grids(run: tuple[str, Path]) -> None:
     name, run_dir = run
     rows = read_metrics(run_dir)
     assert len(series(rows, "train/loss")) >= 1 and np.isfinite(series(rows, "val/loss")).all()
-    psnr, baseline = series(rows, "val/psnr"), series(rows, "val/psnr_condition")
-    assert len(psnr) == len(baseline) == 1 and 0 < psnr[0] < 60 and 5 < baseline[0] < 60
+    psnr, baseline, ceiling = (series(rows, f"val/psnr{s}") for s in ("", "_condition", "_autoencoder"))
+    assert len(psnr) == len(baseline) == len(ceiling) == 1 and 0 < psnr[0] < 60 and 5 < baseline[0] < 60
+    assert 0 < ceiling[0] < 60  # a random tiny VAE: low, but a number
     grid = Image.open(run_dir / "images" / "samples_cfg1_step0000004.png")
     assert grid.size == (4 * (3 * 64 + 2) + 2, 64 + 4)  # 4 × (condition | sample | truth) of 64 px, one row
     module = load_ldm(run_dir / "checkpoints" / "last.ckpt")
@@ -105,7 +106,7 @@ def test_sample_py_refuses_bad_inputs_in_one_line(run: tuple[str, Path], tmp_pat
                              "not a multiple of 8 (VAE factor 4 × U-Net factor 2"),
         "mask_size": lambda: (write_inputs(tmp_path, name, 64, mask_side=32), "mask=") if name == "inpaint_demo"
         else ({**write_inputs(tmp_path, name, side), "mask": tmp_path / "in.png"},
-              "is not used by a SuperResolution model: drop it"),
+              "is not used by a super-resolution model: drop it"),
         "no_mask": lambda: ({"image": write_inputs(tmp_path, name, side)["image"]},
                             "mask is null but" if name == "inpaint_demo" else None),
         "no_image": lambda: ({}, "image is null but"),

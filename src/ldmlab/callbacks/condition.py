@@ -17,14 +17,15 @@ WHERE = "callbacks.condition_psnr"
 class ConditionPSNR(pl.Callback):
     """On the first `batches` batches of every validation (EMA weights, which the EMA callback swaps in then):
     one fixed-seed sample per image, conditioned on the batch's low-res image or masked image, and logs
-    `val/psnr` (samples vs. the ground-truth crops, per-image mean in dB) and `val/psnr_condition` (the condition's
-    own picture: the bicubic upsampling, the masked image), the baseline a useful model beats."""
+    `val/psnr` (samples vs. the ground-truth crops, per-image mean in dB), `val/psnr_condition` (the condition's
+    own picture: the bicubic upsampling, the masked image) and `val/psnr_autoencoder` (the crops through the VAE:
+    the ceiling of any latent model on it)."""
 
     def __init__(self, batches: int = 4, seed: int = 0, guidance_scale: float = 1.0) -> None:
         if batches < 1:
             raise ValueError(f"{WHERE}.batches={batches} must be >= 1")
         self.batches, self.seed, self.guidance_scale = batches, seed, guidance_scale
-        self._sums = torch.zeros(3, dtype=torch.float64)  # Σ psnr(sample), Σ psnr(condition), images
+        self._sums = torch.zeros(4, dtype=torch.float64)  # Σ psnr of sample, condition, autoencoder; images
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if not isinstance(pl_module, LatentDiffusionModule) or pl_module.image_condition is None:
@@ -46,10 +47,16 @@ class ConditionPSNR(pl.Callback):
         values = None if pl_module.conditioner is None else pl_module.conditioner.grid_values(batch, n)
         samples = pl_module.sample(values, n, self.guidance_scale, seed=self.seed + batch_idx, images=images)
         picture = condition.picture(images, (truth.shape[-2], truth.shape[-1]))
-        self._sums += torch.tensor([psnr(samples, truth).sum(), psnr(picture, truth).sum(), n], dtype=torch.float64)
+        vae = pl_module.vae
+        assert vae is not None  # sample() decoded through it
+        with torch.no_grad():
+            rec = vae.decode(vae.encode(truth).mode()).clamp(-1, 1)
+        scores = [psnr(x, truth).sum() for x in (samples, picture, rec)]
+        self._sums += torch.tensor([*scores, n], dtype=torch.float64)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or self._sums[2] == 0:
+        if trainer.sanity_checking or self._sums[-1] == 0:
             return
-        sample, condition, count = self._sums.tolist()
-        pl_module.log_dict({"val/psnr": sample / count, "val/psnr_condition": condition / count}, sync_dist=True)
+        *sums, count = self._sums.tolist()
+        names = ("val/psnr", "val/psnr_condition", "val/psnr_autoencoder")
+        pl_module.log_dict({name: total / count for name, total in zip(names, sums)}, sync_dist=True)

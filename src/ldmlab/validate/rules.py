@@ -112,11 +112,13 @@ CONDITION_DECODERS = {"SuperResolution": ("LowResDecoder", "data=demo_sr"),
 
 
 def image_condition_problems(cfg: DictConfig) -> list[str]:
-    """model.image_condition reads what its data decoder makes (low-res crops at its factor, masks), and a
-    noise-augmented super-resolution condition reaches a U-Net with a noise-level embedding."""
+    """model.image_condition reads what its data decoder makes (low-res crops at its factor, masks), a
+    noise-augmented super-resolution condition reaches a U-Net with a noise-level embedding, and eval=psnr has an
+    image condition to score."""
     kind = target(cfg, "model.image_condition").rsplit(".", 1)[-1]
     if kind not in CONDITION_DECODERS:
-        return []
+        return ["eval=psnr scores an image-conditioned model, but model.image_condition is null: drop eval=psnr or "
+                "set model/image_condition=super_resolution | inpainting"] if get(cfg, "callbacks.condition_psnr") else []
     decoder, example = CONDITION_DECODERS[kind]
     problems = []
     if not target(cfg, "data.decoder").endswith(decoder):

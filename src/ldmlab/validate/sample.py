@@ -132,11 +132,12 @@ def image_problems(cfg: DictConfig, stored: DictConfig) -> list[str]:
         return [f"{k}={v} but {cfg.ckpt} has no image condition (model.image_condition=null), so it would be "
                 f"ignored: drop {k}=" for k, v in given.items()]
     needs = "image" if kind == "SuperResolution" else "image and mask"
+    model = "a super-resolution model" if kind == "SuperResolution" else "an inpainting model"
     unused = ("mask",) if kind == "SuperResolution" else ("noise_level",)
     if missing := [k for k in ("image", "mask")[: 1 if kind == "SuperResolution" else 2] if k not in given]:
-        return [(f"{missing[0]} is null but {cfg.ckpt} is a {kind} model: it needs {needs}, give "
+        return [(f"{missing[0]} is null but {cfg.ckpt} is {model}: it needs {needs}, give "
                  f"{CONDITION_INPUTS[kind]}")]
-    problems = [f"{k}={given[k]} is not used by a {kind} model: drop it" for k in unused if k in given]
+    problems = [f"{k}={given[k]} is not used by {model}: drop it" for k in unused if k in given]
     problems += [f"{k}={cfg.get(k)}: an image-conditioned model's size follows image=; drop {k}="
                  for k in ("height", "width") if cfg.get(k) is not None]
     top = get(stored, "model.image_condition.max_noise_level")
