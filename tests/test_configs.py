@@ -123,12 +123,16 @@ def test_command_line_overrides_model_optimizer_default(tmp_path: Path) -> None:
     assert list(cfg.model.autoencoder.channel_mult) == [1, 2]
 
 
-def experiment_standins(option: str, assets: dict[str, Path]) -> list[str]:
-    """What an experiment reads from disk, pointed at stand-ins: the VAEs' LPIPS backbone; the noise-aware
-    classifier's latent cache (the demo crops through a random VAE instead)."""
+def experiment_standins(option: str, assets: dict[str, Path], tmp_path: Path) -> list[str]:
+    """What an experiment reads from disk, pointed at stand-ins: the noise-aware classifier's latent cache (the demo
+    crops through a random VAE instead); VAE presets train on the demo crops with a random LPIPS; LDM presets keep
+    their data (demo-based) and read the session's random VAE."""
     if option.startswith("classifier"):
-        return ["data.root=null", f"model.vae={{_target_:ldmlab.convert.load.load_vae,path:{assets['vae']}}}"]
-    return ["model.lpips.backbone=random", "model.scale_lr=false"]
+        return ["data=demo", "data.decoder.image_size=32", "data.root=null",
+                f"model.vae={{_target_:ldmlab.convert.load.load_vae,path:{assets['vae']}}}"]
+    if compose_train([f"experiment={option}"], tmp_path).model.get("vae") is None:
+        return ["data=demo", "model.lpips.backbone=random", "model.scale_lr=false", "data.decoder.image_size=32"]
+    return [f"model.vae.path={assets['vae']}", "model.sampler.num_steps=2", "data.num_workers=0"]
 
 
 @pytest.mark.slow
@@ -137,10 +141,10 @@ def test_every_experiment_trains_one_step(option: str, tmp_path: Path, tiny_asse
     """STYLE 7: every experiment preset is smoke-trained for one step on the CPU (demo data stands in)."""
     from ldmlab.run import train
 
-    cfg = compose_train([f"experiment={option}", "trainer=cpu", "data=demo", *experiment_standins(option, tiny_assets),
-                         "trainer.max_steps=1", "trainer.limit_val_batches=1", "trainer.val_check_interval=1",
-                         "data.batch_size=2", "trainer.precision=32-true",
-                         "data.decoder.image_size=32", "trainer.num_sanity_val_steps=0"], tmp_path)  # the demo crops
+    cfg = compose_train([f"experiment={option}", "trainer=cpu", "trainer.max_steps=1", "trainer.limit_val_batches=1",
+                         "trainer.val_check_interval=1", "data.batch_size=2", "trainer.precision=32-true",
+                         "trainer.num_sanity_val_steps=0", *experiment_standins(option, tiny_assets, tmp_path)],
+                        tmp_path)
     assert train(cfg) is not None
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
 

@@ -9,16 +9,20 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+from PIL import Image
 
 from ldmlab import accel
 from ldmlab.configs import CONF_DIR as CONF
+from ldmlab.data.transforms import to_tensor
 from ldmlab.diffusion import classifier_gradient, classifier_guidance
 from ldmlab.finetune.lora import set_lora_scale
 from ldmlab.finetune.lora_formats import load_lora_file, lora_components
 from ldmlab.finetune.textual_inversion import load_learned_embeds
 from ldmlab.lit.conditioning import ClassConditioner, TextConditioner
+from ldmlab.lit.image_condition import SuperResolution
 from ldmlab.lit.ldm import LatentDiffusionModule
 from ldmlab.lit.noisy_classifier import load_classifier
 from ldmlab.lit.settings import regroup
@@ -90,7 +94,25 @@ def latent_shape(module: LatentDiffusionModule, height: int | None, width: int |
         except ValueError:
             raise ValueError("this checkpoint stores no training size: give both height= and width=") from None
         height, width = height or trained[-2] * f, width or trained[-1] * f
-    return int(module.unet.config["in_channels"]), height // f, width // f
+    return module.vae.embed_dim, height // f, width // f  # not in_channels: an image condition adds inputs
+
+
+def condition_images(module: LatentDiffusionModule, cfg: DictConfig) -> tuple[dict[str, torch.Tensor] | None, Any]:
+    """An image-conditioned model's inputs from image= (and mask=, white = inpaint), one row each on the module's
+    device, and the latent shape they fix (low-res × factor, or the image's size); (None, None) for other models."""
+    condition = module.image_condition
+    if condition is None:
+        return None, None
+    image = to_tensor(Image.open(cfg.image))[None].to(module.device)  # (1, 3, h, w) in [-1, 1]
+    if isinstance(condition, SuperResolution):
+        if cfg.get("noise_level") is not None:
+            condition.noise_level = int(cfg.noise_level)
+        images, scale = {"low_res": image}, condition.factor
+    else:
+        mask = np.asarray(Image.open(cfg.mask).convert("L")) > 127
+        images, scale = {"image": image, "mask": torch.from_numpy(mask).float()[None, None].to(module.device)}, 1
+    h, w = image.shape[-2] * scale, image.shape[-1] * scale
+    return images, latent_shape(module, h, w)
 
 
 def prepare_for_sampling(module: LatentDiffusionModule, bf16: bool = True, compile: str = "auto") -> Any:
@@ -158,17 +180,20 @@ def sample(cfg: DictConfig) -> Path:
     if module.vae is None:
         raise ValueError("this checkpoint has no VAE to decode latents into images")
     sampler, values = _sampler(module, cfg.sampler, cfg.steps), _cond_values(module, cfg)
-    shape = latent_shape(module, cfg.get("height"), cfg.get("width"))
+    inputs, shape = condition_images(module, cfg)
+    shape = shape or latent_shape(module, cfg.get("height"), cfg.get("width"))
     autocast = prepare_for_sampling(module, cfg.bf16, cfg.compile)
     guide = classifier_guide(module, cfg)  # samplers run under no_grad; its gradient turns autograd back on
-    images = []
+    samples = []
     for start in range(0, cfg.n, cfg.batch_size):
         n = min(cfg.batch_size, cfg.n - start)
         chunk = values[start:start + n] if values is not None else None
+        rows = None if inputs is None else {k: v.expand(n, *v.shape[1:]) for k, v in inputs.items()}
         with autocast:
-            images.append(module.sample(chunk, n, cfg.guidance, seed=cfg.seed + start, latent_shape=shape,
-                                        sampler=sampler, guide=guide(start, n) if guide else None).float().cpu())
-    images = torch.cat(images)
+            samples.append(module.sample(chunk, n, cfg.guidance, seed=cfg.seed + start, latent_shape=shape,
+                                         sampler=sampler, guide=guide(start, n) if guide else None,
+                                         images=rows).float().cpu())
+    images = torch.cat(samples)
     tag = f"_c{cfg.classifier_scale:g}" if cfg.get("classifier") else ""  # classifier guidance's γ
     out = Path(cfg.out) if cfg.out else (Path(cfg.ckpt).resolve().parents[1] / "samples" /
                                          f"{cfg.sampler or 'default'}_g{cfg.guidance:g}{tag}_s{cfg.seed}.png")

@@ -12,7 +12,8 @@
                                          pipeline call)
 
 Only text models make such a pipeline; for class-conditional or unconditional checkpoints `write_pipeline` says
-so on stderr and writes unet/ and vae/ alone. Nothing is unpickled beyond tensors (`load_weights_only`).
+so on stderr and writes unet/ and vae/ alone. An inpainting model (model/image_condition=inpainting, SD-inpainting's
+9 channels) is a `StableDiffusionInpaintPipeline`; a super-resolution model gets unet/ and vae/ only. Nothing is unpickled beyond tensors (`load_weights_only`).
 """
 
 from __future__ import annotations
@@ -165,9 +166,10 @@ def _write_text_parts(clip_dir: Path, out: Path, max_length: int) -> list[Path]:
     return [out / "text_encoder", out / "tokenizer"]
 
 
-def model_index(scheduler_class: str) -> dict[str, Any]:
-    """`model_index.json` of a StableDiffusionPipeline without safety checker, feature extractor or image encoder."""
-    return {"_class_name": "StableDiffusionPipeline", "_diffusers_version": DIFFUSERS_VERSION,
+def model_index(scheduler_class: str, pipeline: str = "StableDiffusionPipeline") -> dict[str, Any]:
+    """`model_index.json` of a StableDiffusion(Inpaint)Pipeline without safety checker, feature extractor or image
+    encoder."""
+    return {"_class_name": pipeline, "_diffusers_version": DIFFUSERS_VERSION,
             "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False,
             "safety_checker": [None, None], "scheduler": ["diffusers", scheduler_class],
             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
@@ -194,7 +196,11 @@ def write_pipeline(path: str | Path, out: str | Path, ema: bool = False,
                                       diffusers_unet_config(unet_cfg, latent_side), out / "unet"),
              ckpt.write_diffusers_dir(vae_map.ldmlab_to_diffusers(vae_sd),
                                       ckpt.diffusers_vae_config(vae_cfg, scale, image_side), out / "vae")]
-    conditioner = model.get("conditioner") or {}
+    conditioner, image = model.get("conditioner") or {}, _name((model.get("image_condition") or {}).get("_target_", ""))
+    if image == "SuperResolution":
+        print(f"{path} is a super-resolution model, which no diffusers pipeline conditions as ldmlab does (sample.py "
+              "image=...): wrote unet/ and vae/ only", file=sys.stderr)
+        return paths
     if conditioner.get("_target_") != TEXT_CONDITIONER:
         print(f"{NEEDS_TEXT}; {path} is {'class-conditional' if conditioner else 'unconditional'}: wrote unet/ "
               "and vae/ only", file=sys.stderr)
@@ -205,5 +211,6 @@ def write_pipeline(path: str | Path, out: str | Path, ema: bool = False,
     _check_scheduler(scheduler)
     (out / "scheduler").mkdir(parents=True, exist_ok=True)
     (out / "scheduler/scheduler_config.json").write_text(json.dumps(scheduler, indent=2) + "\n")
-    (out / "model_index.json").write_text(json.dumps(model_index(scheduler["_class_name"]), indent=2) + "\n")
+    pipeline = "StableDiffusionInpaintPipeline" if image == "Inpainting" else "StableDiffusionPipeline"
+    (out / "model_index.json").write_text(json.dumps(model_index(scheduler["_class_name"], pipeline), indent=2) + "\n")
     return [*paths, out / "scheduler", out / "model_index.json"]

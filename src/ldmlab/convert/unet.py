@@ -8,10 +8,12 @@ Differences handled (cf. diffusers' `convert_ldm_unet_checkpoint` in `loaders/si
 - res blocks: `in_layers.0/2`, `emb_layers.1`, `out_layers.0/3`, `skip_connection` <-> `norm1`, `conv1`,
   `time_emb_proj`, `norm2`, `conv2`, `conv_shortcut`; transformer internals have the same names on both sides;
 - `time_embed.0/2`, `label_emb`, `input_blocks.0.0`, `out.0/2` <-> `time_embedding.linear_1/2`,
-  `class_embedding`, `conv_in`, `conv_norm_out`, `conv_out`;
+  `class_embedding`, `conv_in`, `conv_norm_out`, `conv_out`; a super-resolution U-Net's noise-level embedding
+  `level_embed.0/2` <-> `class_embedding.linear_1/2` of `class_embed_type="timestep"`;
 - ADM's residual resampling (`resblock_updown`): the Downsample/Upsample entry is a ResBlock <->
   `downsamplers.0` / `upsamplers.0` as a ResnetBlock2D (diffusers' ResnetDownsampleBlock2D / -UpsampleBlock2D);
   per-level `num_res_blocks` shift the indices as diffusers' per-level `layers_per_block` does;
+- image-conditioned U-Nets (SD-inpainting's 9 input channels) differ only in `in_channels`: nothing to rename;
 - self-attention-only U-Nets (context_dim None) have no `attn2`/`norm2`; diffusers' UNet2DConditionModel
   always builds them, so the export adds an `attn2` with all-zero weights (it adds exactly 0) and per-level
   `cross_attention_dim` = the block width, which keeps `encoder_hidden_states=None` valid in diffusers.
@@ -52,6 +54,8 @@ _TOP_LEVEL = [
     ("time_embed.0", "time_embedding.linear_1"),
     ("time_embed.2", "time_embedding.linear_2"),
     ("label_emb", "class_embedding"),
+    ("level_embed.0", "class_embedding.linear_1"),  # noise_level_embed: diffusers' class_embed_type="timestep"
+    ("level_embed.2", "class_embedding.linear_2"),
     ("input_blocks.0.0", "conv_in"),
     ("out.0", "conv_norm_out"),
     ("out.2", "conv_out"),

@@ -66,6 +66,10 @@ def diffusers_unet_config(config: dict[str, Any], sample_size: int = 64) -> dict
     widths = [config["model_channels"] * m for m in config["channel_mult"]]
     cross = config["context_dim"] if config["context_dim"] is not None else widths  # see convert/unet.py
     down, up = _block_types(config)
+    levels_embed = bool(config.get("noise_level_embed"))
+    if levels_embed and config["num_classes"] is not None:
+        raise ValueError("a U-Net with num_classes and noise_level_embed has two class embeddings; diffusers' "
+                         "UNet2DConditionModel has one: export a model with only one of them")
     return {
         "_class_name": "UNet2DConditionModel",
         "_diffusers_version": DIFFUSERS_VERSION,
@@ -92,6 +96,7 @@ def diffusers_unet_config(config: dict[str, Any], sample_size: int = 64) -> dict
         "attention_head_dim": _heads_per_level(config),
         "use_linear_projection": config["use_linear_projection"],
         "num_class_embeds": None if config["num_classes"] is None else config["num_classes"] + 1,
+        "class_embed_type": "timestep" if levels_embed else None,  # SR's noise-level embedding
         "upcast_attention": False,
         "resnet_time_scale_shift": config.get("resnet_time_scale_shift", "default"),
         "time_embedding_type": "positional",
@@ -101,7 +106,6 @@ def diffusers_unet_config(config: dict[str, Any], sample_size: int = 64) -> dict
 
 # diffusers options outside the LDM U-Net, with the only value ldmlab can represent
 _SUPPORTED_VALUES = {
-    "class_embed_type": None,
     "addition_embed_type": None,
     "encoder_hid_dim": None,
     "time_cond_proj_dim": None,
@@ -131,6 +135,9 @@ _SUPPORTED_VALUES = {
 
 def _check_diffusers_config(cfg: dict[str, Any]) -> None:
     """Reject diffusers U-Net features that the LDM U-Net does not have."""
+    if cfg.get("class_embed_type") not in (None, "timestep"):  # "timestep": ldmlab's noise_level_embed
+        raise ValueError(f"diffusers config class_embed_type={cfg['class_embed_type']!r} has no ldmlab UNetModel "
+                         "equivalent (supported: None, 'timestep'): convert SD1.x/2.x-style U-Nets only")
     for key, expected in _SUPPORTED_VALUES.items():
         if cfg.get(key, expected) != expected:
             raise ValueError(
@@ -205,7 +212,8 @@ def ldmlab_unet_config(cfg: dict[str, Any]) -> dict[str, Any]:
             "ldmlab needs model_channels * integer channel_mult"
         )
     attn = [i for i, kind in enumerate(cfg["down_block_types"]) if "CrossAttn" in kind]
-    num_class_embeds = cfg.get("num_class_embeds")
+    # with class_embed_type="timestep" diffusers ignores num_class_embeds (its class embedding is an MLP)
+    num_class_embeds = cfg.get("num_class_embeds") if cfg.get("class_embed_type") is None else None
     layers = cfg.get("layers_per_block", 2)
     return {
         "in_channels": cfg.get("in_channels", 4),
@@ -223,6 +231,7 @@ def ldmlab_unet_config(cfg: dict[str, Any]) -> dict[str, Any]:
         "norm_groups": cfg.get("norm_num_groups", 32),
         "resnet_time_scale_shift": cfg.get("resnet_time_scale_shift", "default"),
         "resblock_updown": _resblock_updown(cfg),
+        "noise_level_embed": cfg.get("class_embed_type") == "timestep",
     }
 
 
@@ -269,5 +278,6 @@ def infer_unet_config(
         "norm_groups": 32,  # not stored in the weights; SD uses 32
         "resnet_time_scale_shift": "scale_shift" if emb_out == 2 * out.shape[0] else "default",
         "resblock_updown": updown,
+        "noise_level_embed": "level_embed.0.weight" in sd,
     }
 

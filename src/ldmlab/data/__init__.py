@@ -17,6 +17,8 @@ _EXPORTS = {
     "ldmlab.data.pipeline": ["EpochLoader", "ShardStream", "StreamPosition"],
     "ldmlab.data.filters": ["BadSamplesError"],
     "ldmlab.data.decoders": ["Decoder", "ImageDecoder"],
+    "ldmlab.data.conditions": ["InpaintDecoder", "LowResDecoder"],
+    "ldmlab.data.masks": ["MaskGenerator"],
     "ldmlab.data.latents": ["LatentDecoder"],
     "ldmlab.data.module": ["ShardDataModule", "ShardSource", "StreamSettings"],
     "ldmlab.data.folder": ["FolderShards"],

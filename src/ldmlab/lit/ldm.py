@@ -4,7 +4,8 @@ encode (or read cached latents) → scale → drop the condition (CFG) → noise
 Schedule, objective (ε, v, x0 or flow matching), variance (fixed, or learned with L_hybrid), loss weighting and
 sampler come from `ldmlab.diffusion` via the config groups `model/noise_schedule`, `model/prediction`,
 `model/variance`, `model/sampler`; how the U-Net is trained is `model.training` (`Training`), how validation grids
-are drawn `model.sampling` (`Sampling`).
+are drawn `model.sampling` (`Sampling`). An image condition (super-resolution, inpainting: `lit.image_condition`)
+adds U-Net input channels to the same `cond` dict.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import Tensor, nn
 from ldmlab.diffusion import FixedVariance, NoiseSchedule, Prediction, classifier_free_guidance
 from ldmlab.lit.conditioning import TextConditioner
 from ldmlab.lit.finetune import FineTune
+from ldmlab.lit.image_condition import ImageCondition
 from ldmlab.lit.latents import LatentModule
 from ldmlab.lit.settings import Sampling, Training, settings
 from ldmlab.lit.weights import load_unet_init, save_weights
@@ -48,19 +50,21 @@ class LatentDiffusionModule(LatentModule):
         lr_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
         finetune: FineTune | None = None,
         variance: FixedVariance | None = None,  # None: fixed (checkpoints from before model/variance)
+        image_condition: ImageCondition | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["unet", "noise_schedule", "prediction", "sampler", "vae", "conditioner",
-                                          "optimizer", "lr_scheduler", "finetune", "variance"])
+                                          "optimizer", "lr_scheduler", "finetune", "variance", "image_condition"])
         self.train_cfg: Training = settings(Training, training, "training")
         self.sample_cfg: Sampling = settings(Sampling, sampling, "sampling")
         unet_in, unet_out = (getattr(unet, "config", {}).get(k) for k in ("in_channels", "out_channels"))
-        if vae is not None and unet_in is not None and unet_in != vae.embed_dim:
-            raise ValueError(f"model.unet.in_channels={unet_in} but the VAE's latents have {vae.embed_dim} channels: "
-                             f"set model.unet.in_channels={vae.embed_dim}")
+        extra = image_condition.channels(vae.embed_dim) if image_condition is not None and vae is not None else 0
+        if vae is not None and unet_in is not None and unet_in != vae.embed_dim + extra:
+            raise ValueError(f"model.unet.in_channels={unet_in} but the VAE's latents have {vae.embed_dim} channels "
+                             f"(+ {extra} of model.image_condition): set model.unet.in_channels={vae.embed_dim + extra}")
         self.variance = variance or FixedVariance()
-        if unet_in and unet_out and (problem := self.variance.channels_problem(unet_in, unet_out)):
-            raise ValueError(problem)  # out_channels = in_channels, or 2 × with a learned variance
+        if unet_in and unet_out and (problem := self.variance.channels_problem(unet_in - extra, unet_out)):
+            raise ValueError(problem)  # out_channels = the latent's, or 2 × with a learned variance
         if unet_init is not None:  # a fine-tune keeps the latent scale its base trained with (unless set)
             stored_scale = load_unet_init(unet, unet_init)
             latent_scale = latent_scale or stored_scale
@@ -69,7 +73,7 @@ class LatentDiffusionModule(LatentModule):
         self.finetune = finetune
         self.unet, self.schedule, self.prediction, self.sampler = unet, noise_schedule, prediction, sampler
         self.set_latent_source(vae, latent_scale)  # lit.latents: the frozen VAE, the scale (estimated if None)
-        self.conditioner = conditioner
+        self.conditioner, self.image_condition = conditioner, image_condition
         self.optimizer_factory = optimizer or partial(torch.optim.AdamW, lr=1e-4)
         self.scheduler_factory = lr_scheduler
 
@@ -88,11 +92,18 @@ class LatentDiffusionModule(LatentModule):
         cond = self.conditioner(batch) if self.conditioner is not None else {}
         if cond and p_uncond > 0:
             cond = self.conditioner.drop(cond, p_uncond, generator)
+        if self.image_condition is not None:  # extra input channels (SR3's low-res image, SD-inpainting's mask)
+            cond |= self.image_condition.inputs(batch, z.shape[-2:], self.encode_condition, generator, self.training)
         gamma = cfg.min_snr_gamma if cfg.loss_weighting == "min_snr" else None  # None: the simple loss
         # t, x_t, target and weight come from the objective (ε/v/x0 on the schedule, or flow matching)
         x_t, t, target, weight = self.prediction.training_inputs(z, self.schedule, generator, cfg.offset_noise,
                                                                  cfg.input_perturbation, gamma)
         return self.variance.loss(self.unet(x_t, t, **cond), target, weight, z, x_t, t, self.schedule, self.prediction)
+
+    @torch.no_grad()
+    def encode_condition(self, pixels: Tensor) -> Tensor:
+        """Scaled posterior mean of condition pixels (the masked image): one latent per image, whatever the seed."""
+        return self.vae.encode(pixels).mode() * self.latent_scale
 
     def prepare_data(self) -> None:
         if self.finetune is not None:  # DreamBooth's class images, drawn by the base model
@@ -138,20 +149,23 @@ class LatentDiffusionModule(LatentModule):
     @torch.no_grad()
     def sample(self, cond_values: list[Any] | None, n: int, guidance_scale: float = 1.0, seed: int = 0,
                latent_shape: tuple[int, int, int] | None = None, sampler: Sampler | None = None,
-               callback: Callable | None = None, guide: Callable[[Denoise], Denoise] | None = None) -> Tensor:
-        """Generate n images (or latents when there is no VAE) for labels/prompts `cond_values` (None = unconditional);
-        `guide` wraps the (CFG) denoiser, e.g. classifier guidance (diffusion.guidance.classifier_guidance)."""
+               callback: Callable | None = None, guide: Callable[[Denoise], Denoise] | None = None,
+               images: dict[str, Tensor] | None = None) -> Tensor:
+        """Generate n images (or latents when there is no VAE) for labels/prompts `cond_values` (None = unconditional)
+        and, for an image-conditioned model, the n rows of `images` ("low_res", or "image" and "mask"); `guide`
+        wraps the (CFG) denoiser, e.g. classifier guidance (diffusion.guidance.classifier_guidance)."""
         shape = latent_shape or self.latent_shape
         g = torch.Generator(device="cpu").manual_seed(seed)
         x_T = torch.randn((n, *shape), generator=g).to(self.device)
-        if self.conditioner is None or cond_values is None:
-            denoise = lambda x, t: self.unet(x, t)
-        else:
-            key = self.conditioner.key
-            cond = self.conditioner.from_values(cond_values, self.device)[key]
-            uncond = self.conditioner.unconditional(n, self.device)[key]
-            denoise = classifier_free_guidance(lambda x, t, c: self.unet(x, t, **{key: c}), cond, uncond,
-                                               guidance_scale)
+        cond, uncond = {}, None
+        if self.conditioner is not None and cond_values is not None:
+            cond = self.conditioner.from_values(cond_values, self.device)
+            uncond = self.conditioner.unconditional(n, self.device)
+        if self.image_condition is not None:
+            extra = self.image_condition.inputs(images or {}, shape[-2:], self.encode_condition, g)
+            cond, uncond = self.image_condition.guided(cond, uncond, extra)
+        denoise = classifier_free_guidance(lambda x, t, c: self.unet(x, t, **c), cond, uncond or cond,
+                                           guidance_scale if uncond is not None else 1.0)
         if guide is not None:
             denoise = guide(denoise)
         z0 = (sampler or self.sampler)(denoise, x_T, self.schedule, self.prediction, generator=g, callback=callback)
@@ -161,12 +175,18 @@ class LatentDiffusionModule(LatentModule):
         """Fixed-seed samples at every guidance scale, for the ImageGrids callback (EMA weights if swapped in)."""
         if self.vae is None:  # latents alone are not pictures
             return {}
+        condition, images = self.image_condition, None
+        if condition is not None:  # condition | sample | ground truth, from the batch's first rows (its own size)
+            num_images = min(num_images, self._batch_size(batch))
+            images = {k: v[:num_images] for k, v in batch.items() if isinstance(v, Tensor)}
         # labels 0…K−1 cycled (class models) or the batch's prompts (text models)
         values = None if self.conditioner is None else self.conditioner.grid_values(batch, num_images)
         scales = self.sample_cfg.guidance_scales if values is not None else (1.0,)
-        shapes = self.sample_cfg.grid_shapes(self.vae.embed_dim, self.vae.downsample_factor)
-        return {f"samples_cfg{s:g}{suffix}": self.sample(values, num_images, s, self.sample_cfg.sample_seed, shape)
-                for suffix, shape in shapes.items() for s in scales}
+        shapes = self.sample_cfg.grid_shapes(self.vae.embed_dim, self.vae.downsample_factor) if images is None else {
+            "": None}
+        grids = {f"samples_cfg{s:g}{suffix}": self.sample(values, num_images, s, self.sample_cfg.sample_seed, shape,
+                                                           images=images) for suffix, shape in shapes.items() for s in scales}
+        return grids if condition is None else {k: condition.triptych(images, v) for k, v in grids.items()}
 
     # ------------------------------------------------------------------ checkpoints, export
 

@@ -1,4 +1,4 @@
-"""Sample-quality metrics, distributed-aware: FID, KID, IS, improved precision/recall, CLIP score.
+"""Sample-quality metrics, distributed-aware: FID, KID, IS, improved precision/recall, CLIP score; PSNR.
 
 Feature networks (Inception-v3, CLIP, ...) are plain nn.Modules defined elsewhere (`FeatureNetwork` says what
 is needed of them); this package only accumulates their outputs across batches and DDP ranks and does the math.
@@ -8,6 +8,7 @@ Imports torch, numpy and safetensors only (torchmetrics is the tests' cross-chec
 from ldmlab.metrics.distributed import all_gather_rows, all_reduce_sum, broadcast_object, is_distributed
 from ldmlab.metrics.frechet import check_sample_count, frechet_distance, min_samples_fd, sqrtm_psd
 from ldmlab.metrics.manifold import precision_recall
+from ldmlab.metrics.pixels import psnr
 from ldmlab.metrics.sample_metrics import (
     METRICS,
     FeatureNetwork,
@@ -28,5 +29,5 @@ __all__ = [
     "METRICS", "ClipScore", "FeatureNetwork", "FeatureStatistics", "MetricOptions", "SampleMetrics", "StatsKey", "all_gather_rows",
     "all_reduce_sum", "broadcast_object", "check_sample_count", "clip_score", "frechet_distance",
     "inception_score", "is_distributed", "kernel_inception_distance", "min_samples_fd", "polynomial_mmd",
-    "precision_recall", "reference_statistics", "sqrtm_psd",
+    "precision_recall", "psnr", "reference_statistics", "sqrtm_psd",
 ]

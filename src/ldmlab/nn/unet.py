@@ -126,6 +126,7 @@ class UNetEncoder(nn.Module):
         resnet_time_scale_shift: str = "default",
         resblock_updown: bool = False,
         gradient_checkpointing: bool = False,
+        noise_level_embed: bool = False,
     ) -> None:
         super().__init__()
         # architecture arguments, written into exported weights so a file rebuilds its own model
@@ -147,6 +148,7 @@ class UNetEncoder(nn.Module):
             "norm_groups": norm_groups,
             "resnet_time_scale_shift": resnet_time_scale_shift,
             "resblock_updown": resblock_updown,
+            "noise_level_embed": noise_level_embed,
         }
         validate_unet_args(self.config)
         self.in_channels, self.model_channels = in_channels, model_channels
@@ -158,6 +160,10 @@ class UNetEncoder(nn.Module):
         if num_classes is not None:
             # one extra row: index num_classes is the learned "null" label of classifier-free guidance
             self.label_emb = nn.Embedding(num_classes + 1, emb)
+        if noise_level_embed:
+            # a second timestep embedding for the augmentation level of a super-resolution condition (cascaded
+            # diffusion, Ho et al. 2021, sec. 4.2), added to the time embedding: diffusers' class_embed_type="timestep"
+            self.level_embed = nn.Sequential(nn.Linear(model_channels, emb), nn.SiLU(), nn.Linear(emb, emb))
         self.skip_channels = self._build_input_blocks(emb)
         top = model_channels * self.channel_mult[-1]
         self.middle_block = EmbedSequential(
@@ -230,11 +236,16 @@ class UNetEncoder(nn.Module):
                 module.gradient_checkpointing = enabled
 
     def _check_inputs(
-        self, x: Tensor, t: Tensor, context: Tensor | None, class_labels: Tensor | None
+        self, x: Tensor, t: Tensor, context: Tensor | None, class_labels: Tensor | None,
+        noise_level: Tensor | None = None,
     ) -> None:
         """One-line ValueErrors for inputs the network cannot take."""
         if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"x has shape {tuple(x.shape)}: the U-Net expects (B, {self.in_channels}, H, W)")
+            raise ValueError(f"x (with any concat channels) has shape {tuple(x.shape)}: the U-Net expects "
+                             f"(B, {self.in_channels}, H, W)")
+        if (noise_level is None) == self.config["noise_level_embed"]:
+            raise ValueError(f"noise_level is {'None' if noise_level is None else 'given'} but noise_level_embed="
+                             f"{self.config['noise_level_embed']}: pass noise_level (B,) exactly when it is True")
         f = self.downsample_factor
         if x.shape[-2] % f or x.shape[-1] % f:
             raise ValueError(
@@ -265,15 +276,24 @@ class UNetEncoder(nn.Module):
             raise ValueError("class_labels was given but num_classes=None: build the U-Net with num_classes")
 
     def _encode(
-        self, x: Tensor, t: Tensor, context: Tensor | None, class_labels: Tensor | None
+        self, x: Tensor, t: Tensor, context: Tensor | None, class_labels: Tensor | None,
+        concat: Tensor | None = None, noise_level: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, list[Tensor]]:
-        """(middle block output, time + class embedding (B, 4*mc), the input blocks' outputs as skips)."""
+        """(middle block output, time + class (+ noise level) embedding (B, 4*mc), the input blocks' outputs).
+
+        concat (B, C_extra, H, W): image-condition channels appended after x (SR3's upsampled low-res image,
+        SD-inpainting's mask + masked-image latent: diffusers' cat([x, mask, masked], 1)); noise_level (B,): the
+        augmentation level of that condition, for a U-Net built with noise_level_embed."""
         if t.ndim == 0:
             t = t.expand(x.shape[0])
-        self._check_inputs(x, t, context, class_labels)
+        if concat is not None:
+            x = torch.cat([x, concat.to(x.dtype)], dim=1)  # (B, C + C_extra, H, W)
+        self._check_inputs(x, t, context, class_labels, noise_level)
         emb = self.time_embed(timestep_embedding(t, self.model_channels).to(x.dtype))  # (B, 4*mc)
         if class_labels is not None:
             emb = emb + self.label_emb(class_labels)
+        if noise_level is not None:
+            emb = emb + self.level_embed(timestep_embedding(noise_level, self.model_channels).to(x.dtype))
         skips, h = [], x
         for block in self.input_blocks:
             h = block(h, emb, context)
@@ -281,10 +301,11 @@ class UNetEncoder(nn.Module):
         return self.middle_block(h, emb, context), emb, skips
 
     def forward(
-        self, x: Tensor, t: Tensor, context: Tensor | None = None, class_labels: Tensor | None = None
+        self, x: Tensor, t: Tensor, context: Tensor | None = None, class_labels: Tensor | None = None,
+        concat: Tensor | None = None, noise_level: Tensor | None = None,
     ) -> Tensor:
         """x (B, C, H, W), t (B,) timesteps, context (B, S, D), class_labels (B,) -> (B, C_top, H/f, W/f)."""
-        return self._encode(x, t, context, class_labels)[0]
+        return self._encode(x, t, context, class_labels, concat, noise_level)[0]
 
 
 class UNetModel(UNetEncoder):
@@ -315,11 +336,12 @@ class UNetModel(UNetEncoder):
         resnet_time_scale_shift: str = "default",
         resblock_updown: bool = False,
         gradient_checkpointing: bool = False,
+        noise_level_embed: bool = False,
     ) -> None:
         check_positive(out_channels=out_channels)
         super().__init__(in_channels, model_channels, channel_mult, num_res_blocks, attention_levels, num_heads,
                          head_dim, transformer_depth, context_dim, num_classes, dropout, use_linear_projection,
-                         norm_groups, resnet_time_scale_shift, resblock_updown)
+                         norm_groups, resnet_time_scale_shift, resblock_updown, noise_level_embed=noise_level_embed)
         self.config = {"in_channels": in_channels, "out_channels": out_channels, **self.config}  # SD's key order
         emb = model_channels * TIME_EMBED_MULT
         self._build_output_blocks(emb, list(self.skip_channels))
@@ -348,10 +370,12 @@ class UNetModel(UNetEncoder):
                 self.output_blocks.append(EmbedSequential(layers))
 
     def forward(
-        self, x: Tensor, t: Tensor, context: Tensor | None = None, class_labels: Tensor | None = None
+        self, x: Tensor, t: Tensor, context: Tensor | None = None, class_labels: Tensor | None = None,
+        concat: Tensor | None = None, noise_level: Tensor | None = None,
     ) -> Tensor:
-        """x (B, C, H, W), t (B,) timesteps, context (B, S, D), class_labels (B,) -> (B, C_out, H, W)."""
-        h, emb, skips = self._encode(x, t, context, class_labels)
+        """x (B, C, H, W), t (B,) timesteps, context (B, S, D), class_labels (B,) -> (B, C_out, H, W); concat and
+        noise_level: an image condition's channels and augmentation level (UNetEncoder._encode)."""
+        h, emb, skips = self._encode(x, t, context, class_labels, concat, noise_level)
         for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)  # (B, C + C_skip, H, W), LDM order [h, skip]
             # an Upsample ending this block targets the next skip's size (any H, W divisible by 2^(L-1))

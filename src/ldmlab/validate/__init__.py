@@ -25,6 +25,7 @@ from ldmlab.validate.rules import (
     finetune_problems,
     fsdp_problems,
     guidance_problems,
+    image_condition_problems,
     missing_values,
     objective_problems,
     variance_problems,
@@ -49,7 +50,7 @@ def check_config(cfg: DictConfig, entry: str = "train.py") -> list[str]:
 
     missing = missing_values(cfg, entry)
     rules = (data_problems, weight_problems, network_problems, guidance_problems, objective_problems,
-             variance_problems, batch_problems, fsdp_problems, finetune_problems)
+             variance_problems, batch_problems, fsdp_problems, finetune_problems, image_condition_problems)
     return missing + [line for rule in rules for line in rule(cfg)]
 
 

@@ -122,28 +122,47 @@ def latent_buckets(cfg: DictConfig) -> list[list[int]] | None:
     return json.loads(manifest.read_text()).get("buckets")
 
 
-def channel_problems(unet: UNetModel, channels: int | None, source: str, variance: FixedVariance | None) -> list[str]:
-    """in_channels = the latents' channels (when known), out_channels = the variance's outputs × in_channels (not
-    judged when the variance was refused)."""
-    if channels and unet.config["in_channels"] != channels:  # each refused side names both fixes
-        want = {"in_channels": channels, "out_channels": channels * (variance.outputs if variance else 1)}
-        fix = f"model.unet.in_channels={channels} model.unet.out_channels={want['out_channels']}"
-        return [f"model.unet.{key}={unet.config[key]} but {source} has {channels}-channel latents: set {fix}"
+def condition_channels(cfg: DictConfig, channels: int) -> tuple[int | None, list[str]]:
+    """Input channels model.image_condition adds to `channels`-channel latents (its own rule: `channels()`);
+    None and its one-line refusal when it does not build."""
+    node = get(cfg, "model.image_condition")
+    if not isinstance(node, DictConfig) or "_target_" not in node:
+        return 0, []
+    try:
+        return hydra.utils.instantiate(node, _convert_="all").channels(channels), []
+    except InstantiationException as error:
+        line = _first_line(error.__cause__ or error)
+        return None, [line if line.startswith("model.image_condition") else f"model.image_condition: {line}"]
+
+
+def channel_problems(unet: UNetModel, channels: int | None, source: str, variance: FixedVariance | None,
+                     extra: int | None = 0) -> list[str]:
+    """in_channels = the latents' channels + an image condition's `extra` (when known), out_channels = the
+    variance's outputs × the latents' channels (not judged when the variance or the condition was refused)."""
+    if extra is None:  # the condition's own line says why
+        return []
+    in_channels, out_channels = unet.config["in_channels"], unet.config["out_channels"]
+    if channels and in_channels != channels + extra:  # each refused side names both fixes
+        want = {"in_channels": channels + extra, "out_channels": channels * (variance.outputs if variance else 1)}
+        why = f" + {extra} of model.image_condition" if extra else ""
+        fix = f"model.unet.in_channels={want['in_channels']} model.unet.out_channels={want['out_channels']}"
+        return [f"model.unet.{key}={unet.config[key]} but {source} has {channels}-channel latents{why}: set {fix}"
                 for key in want if unet.config[key] != want[key]]
-    problem = variance.channels_problem(unet.config["in_channels"], unet.config["out_channels"]) if variance else None
+    problem = variance.channels_problem(in_channels - extra, out_channels) if variance else None
     return [problem] if problem else []
 
 
 def latent_problems(cfg: DictConfig, unet: UNetModel, vae: AutoencoderKL | None, source: str,
                     variance: FixedVariance | None = FixedVariance()) -> list[str]:  # noqa: B008  # stateless
-    """The U-Net's in/out channels match the latents (and the variance; None: refused, not judged); the latent side
-    divides by the U-Net's factor."""
+    """The U-Net's in/out channels match the latents (+ an image condition's, and the variance; None: refused, not
+    judged); the latent side divides by the U-Net's factor."""
     shape = latent_manifest(cfg)
     if shape:
         channels, source = shape[0], f"the latent cache data.root={get(cfg, 'data.root')}"
     else:
         channels = vae.embed_dim if vae is not None else None
-    problems = channel_problems(unet, channels, source, variance)
+    extra, problems = condition_channels(cfg, channels) if channels else (0, [])
+    problems += channel_problems(unet, channels, source, variance, extra)
     fix = f"change the image size so the latent side is a multiple of {unet.downsample_factor}, or use fewer levels"
     if shape:
         sides = sorted({side for b in latent_buckets(cfg) or [shape] for side in b[-2:]})  # every bucket's h, w

@@ -115,6 +115,36 @@ def variance_problems(cfg: DictConfig) -> list[str]:
                  "reverse steps; flow matching integrates a velocity ODE): use model/variance=fixed, or "
                  "model/prediction=eps|v|x0")]
     return []
+# an image condition's data decoder: what makes the batch entries it reads (ldmlab.data.conditions)
+CONDITION_DECODERS = {"SuperResolution": ("LowResDecoder", "data=demo_sr"),
+                      "Inpainting": ("InpaintDecoder", "data=demo_inpaint")}
+
+
+def image_condition_problems(cfg: DictConfig) -> list[str]:
+    """model.image_condition reads what its data decoder makes (low-res crops at its factor, masks), a
+    noise-augmented super-resolution condition reaches a U-Net with a noise-level embedding, and eval=psnr has an
+    image condition to score."""
+    kind = target(cfg, "model.image_condition").rsplit(".", 1)[-1]
+    if kind not in CONDITION_DECODERS:
+        return ["eval=psnr scores an image-conditioned model, but model.image_condition is null: drop eval=psnr or "
+                "set model/image_condition=super_resolution | inpainting"] if get(cfg, "callbacks.condition_psnr") else []
+    decoder, example = CONDITION_DECODERS[kind]
+    problems = []
+    if not target(cfg, "data.decoder").endswith(decoder):
+        problems.append(f"model.image_condition is {kind} but data.decoder is {target(cfg, 'data.decoder') or 'null'}"
+                        f", which makes no condition images (a latent cache has no pixels): use {example} or "
+                        f"data.decoder._target_=ldmlab.data.conditions.{decoder}")
+    elif kind == "SuperResolution" and get(cfg, "data.decoder.factor") != get(cfg, "model.image_condition.factor"):
+        problems.append(f"data.decoder.factor={get(cfg, 'data.decoder.factor')} (the low-res crops) differs from "
+                        f"model.image_condition.factor={get(cfg, 'model.image_condition.factor')}: set both alike")
+    if kind == "SuperResolution":
+        augments = (get(cfg, "model.image_condition.max_noise_level") or 0) > 0
+        if bool(get(cfg, "model.unet.noise_level_embed")) != augments:
+            problems.append(f"model.image_condition.max_noise_level={get(cfg, 'model.image_condition.max_noise_level')}"
+                            f" but model.unet.noise_level_embed={get(cfg, 'model.unet.noise_level_embed')}: the U-Net "
+                            f"embeds the augmentation level exactly when there is one; set "
+                            f"model.unet.noise_level_embed={str(augments).lower()}")
+    return problems
 
 
 def train_samples(cfg: DictConfig) -> int | None:

@@ -3,6 +3,7 @@ the model is rebuilt (a text model's rebuild loads its CLIP encoder)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -96,7 +97,7 @@ def sample_problems(cfg: DictConfig) -> list[str]:
         return problems
     sampler = objective_problems(stored, cfg.sampler, "sampler") if cfg.get("sampler") in samplers else []
     return (problems + stored_guidance_problems(cfg, stored) + conditioning_problems(cfg, stored) + sampler
-            + size_problems(cfg, stored) + classifier_problems(cfg, stored))
+            + (image_problems(cfg, stored) or size_problems(cfg, stored)) + classifier_problems(cfg, stored))
 
 
 def size_problems(cfg: DictConfig, stored: DictConfig) -> list[str]:
@@ -119,3 +120,70 @@ def size_problems(cfg: DictConfig, stored: DictConfig) -> list[str]:
     factor, why = total_factor(unet, vae)
     return [f"{k}={v} is not a multiple of {factor} ({why}): set {k}={nearest_multiple(v, factor)}"
             for k, v in sizes.items() if v % factor]
+
+
+CONDITION_INPUTS = {"SuperResolution": "image=<low-res png> (noise_level= optional)",
+                    "Inpainting": "image=<png> mask=<png of the same size, white = inpaint>"}
+
+
+def image_problems(cfg: DictConfig, stored: DictConfig) -> list[str]:
+    """image=, mask= and noise_level= fit the checkpoint's image condition (model.image_condition), the files
+    exist, and the output size is one the networks take; before the model is rebuilt."""
+    given = {k: cfg.get(k) for k in ("image", "mask", "noise_level") if cfg.get(k) is not None}
+    kind = target(stored, "model.image_condition").rsplit(".", 1)[-1]
+    if kind not in CONDITION_INPUTS:
+        return [f"{k}={v} but {cfg.ckpt} has no image condition (model.image_condition=null), so it would be "
+                f"ignored: drop {k}=" for k, v in given.items()]
+    needs = "image" if kind == "SuperResolution" else "image and mask"
+    model = "a super-resolution model" if kind == "SuperResolution" else "an inpainting model"
+    unused = ("mask",) if kind == "SuperResolution" else ("noise_level",)
+    if missing := [k for k in ("image", "mask")[: 1 if kind == "SuperResolution" else 2] if k not in given]:
+        return [(f"{missing[0]} is null but {cfg.ckpt} is {model}: it needs {needs}, give "
+                 f"{CONDITION_INPUTS[kind]}")]
+    problems = [f"{k}={given[k]} is not used by {model}: drop it" for k in unused if k in given]
+    problems += [f"{k}={cfg.get(k)}: an image-conditioned model's size follows image=; drop {k}="
+                 for k in ("height", "width") if cfg.get(k) is not None]
+    top = get(stored, "model.image_condition.max_noise_level")
+    level = given.get("noise_level")
+    if level is not None and (not isinstance(level, int) or not 0 <= level <= (top or 0)):
+        problems.append(f"noise_level={level} must be an integer in [0, {top}] (model.image_condition."
+                        f"max_noise_level of {cfg.ckpt}), e.g. noise_level=20")
+    return problems + file_size_problems(cfg, stored, kind)
+
+
+def _image_size(path: str) -> tuple[int, int] | str:
+    """(H, W) of an image file from its header, or a one-line problem."""
+    from PIL import Image
+
+    if not Path(path).is_file():
+        return "not found: give a PNG or JPEG file"
+    try:
+        with Image.open(path) as img:
+            return img.size[1], img.size[0]
+    except Exception as error:  # noqa: BLE001 - PIL raises many types for broken files
+        return f"does not open as an image ({type(error).__name__}): give a PNG or JPEG file"
+
+
+def file_size_problems(cfg: DictConfig, stored: DictConfig, kind: str) -> list[str]:
+    """The files open; the mask has the image's size; the output sides divide by VAE × U-Net downsampling."""
+    found = {k: _image_size(str(cfg[k])) for k in ("image", "mask") if cfg.get(k) is not None}
+    if bad := [f"{k}={cfg[k]} {size}" for k, size in found.items() if isinstance(size, str)]:
+        return bad
+    sizes = {k: size for k, size in found.items() if isinstance(size, tuple)}
+    (h, w), factor = sizes["image"], get(stored, "model.image_condition.factor") or 4
+    if kind == "Inpainting" and sizes["mask"] != (h, w):
+        mh, mw = sizes["mask"]
+        return [f"mask={cfg.mask} is {mw}×{mh} px but image={cfg.image} is {w}×{h}: give a mask of the image's size"]
+    from ldmlab.validate.networks import model_networks, total_factor  # torch: only if asked
+
+    unet, vae, _ = model_networks(stored)
+    if unet is None or vae is None:
+        return []  # the rebuild reports what is missing
+    total, why = total_factor(unet, vae)
+    scale = factor if kind == "SuperResolution" else 1
+    if (h * scale) % total == 0 and (w * scale) % total == 0:
+        return []
+    step = total // math.gcd(total, scale)  # the input side multiple that makes scale × side a multiple of total
+    made = f" × factor {scale} = {w * scale}×{h * scale}" if scale > 1 else ""
+    return [(f"image={cfg.image} is {w}×{h} px{made}, not a multiple of {total} ({why}): give an image whose "
+             f"sides are multiples of {step}")]
