@@ -73,7 +73,8 @@ def test_classifier_is_the_unet_encoder_half() -> None:
         assert torch.equal(clf.encoder(x, t), seen["h"])
         assert clf(x, t).shape == (2, 5) and clf(torch.randn(1, 4, 16, 16), torch.tensor([1])).shape == (1, 5)
     assert clf.config == {"num_classes": 5, **{k: list(v) if isinstance(v, tuple) else v for k, v in ENCODER.items()},
-                          "head_dim": None, "transformer_depth": 1, "dropout": 0.0, "use_linear_projection": False}
+                          "head_dim": None, "transformer_depth": 1, "dropout": 0.0, "use_linear_projection": False,
+                          "noise_level_embed": False}
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [

@@ -126,8 +126,8 @@ def image_condition_problems(cfg: DictConfig) -> list[str]:
     image condition to score."""
     kind = target(cfg, "model.image_condition").rsplit(".", 1)[-1]
     if kind not in CONDITION_DECODERS:
-        return ["eval=psnr scores an image-conditioned model, but model.image_condition is null: drop eval=psnr or "
-                "set model/image_condition=super_resolution | inpainting"] if get(cfg, "callbacks.condition_psnr") else []
+        return [("eval=psnr scores an image-conditioned model, but model.image_condition is null: drop eval=psnr or "
+                "set model/image_condition=super_resolution | inpainting")] if get(cfg, "callbacks.condition_psnr") else []
     decoder, example = CONDITION_DECODERS[kind]
     problems = []
     if not target(cfg, "data.decoder").endswith(decoder):
