@@ -121,6 +121,14 @@ def compose_line(line: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     return compose_train(overrides, tmp_path), words(overrides)
 
 
+def model_option(said: dict[str, str]) -> str:
+    """The model option a line picks: its `model=`, else its experiment's `override /model:` ("" = the default)."""
+    if "model" in said or "experiment" not in said:
+        return said.get("model", "")
+    found = re.search(r"override /model: (\w+)", (REPO / "conf" / "experiment" / f"{said['experiment']}.yaml").read_text())
+    return found.group(1) if found else ""
+
+
 def resolved(cfg: DictConfig, machine: Machine) -> DictConfig:
     return resolve_machine(OmegaConf.create(OmegaConf.to_container(cfg)), machine)
 
@@ -186,7 +194,7 @@ def test_line_on_an_8_gpu_node(line: str, tmp_path: Path, monkeypatch: pytest.Mo
         assert got["strategy"] == "auto"
     for key in ("model", "data"):
         assert hydra.utils.get_class(OmegaConf.select(cfg, f"{key}._target_"))
-    assert got["model"] == (LDM if said.get("model", "").startswith("unet") else VAE)
+    assert got["model"] == (LDM if model_option(said).startswith("unet") else VAE)
     for key in ("data.train_urls", "data.root"):
         if key in said:
             assert OmegaConf.select(cfg, key) == said[key].strip("'\"")
