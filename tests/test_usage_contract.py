@@ -122,6 +122,14 @@ def compose_line(line: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     return compose_train(overrides, tmp_path), words(overrides)
 
 
+def model_option(said: dict[str, str]) -> str:
+    """The model option a line picks: its `model=`, else its experiment's `override /model:` ("" = the default)."""
+    if "model" in said or "experiment" not in said:
+        return said.get("model", "")
+    found = re.search(r"override /model: (\w+)", (REPO / "conf" / "experiment" / f"{said['experiment']}.yaml").read_text())
+    return found.group(1) if found else ""
+
+
 def resolved(cfg: DictConfig, machine: Machine) -> DictConfig:
     return resolve_machine(OmegaConf.create(OmegaConf.to_container(cfg)), machine)
 
@@ -149,7 +157,7 @@ def expected_module(said: dict[str, str]) -> str:
     classifier, anything else the default VAE."""
     if said.get("experiment", "").startswith("classifier"):
         return CLASSIFIER
-    return LDM if said.get("model", "").startswith("unet") else VAE
+    return LDM if model_option(said).startswith("unet") else VAE
 
 
 def asks_for_gpus(composed: DictConfig) -> bool:
