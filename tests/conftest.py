@@ -43,6 +43,14 @@ def compose_train(overrides: list[str], tmp_path: Path) -> DictConfig:
     return cfg
 
 
+def one(found: list[str], *needles: str) -> str:
+    """The single problem line that mentions every needle (and is one line)."""
+    hits = [p for p in found if all(n in p for n in needles)]
+    assert len(hits) == 1, f"expected one problem with {needles}, got {found}"
+    assert "\n" not in hits[0]
+    return hits[0]
+
+
 def shared_data_dir() -> Path:
     """One data dir for the whole session so the demo shards are built once, not per test."""
     path = Path(os.environ.get("LDMLAB_TEST_DATA", REPO / ".pytest_cache" / "ldmlab-data"))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, compose_train, make_tiny_vae_export
+from conftest import REPO, compose_train, make_tiny_vae_export, one
 
 from ldmlab.validate import (
     ConfigError,
@@ -29,14 +29,6 @@ def vae(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def problems(overrides: list[str], tmp_path: Path) -> list[str]:
     return check_config(compose_train(overrides, tmp_path))
-
-
-def one(found: list[str], *needles: str) -> str:
-    """The single problem line that mentions every needle (and is one line)."""
-    hits = [p for p in found if all(n in p for n in needles)]
-    assert len(hits) == 1, f"expected one problem with {needles}, got {found}"
-    assert "\n" not in hits[0]
-    return hits[0]
 
 
 # ---------------------------------------------------------------- presets are fine

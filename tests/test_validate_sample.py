@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, compose_train, make_tiny_clip, make_tiny_vae_export
+from conftest import REPO, compose_train, make_tiny_clip, make_tiny_vae_export, one
 from omegaconf import DictConfig, OmegaConf
 
 from ldmlab.validate import sample_problems
@@ -22,14 +22,6 @@ HYDRA_FRAME = ("Error executing job with overrides:", "Set the environment varia
 def vae(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random f4 VAE export with 4-channel latents (safetensors, config in the metadata)."""
     return make_tiny_vae_export(tmp_path_factory.mktemp("vae") / "vae.safetensors")
-
-
-def one(found: list[str], *needles: str) -> str:
-    """The single problem line that mentions every needle (and is one line)."""
-    hits = [p for p in found if all(n in p for n in needles)]
-    assert len(hits) == 1, f"expected one problem with {needles}, got {found}"
-    assert "\n" not in hits[0]
-    return hits[0]
 
 
 def _fake_ldm_ckpt(path: Path, p_uncond: float) -> Path:
