@@ -94,6 +94,7 @@ def run_policy(policy: str, sizes: list[tuple[int, int]], batch: int, steps: int
             step(size)
         synchronize(device)
         warmup[size] = time.perf_counter() - t0
+        print(f"{policy}: bucket {size[0]}x{size[1]} warm-up {warmup[size]:.1f} s", flush=True)  # a cut call keeps it
     order = [sizes[i % len(sizes)] for i in range(steps)]
     random.Random(0).shuffle(order)
     mixed = timed_mpx(step, order, batch, device)
