@@ -124,7 +124,7 @@ def test_guided_eps_is_eps_minus_gamma_sigma_grad_for_every_parameterisation() -
 
 
 def test_a_learned_variance_half_is_passed_through_unguided() -> None:
-    """model/variance=learned: the denoiser returns [ε̂ | v] (2C channels); the ε half is guided as a C-channel
+    """model/diffusion/variance=learned: the denoiser returns [ε̂ | v] (2C channels); the ε half is guided as a C-channel
     model's would be, the interpolation v is the model's own (as classifier-free guidance leaves it)."""
     x = torch.randn(3, 2, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
     y, t, gamma = torch.tensor([1, 0, 2]), torch.tensor([300, 500, 900]), 1.5

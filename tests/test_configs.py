@@ -61,12 +61,12 @@ def test_models_instantiate(option: str, tmp_path: Path, tiny_assets: dict[str, 
 
 
 def test_unet_channel_mult_from_command_line(tmp_path: Path, tiny_assets: dict[str, Path]) -> None:
-    cfg = compose_train(["model=unet_small", "model.unet.channel_mult=[1,2,2]", "model/noise_schedule=cosine",
-                         "model/prediction=v", "model/sampler=dpmpp_2m", *model_standins("unet_small", tiny_assets)],
+    cfg = compose_train(["model=unet_small", "model.unet.channel_mult=[1,2,2]", "model/diffusion/noise_schedule=cosine",
+                         "model/diffusion/prediction=v", "model/diffusion/sampler=dpmpp_2m", *model_standins("unet_small", tiny_assets)],
                         tmp_path)
     module = hydra.utils.instantiate(cfg.model, _convert_="all")
-    assert module.unet.config["channel_mult"] == [1, 2, 2] and module.prediction.name == "v"
-    assert module.schedule.name.startswith("cosine")
+    assert module.unet.config["channel_mult"] == [1, 2, 2] and module.diffusion.prediction.name == "v"
+    assert module.diffusion.noise_schedule.name.startswith("cosine")
 
 
 @pytest.mark.parametrize("option", options("data"))
@@ -132,7 +132,7 @@ def experiment_standins(option: str, assets: dict[str, Path], tmp_path: Path) ->
                 f"model.vae={{_target_:ldmlab.convert.load.load_vae,path:{assets['vae']}}}"]
     if compose_train([f"experiment={option}"], tmp_path).model.get("vae") is None:
         return ["data=demo", "model.lpips.backbone=random", "model.scale_lr=false", "data.decoder.image_size=32"]
-    return [f"model.vae.path={assets['vae']}", "model.sampler.num_steps=2", "data.num_workers=0"]
+    return [f"model.vae.path={assets['vae']}", "model.diffusion.sampler.num_steps=2", "data.num_workers=0"]
 
 
 @pytest.mark.slow
@@ -163,7 +163,7 @@ def test_every_small_unet_trains_one_step(option: str, tmp_path: Path, tiny_asse
     cfg = compose_train([f"model={option}", *model_standins(option, tiny_assets), "trainer=cpu", "data=demo",
                          "trainer.max_steps=1", "trainer.limit_val_batches=1", "trainer.val_check_interval=1",
                          "data.batch_size=2", "trainer.precision=32-true", "trainer.num_sanity_val_steps=0",
-                         "model.sampling.guidance_scales=[1.0]", "++model.sampler.num_steps=2"], tmp_path)
+                         "model.sampling.guidance_scales=[1.0]", "++model.diffusion.sampler.num_steps=2"], tmp_path)
     assert train(cfg) is not None
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
 

@@ -334,7 +334,7 @@ def test_a_trained_ldm_converts_at_the_size_it_was_trained_at(tmp_path: Path, ti
     from conftest import run_train
 
     run = tmp_path / "run"
-    run_train(["model=unet_small", f"model.vae.path={tiny_assets['vae']}", "model.sampler.num_steps=2",
+    run_train(["model=unet_small", f"model.vae.path={tiny_assets['vae']}", "model.diffusion.sampler.num_steps=2",
                "data.batch_size=4", "data.num_workers=0", "trainer.max_steps=1", "trainer.num_sanity_val_steps=0",
                "callbacks.image_grids=null", f"hydra.run.dir={run}"], cwd=tmp_path)
     last = str(run / "checkpoints/last.ckpt")

@@ -27,7 +27,7 @@ def text_overrides(clip: Path, vae: Path) -> list[str]:
     return ["model=unet_small", f"model.vae.path={vae}", f"model.conditioner._target_={TEXT_CONDITIONER}",
             "~model.conditioner.num_classes", f"+model.conditioner.path={clip}", "model.unet.context_dim=32",
             "model.unet.num_classes=null", "model.latent_scale=0.8",
-            "model.sampler.num_steps=5"]
+            "model.diffusion.sampler.num_steps=5"]
 
 
 def save_checkpoint(overrides: list[str], tmp_path: Path, ema: bool = True) -> Path:
@@ -103,29 +103,29 @@ def scheduler_of(overrides: list[str], tmp_path: Path) -> dict:
 @pytest.mark.parametrize(("overrides", "expected", "cls"), [
     ([], {"prediction_type": "epsilon", "beta_schedule": "scaled_linear", "beta_start": 0.00085,
           "beta_end": 0.012, "num_train_timesteps": 1000}, diffusers.DDIMScheduler),
-    (["model/prediction=v", "model/noise_schedule=cosine"],
+    (["model/diffusion/prediction=v", "model/diffusion/noise_schedule=cosine"],
      {"prediction_type": "v_prediction", "beta_schedule": "squaredcos_cap_v2"}, diffusers.DDIMScheduler),
-    (["model/noise_schedule=ddpm_linear", "model.noise_schedule.zero_terminal_snr=true",
-      "model/sampler=euler"],
+    (["model/diffusion/noise_schedule=ddpm_linear", "model.diffusion.noise_schedule.zero_terminal_snr=true",
+      "model/diffusion/sampler=euler"],
      {"beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02, "rescale_betas_zero_snr": True,
       "timestep_spacing": "linspace", "use_karras_sigmas": False}, diffusers.EulerDiscreteScheduler),
-    (["model/sampler=dpmpp_2m"], {"algorithm_type": "dpmsolver++", "solver_order": 2},
+    (["model/diffusion/sampler=dpmpp_2m"], {"algorithm_type": "dpmsolver++", "solver_order": 2},
      diffusers.DPMSolverMultistepScheduler),
-    (["model/sampler=ddpm", "model.noise_schedule.num_timesteps=500"],
+    (["model/diffusion/sampler=ddpm", "model.diffusion.noise_schedule.num_timesteps=500"],
      {"variance_type": "fixed_small", "num_train_timesteps": 500}, diffusers.DDPMScheduler),
 ])
 def test_scheduler_config_follows_the_training_schedule(overrides, expected, cls, tmp_path: Path) -> None:
     cfg = scheduler_of(overrides, tmp_path)
     assert cfg["_class_name"] == cls.__name__
     assert {k: cfg[k] for k in expected} == pytest.approx(expected)
-    ours = hydra.utils.instantiate(compose_train(["model=unet_small", *overrides], tmp_path).model.noise_schedule)
+    ours = hydra.utils.instantiate(compose_train(["model=unet_small", *overrides], tmp_path).model.diffusion.noise_schedule)
     loaded = cls.from_config(cfg)  # diffusers reads it and builds the same ᾱ (float32 β)
     assert {k: loaded.config[k] for k in expected} == pytest.approx(expected)
     assert torch.allclose(loaded.alphas_cumprod.double(), ours.alphas_cumprod, atol=2e-6)
 
 
 def test_a_custom_cosine_travels_as_trained_betas(tmp_path: Path) -> None:
-    cfg = scheduler_of(["model/noise_schedule=cosine", "model.noise_schedule.s=0.02"], tmp_path)
+    cfg = scheduler_of(["model/diffusion/noise_schedule=cosine", "model.diffusion.noise_schedule.s=0.02"], tmp_path)
     assert len(cfg["trained_betas"]) == 1000
     loaded = diffusers.DDIMScheduler.from_config(cfg)
     ours = hydra.utils.instantiate({"_target_": "ldmlab.diffusion.schedules.cosine", "s": 0.02})
@@ -179,30 +179,30 @@ def test_settings_the_pipeline_would_change_are_named(tmp_path: Path, capsys: py
     """StableDiffusionPipeline rewrites steps_offset to 1; DDIMScheduler steps by T // n off 'leading' spacing."""
     from ldmlab.convert.pipeline import _check_scheduler
 
-    _check_scheduler(scheduler_of(["model/sampler=ddpm", "model.sampler.num_steps=50"], tmp_path))
-    _check_scheduler(scheduler_of(["model.sampler.spacing=trailing"], tmp_path))
+    _check_scheduler(scheduler_of(["model/diffusion/sampler=ddpm", "model.diffusion.sampler.num_steps=50"], tmp_path))
+    _check_scheduler(scheduler_of(["model.diffusion.sampler.spacing=trailing"], tmp_path))
     err = capsys.readouterr().err
     assert "steps_offset=0" in err and "#12633" in err
 
 
 def test_a_learned_variance_exports_ddpm_learned_range(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """model/variance=learned: DDPMScheduler(variance_type=learned_range), the only diffusers scheduler that splits
+    """model/diffusion/variance=learned: DDPMScheduler(variance_type=learned_range), the only diffusers scheduler that splits
     a 2C output; the model sampler's spacing and steps kept, what differs said on stderr."""
-    cfg = scheduler_of(["model/variance=learned"], tmp_path)  # unet_small samples with DDIM, 25 steps
+    cfg = scheduler_of(["model/diffusion/variance=learned"], tmp_path)  # unet_small samples with DDIM, 25 steps
     assert cfg["_class_name"] == "DDPMScheduler" and cfg["variance_type"] == "learned_range"
     assert (cfg["timestep_spacing"], cfg["steps_offset"], cfg["_ldmlab_sampler"]) == ("leading", 1, {"num_steps": 25})
     assert diffusers.DDPMScheduler.from_config(cfg).config.variance_type == "learned_range"
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "DDIMScheduler cannot read" in err[0] and "guidance > 1" in err[1]
-    scheduler_of(["model/variance=learned", "model/sampler=ddpm"], tmp_path)
+    scheduler_of(["model/diffusion/variance=learned", "model/diffusion/sampler=ddpm"], tmp_path)
     assert len(capsys.readouterr().err.strip().splitlines()) == 1  # the guidance note only
 
 
 def test_a_learned_variance_pipeline_draws_ldmlab_images(tiny_assets: dict[str, Path], tmp_path: Path) -> None:
     """A learned-variance text model's pipeline: 5 strided DDPM steps (linspace: both end at t = 0) with Σ_θ from
     the U-Net's second half, the same injected noise (one generator after x_T), guidance 1: sample()'s images."""
-    overrides = [*text_overrides(tiny_assets["clip32"], tiny_assets["vae"]), "model/variance=learned",
-                 "model/sampler=ddpm", "model.sampler.spacing=linspace", "model.sampler.num_steps=5"]
+    overrides = [*text_overrides(tiny_assets["clip32"], tiny_assets["vae"]), "model/diffusion/variance=learned",
+                 "model/diffusion/sampler=ddpm", "model.diffusion.sampler.spacing=linspace", "model.diffusion.sampler.num_steps=5"]
     ckpt = save_checkpoint(overrides, tmp_path, ema=False)
     main(["--from", "ldmlab", "--to", "diffusers", "--ckpt", str(ckpt), "--out", str(tmp_path / "pipe")])
     module = load_ldm(ckpt)

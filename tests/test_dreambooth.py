@@ -120,7 +120,7 @@ def test_train_py_dreambooth(tiny_assets: dict[str, Path], tmp_path: Path, varia
             f"data.instance.source.src={photos}", "data.instance.decoder.image_size=32", "data.instance.batch_size=2",
             "data.instance.num_workers=0", "data.instance.samples_per_epoch=8", "model.finetune.identifier=low",
             "model.finetune.class_noun=er", "model.finetune.num_class_images=4", f"model.finetune.class_dir={class_dir}",
-            "model.finetune.guidance=1", "model.sampler.num_steps=2", "trainer.max_steps=4",
+            "model.finetune.guidance=1", "model.diffusion.sampler.num_steps=2", "trainer.max_steps=4",
             "trainer.num_sanity_val_steps=0", "trainer.log_every_n_steps=1", "trainer.val_check_interval=4",
             "trainer.limit_val_batches=1", *extra]
     run_train([*args, f"hydra.run.dir={tmp_path / 'a'}"], cwd=tmp_path)
@@ -152,7 +152,7 @@ def test_dreambooth_lora_under_two_rank_ddp(tiny_assets: dict[str, Path], tmp_pa
                       "data=dreambooth", f"data.instance.source.src={photos}", "data.instance.decoder.image_size=32",
                       "data.instance.batch_size=2", "data.instance.num_workers=0", "data.instance.samples_per_epoch=8",
                       "model.finetune.identifier=low", "model.finetune.class_noun=er", "model.finetune.num_class_images=4",
-                      f"model.finetune.class_dir={class_dir}", "model.finetune.guidance=1", "model.sampler.num_steps=2",
+                      f"model.finetune.class_dir={class_dir}", "model.finetune.guidance=1", "model.diffusion.sampler.num_steps=2",
                       "model.finetune.lora={rank: 2, alpha: 2}", "trainer.accelerator=cpu", "trainer.devices=2",
                       "trainer.max_steps=2", "trainer.num_sanity_val_steps=0", "trainer.limit_val_batches=0",
                       "callbacks.image_grids=null", f"hydra.run.dir={run}"], cwd=tmp_path)

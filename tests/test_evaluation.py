@@ -20,7 +20,7 @@ N = 48  # samples per guidance scale: more than the tiny VAE's 40 features, as F
 
 def ldm_eval(vae: Path, stats: Path, *extra: str) -> list[str]:
     return ["model=unet_small", f"model.vae.path={vae}", "eval=vae", "debug=limit", "data.batch_size=4",
-            "data.num_workers=0", "trainer.num_sanity_val_steps=0", "model.sampler.num_steps=2",
+            "data.num_workers=0", "trainer.num_sanity_val_steps=0", "model.diffusion.sampler.num_steps=2",
             f"callbacks.sample_quality.n={N}", "callbacks.sample_quality.batch_size=24",
             f"callbacks.sample_quality.stats_dir={stats}", *extra]
 

@@ -37,8 +37,8 @@ def lora_run(tmp_path_factory: pytest.TempPathFactory, tiny_assets: dict[str, Pa
                 p.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(p.numel()))
     init = save_weights(root / "init" / "unet.safetensors", unet.state_dict(), dict(unet.config), "unet")
     run_dir = root / "run"
-    run_train(["model=unet_small", vae, "finetune=lora", f"model.unet_init={init}", "debug=limit",
-               "data.batch_size=4", "data.num_workers=0", "model.sampler.num_steps=2", "optimizer.lr=1e-2",
+    run_train(["model=unet_small", vae, "finetune=lora", f"model.training.unet_init={init}", "debug=limit",
+               "data.batch_size=4", "data.num_workers=0", "model.diffusion.sampler.num_steps=2", "optimizer.lr=1e-2",
                "lr_scheduler.warmup_steps=1", "model.finetune.rank=4", f"hydra.run.dir={run_dir}"], cwd=root)
     return {"init": init, "run": run_dir, "ckpt": run_dir / "checkpoints" / "last.ckpt"}
 
@@ -89,7 +89,7 @@ def test_sample_py_lora_scale(lora_run: dict[str, Path], tmp_path: Path) -> None
     base = type(module.unet)(**module.unet.config)
     base.load_state_dict(load_ldmlab(lora_run["init"], "unet")[0])
     module.unet = base.eval()  # the pretrained U-Net alone, no adapters
-    images = module.sample([1, 1], 2, seed=0, sampler=partial(module.sampler, num_steps=2))
+    images = module.sample([1, 1], 2, seed=0, sampler=partial(module.diffusion.sampler, num_steps=2))
     save_png(make_grid(images, nrow=8), tmp_path / "base.png")
     assert np.array_equal(off, np.asarray(Image.open(tmp_path / "base.png")))
     assert not np.array_equal(on, off)

@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ldmlab.diffusion import (
+    Diffusion,
     FlowMatching,
     classifier_free_guidance,
     flow_euler_sample,
@@ -93,9 +94,9 @@ def test_mode_density_law_and_uniform_limit() -> None:
 
 
 def test_unknown_density_names_the_field() -> None:
-    with pytest.raises(ValueError, match=r"model.prediction.density='beta' is unknown"):
+    with pytest.raises(ValueError, match=r"model.diffusion.prediction.density='beta' is unknown"):
         FlowMatching(density="beta")
-    with pytest.raises(ValueError, match=r"model.prediction.mode_scale=2.0 must be in \[-1, 1.752\]"):
+    with pytest.raises(ValueError, match=r"model.diffusion.prediction.mode_scale=2.0 must be in \[-1, 1.752\]"):
         FlowMatching(density="mode", mode_scale=2.0)
     assert mode_density(torch.linspace(0, 1, 101), 2 / (math.pi - 2)).diff().le(1e-7).all()  # edge: still monotone
 
@@ -137,7 +138,7 @@ def test_guided_flow_sampling_with_scale_one_is_the_conditional_model() -> None:
 def test_flow_sampler_refuses_a_diffusion_prediction() -> None:
     from ldmlab.diffusion import EpsPrediction
 
-    with pytest.raises(TypeError, match="set model/prediction=flow"):
+    with pytest.raises(TypeError, match="set model/diffusion/prediction=flow"):
         flow_euler_sample(lambda x, t: x, torch.zeros(1, 1, 2, 2), None, EpsPrediction(), 2)
 
 
@@ -165,8 +166,8 @@ def test_tiny_flow_ldm_trains_and_samples(tmp_path: Path) -> None:
     torch.manual_seed(0)
     unet = UNetModel(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(), num_heads=4,
                      context_dim=None, num_classes=2)
-    m = LatentDiffusionModule(unet=unet, noise_schedule=None, prediction=FlowMatching(density="logit_normal"),
-                              sampler=partial(flow_euler_sample, num_steps=4), conditioner=ClassConditioner(2),
+    diffusion = Diffusion(FlowMatching(density="logit_normal"), sampler=partial(flow_euler_sample, num_steps=4))
+    m = LatentDiffusionModule(unet=unet, diffusion=diffusion, conditioner=ClassConditioner(2),
                               latent_scale=1.0, optimizer=partial(torch.optim.AdamW, lr=2e-3))
     batch = next(iter(DataLoader(Latents(), batch_size=16)))
 

@@ -1,4 +1,4 @@
-"""`python train.py model=unet_small model/prediction=flow model/sampler=flow_euler` composes, passes the config
+"""`python train.py model=unet_small model/diffusion/prediction=flow model/diffusion/sampler=flow_euler` composes, passes the config
 check, builds a module that trains a step and samples; flow with a DDPM-family sampler (and the reverse) is refused
 in one line at config time, in train.py and in sample.py."""
 
@@ -17,9 +17,9 @@ from ldmlab.diffusion import FlowMatching
 from ldmlab.validate import check_config, sample_problems
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-FLOW = ["model=unet_small", "model/prediction=flow", "model/sampler=flow_euler"]
+FLOW = ["model=unet_small", "model/diffusion/prediction=flow", "model/diffusion/sampler=flow_euler"]
 TINY = ["model.unet.model_channels=32", "model.unet.channel_mult=[1,2]", "model.unet.attention_levels=[1]",
-        "model.unet.norm_groups=8", "model.sampler.num_steps=3"]
+        "model.unet.norm_groups=8", "model.diffusion.sampler.num_steps=3"]
 
 
 @pytest.fixture(scope="module")
@@ -29,18 +29,18 @@ def vae(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_flow_command_line_passes_the_check(tmp_path: Path, vae: Path) -> None:
     for sampler in ("flow_euler", "flow_heun"):
-        cfg = compose_train([*FLOW, f"model/sampler={sampler}", f"model.vae.path={vae}",
-                             "model.prediction.density=logit_normal", "model.prediction.shift=3.0"], tmp_path)
+        cfg = compose_train([*FLOW, f"model/diffusion/sampler={sampler}", f"model.vae.path={vae}",
+                             "model.diffusion.prediction.density=logit_normal", "model.diffusion.prediction.shift=3.0"], tmp_path)
         assert check_config(cfg) == [], sampler
-        flow = hydra.utils.instantiate(cfg.model.prediction)
+        flow = hydra.utils.instantiate(cfg.model.diffusion.prediction)
         assert isinstance(flow, FlowMatching) and flow.density == "logit_normal" and flow.shift == 3.0
 
 
 @pytest.mark.parametrize("overrides, needle, fix", [
-    (["model/sampler=ddim"], "model/sampler=ddim cannot sample the flow-matching objective",
-     "use model/sampler=flow_euler or model/sampler=flow_heun"),
-    (["model/prediction=eps"], "model/sampler=flow_euler integrates a velocity, but model/prediction is EpsPrediction",
-     "use model/sampler=ddim|ddpm|euler|dpmpp_2m, or model/prediction=flow"),
+    (["model/diffusion/sampler=ddim"], "model/diffusion/sampler=ddim cannot sample the flow-matching objective",
+     "use model/diffusion/sampler=flow_euler or model/diffusion/sampler=flow_heun"),
+    (["model/diffusion/prediction=eps"], "model/diffusion/sampler=flow_euler integrates a velocity, but model/diffusion/prediction is EpsPrediction",
+     "use model/diffusion/sampler=ddim|ddpm|euler|dpmpp_2m, or model/diffusion/prediction=flow"),
 ])
 def test_mismatched_objective_and_sampler_is_one_line(overrides, needle, fix, tmp_path: Path, vae: Path) -> None:
     found = check_config(compose_train([*FLOW, *overrides, f"model.vae.path={vae}"], tmp_path))
@@ -83,5 +83,5 @@ def test_diffusers_pipeline_export_refuses_flow_in_one_line(tmp_path: Path, vae:
     from ldmlab.convert.pipeline import scheduler_config
 
     cfg = compose_train([*FLOW, f"model.vae.path={vae}"], tmp_path)
-    with pytest.raises(ValueError, match=r"^model.prediction=flow has no StableDiffusionPipeline scheduler .*sample.py"):
+    with pytest.raises(ValueError, match=r"^model.diffusion.prediction=flow has no StableDiffusionPipeline scheduler .*sample.py"):
         scheduler_config(OmegaConf.to_container(cfg.model, resolve=True))

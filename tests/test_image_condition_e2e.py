@@ -24,7 +24,7 @@ from ldmlab.validate.sample import sample_problems
 
 EXPERIMENTS = {"sr_demo": SuperResolution, "inpaint_demo": Inpainting}
 TINY = ["trainer.max_steps=4", "trainer.val_check_interval=4", "trainer.limit_val_batches=1", "data.batch_size=4",
-        "data.num_workers=0", "model.sampler.num_steps=3", "trainer.num_sanity_val_steps=0",
+        "data.num_workers=0", "model.diffusion.sampler.num_steps=3", "trainer.num_sanity_val_steps=0",
         "callbacks.image_grids.num_images=4", "callbacks.condition_psnr.batches=1", "data.source.crops_per_image=20",
         "data.source.val_crops_per_image=4", "trainer.log_every_n_steps=1", "seed=0"]
 

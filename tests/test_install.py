@@ -70,7 +70,7 @@ def output(proc: subprocess.Popen, timeout: float = 300) -> str:
 @pytest.mark.slow
 def test_installed_package_runs_its_entry_points_from_another_directory(installed: dict[str, Path]) -> None:
     site, src = installed["site"], installed["src"]
-    assert (site / "ldmlab/conf/train.yaml").is_file() and (site / "ldmlab/conf/model/noise_schedule").is_dir()
+    assert (site / "ldmlab/conf/train.yaml").is_file() and (site / "ldmlab/conf/model/diffusion/noise_schedule").is_dir()
     assert not (site / "ldmlab/conf/local/default.yaml").exists()  # the machine override stayed home
     helps = {  # all four at once: each mostly imports torch
         "train": run(installed, str(src / "train.py"), "--help"),

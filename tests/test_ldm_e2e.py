@@ -23,7 +23,7 @@ def ldm_run(vae_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = cwd / "run"
     run_train(["model=unet_small", f"model.vae.path={vae_run}/export/vae.safetensors", "trainer.max_steps=150",
                "trainer.val_check_interval=75", "trainer.limit_val_batches=2", "trainer.log_every_n_steps=5",
-               "model.sampler.num_steps=10", f"hydra.run.dir={run_dir}", "seed=0"], cwd=cwd)
+               "model.diffusion.sampler.num_steps=10", f"hydra.run.dir={run_dir}", "seed=0"], cwd=cwd)
     return run_dir
 
 
@@ -82,7 +82,7 @@ def test_ldm_trains_under_two_rank_ddp_with_ema(vae_run: Path, tmp_path: Path) -
     proc = run_train(["model=unet_small", f"model.vae.path={vae_run}/export/vae.safetensors", "trainer=ddp",
                       "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
                       "trainer.strategy=ddp", "trainer.max_steps=8", "trainer.val_check_interval=4",
-                      "trainer.limit_val_batches=2", "model.sampler.num_steps=4", "data.batch_size=8",
+                      "trainer.limit_val_batches=2", "model.diffusion.sampler.num_steps=4", "data.batch_size=8",
                       f"hydra.run.dir={run_dir}"], cwd=tmp_path)
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in proc.stdout + proc.stderr
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
@@ -106,7 +106,7 @@ def test_cached_latents_train_the_ldm_without_the_encoder(vae_run: Path, tmp_pat
     run_dir = tmp_path / "run"
     run_train(["model=unet_small", f"model.vae.path={vae}", "data=wds_latents", f"data.root={cache}",
                "data.batch_size=16", "data.num_workers=1", "trainer.max_steps=6", "trainer.val_check_interval=6",
-               "trainer.limit_val_batches=1", "model.sampler.num_steps=4", "model.sampling.sizes=[[32,32],[32,64]]",
+               "trainer.limit_val_batches=1", "model.diffusion.sampler.num_steps=4", "model.sampling.sizes=[[32,32],[32,64]]",
                f"hydra.run.dir={run_dir}"], cwd=tmp_path)
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 6 and ckpt["latent_shape"] == [4, 8, 8]

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ldmlab.convert.load import load_vae
-from ldmlab.diffusion import EpsPrediction, VPrediction, ddim_sample, scaled_linear
+from ldmlab.diffusion import Diffusion, EpsPrediction, VPrediction, ddim_sample, scaled_linear
 from ldmlab.lit.conditioning import ClassConditioner, TextConditioner
 from ldmlab.lit.ldm import LatentDiffusionModule
 from ldmlab.nn.unet import UNetModel
@@ -45,8 +45,8 @@ def small_unet(**kw) -> UNetModel:
 
 
 def module(conditioner, unet, vae=None, **kw) -> LatentDiffusionModule:
-    return LatentDiffusionModule(unet=unet, noise_schedule=scaled_linear(), prediction=EpsPrediction(),
-                                 sampler=partial(ddim_sample, num_steps=4), vae=vae, conditioner=conditioner,
+    diffusion = Diffusion(EpsPrediction(), scaled_linear(), sampler=partial(ddim_sample, num_steps=4))
+    return LatentDiffusionModule(unet=unet, diffusion=diffusion, vae=vae, conditioner=conditioner,
                                  sampling={"guidance_scales": (1.0, 2.0)}, **{"latent_scale": None, **kw})
 
 
@@ -96,9 +96,10 @@ def test_unet_and_vae_channels_must_agree(tiny_assets: dict[str, Path]) -> None:
 
 
 def test_v_prediction_and_min_snr_run(tmp_path: Path) -> None:
-    m = LatentDiffusionModule(unet=small_unet(num_classes=3), noise_schedule=scaled_linear(zero_terminal_snr=True),
-                              prediction=VPrediction(), sampler=partial(ddim_sample, num_steps=4, spacing="trailing"),
-                              conditioner=ClassConditioner(3), training={"loss_weighting": "min_snr"})
+    diffusion = Diffusion(VPrediction(), scaled_linear(zero_terminal_snr=True),
+                          sampler=partial(ddim_sample, num_steps=4, spacing="trailing"))
+    m = LatentDiffusionModule(unet=small_unet(num_classes=3), diffusion=diffusion, conditioner=ClassConditioner(3),
+                              training={"loss_weighting": "min_snr"})
     trainer = fit(m, Batches("latent"), tmp_path, steps=2)
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
 
@@ -109,13 +110,13 @@ def test_unet_init_loads_exported_weights(tmp_path: Path) -> None:
     source = small_unet(num_classes=3)
     torch.nn.init.normal_(source.out[2].weight)  # not the zero init of a fresh U-Net
     path = save_ldmlab(source.state_dict(), source.config, tmp_path / "unet.safetensors", "unet")
-    m = module(ClassConditioner(3), small_unet(num_classes=3), unet_init=str(path))
+    m = module(ClassConditioner(3), small_unet(num_classes=3), training={"unet_init": str(path)})
     for a, b in zip(m.unet.state_dict().values(), source.state_dict().values()):
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="model_channels"):
-        module(ClassConditioner(3), small_unet(num_classes=3, model_channels=64), unet_init=str(path))
+        module(ClassConditioner(3), small_unet(num_classes=3, model_channels=64), training={"unet_init": str(path)})
     with pytest.raises(FileNotFoundError, match="nothere"):
-        module(ClassConditioner(3), small_unet(num_classes=3), unet_init=str(tmp_path / "nothere.safetensors"))
+        module(ClassConditioner(3), small_unet(num_classes=3), training={"unet_init": str(tmp_path / "nothere.safetensors")})
 
 
 def test_export_callback_finds_the_ema_by_type(tmp_path: Path) -> None:
@@ -138,7 +139,7 @@ def test_export_callback_finds_the_ema_by_type(tmp_path: Path) -> None:
 
 
 def test_unknown_grouped_setting_names_its_key() -> None:
-    with pytest.raises(ValueError, match=r"model.training.p_uncnd is unknown: valid are p_uncond"):
+    with pytest.raises(ValueError, match=r"model.training.p_uncnd is unknown: valid are unet_init, p_uncond"):
         module(None, small_unet(), training={"p_uncnd": 0.1})
     with pytest.raises(ValueError, match=r"model.training.p_uncond=1.5 must be in \[0, 1\)"):
         module(None, small_unet(), training={"p_uncond": 1.5})
@@ -158,16 +159,41 @@ def test_flat_keys_of_older_checkpoints_are_regrouped() -> None:
         "sampling": {"guidance_scales": [1.0, 3.0], "sample_seed": 4}}
 
 
+def test_a_checkpoint_from_before_model_diffusion_rebuilds() -> None:
+    """Checkpoints written before model.diffusion kept schedule, prediction, variance and sampler flat under model,
+    and the fine-tune's initial weights as model.unet_init: `upgrade` moves them, and the result instantiates."""
+    import hydra
+    from omegaconf import OmegaConf
+
+    from ldmlab.lit.settings import upgrade
+
+    old = OmegaConf.create({
+        "_target_": "ldmlab.lit.ldm.LatentDiffusionModule", "unet_init": None, "latent_scale": 1.0,
+        "unet": {"_target_": "ldmlab.nn.unet.UNetModel", "model_channels": 32, "channel_mult": [1, 2],
+                 "num_res_blocks": 1, "attention_levels": [1], "num_heads": 4, "context_dim": None},
+        "noise_schedule": {"_target_": "ldmlab.diffusion.scaled_linear"},
+        "prediction": {"_target_": "ldmlab.diffusion.VPrediction"},
+        "sampler": {"_target_": "ldmlab.diffusion.ddim_sample", "_partial_": True, "num_steps": 3}})
+    new = upgrade(old)
+    assert set(new) == {"_target_", "latent_scale", "unet", "diffusion", "training"}
+    assert new.training == {"unet_init": None} and new.diffusion._target_ == "ldmlab.diffusion.Diffusion"
+    module = hydra.utils.instantiate(new)
+    assert module.diffusion.prediction.name == "v" and module.diffusion.sampler.keywords == {"num_steps": 3}
+    clf = upgrade(OmegaConf.create({"_target_": "ldmlab.lit.noisy_classifier.NoisyClassifierModule", "seed": 3,
+                                    "prediction": {"_target_": "ldmlab.diffusion.EpsPrediction"}}))
+    assert clf.seed == 3 and list(clf.diffusion) == ["_target_", "prediction"]  # a classifier's seed stays put
+
+
 def test_a_fine_tune_keeps_its_base_runs_latent_scale(tmp_path: Path) -> None:
-    """model.unet_init from an export: with latent_scale=null the file's scale is used, not one re-estimated
+    """model.training.unet_init from an export: with latent_scale=null the file's scale is used, not one re-estimated
     from the (few) fine-tuning images; an explicit scale still wins."""
     from ldmlab.lit.weights import save_weights
 
     base = small_unet(num_classes=3)
     path = save_weights(tmp_path / "unet.safetensors", base.state_dict(), dict(base.config), "unet",
                         latent_scale="0.4321")
-    tuned = module(ClassConditioner(3), small_unet(num_classes=3), unet_init=str(path))
+    tuned = module(ClassConditioner(3), small_unet(num_classes=3), training={"unet_init": str(path)})
     assert float(tuned.latent_scale) == pytest.approx(0.4321)
     assert all(torch.equal(a, b) for a, b in zip(tuned.unet.state_dict().values(), base.state_dict().values()))
     assert float(module(ClassConditioner(3), small_unet(num_classes=3), latent_scale=0.5,
-                        unet_init=str(path)).latent_scale) == 0.5
+                        training={"unet_init": str(path)}).latent_scale) == 0.5

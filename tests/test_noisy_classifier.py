@@ -31,7 +31,7 @@ ENCODER = {"in_channels": 4, "model_channels": 16, "channel_mult": (1, 2), "num_
            "resblock_updown": True}
 TINY_CLASSIFIER = ["model.classifier.model_channels=32", "model.classifier.head_dim=16", "model.classifier.norm_groups=8"]
 TINY_LDM = ["model=unet_small", "model.unet.model_channels=32", "model.unet.channel_mult=[1,2]",
-            "model.unet.attention_levels=[1]", "model.unet.norm_groups=8", "model.sampler.num_steps=3"]
+            "model.unet.attention_levels=[1]", "model.unet.norm_groups=8", "model.diffusion.sampler.num_steps=3"]
 
 
 def trainer(tmp_path: Path, steps: int, **kw: Any) -> pl.Trainer:
@@ -114,7 +114,7 @@ def test_experiment_fit_on_the_demo_crops_lowers_the_loss(tmp_path: Path, sharp_
     cfg = compose_train(["experiment=classifier_demo", "data=demo", "data.root=null", "data.num_workers=0",
                          f"model.vae={{_target_:ldmlab.convert.load.load_vae,path:{sharp_vae}}}", *TINY_CLASSIFIER,
                          "data.batch_size=32", "optimizer.lr=2e-3", "lr_scheduler.warmup_steps=1",
-                         "model.noise_schedule.beta_start=1e-5", "model.noise_schedule.beta_end=1e-4"], tmp_path)
+                         "model.diffusion.noise_schedule.beta_start=1e-5", "model.diffusion.noise_schedule.beta_end=1e-4"], tmp_path)
     torch.manual_seed(0)
     module = hydra.utils.instantiate(cfg.model, _convert_="all", optimizer=hydra.utils.instantiate(cfg.optimizer),
                                      lr_scheduler=hydra.utils.instantiate(cfg.lr_scheduler))
@@ -175,7 +175,7 @@ def guided_setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"ckpt": tmp / "last.ckpt", "fits": _export_classifier(tmp, "fits", []),
             "five": _export_classifier(tmp, "five", ["model.classifier.num_classes=5"], classes=5),
             "big": _export_classifier(tmp, "big", [], side=16),
-            "cosine": _export_classifier(tmp, "cosine", ["model/noise_schedule=cosine"]),
+            "cosine": _export_classifier(tmp, "cosine", ["model/diffusion/noise_schedule=cosine"]),
             "scaled": _export_classifier(tmp, "scaled", ["model.latent_scale=3.0"])}
 
 
@@ -216,7 +216,7 @@ def test_sample_py_refuses_a_classifier_that_does_not_fit(guided_setup: dict[str
          "the classifier on latents of this shape")]
     assert problems(classifier=guided_setup["cosine"]) == [
         (f"classifier={guided_setup['cosine']} was trained on noise path cosine/T=1000 but {ckpt} samples "
-         "scaled_linear/T=1000: train it with the LDM's model/noise_schedule and model/prediction")]
+         "scaled_linear/T=1000: train it with the LDM's model/diffusion/noise_schedule and model/diffusion/prediction")]
     [line] = problems(classifier=guided_setup["scaled"])
     assert line.startswith(f"classifier={guided_setup['scaled']} saw latents scaled by 3.00000 but {ckpt} uses ")
     assert problems(classifier=guided_setup["fits"], classifier_scale=-1) == [

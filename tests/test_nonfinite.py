@@ -27,13 +27,14 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ldmlab.callbacks.ema import EMA
 from ldmlab.callbacks.nonfinite import NonFiniteGuard
 from ldmlab.data.latents import npy_bytes
-from ldmlab.diffusion import EpsPrediction, ddim_sample, scaled_linear
+from ldmlab.diffusion import Diffusion, EpsPrediction, ddim_sample, scaled_linear
 from ldmlab.lit.contract import TrainingModule
 from ldmlab.lit.ldm import LatentDiffusionModule
 from ldmlab.lit.nonfinite import NonFiniteSkips
 from ldmlab.optim import warmup_cosine
 
 NAN_BATCHES = (2, 3)
+DDIM2 = Diffusion(EpsPrediction(), scaled_linear(), sampler=partial(ddim_sample, num_steps=2))
 
 
 class Latents(Dataset):
@@ -80,8 +81,7 @@ class StepTrace(pl.Callback):
 
 
 def test_ldm_skips_nonfinite_steps_without_any_update(tmp_path: Path) -> None:
-    module = LatentDiffusionModule(unet=small_unet(), noise_schedule=scaled_linear(), prediction=EpsPrediction(),
-                                   sampler=partial(ddim_sample, num_steps=2), latent_scale=1.0, training={"p_uncond": 0.0},
+    module = LatentDiffusionModule(unet=small_unet(), diffusion=DDIM2, latent_scale=1.0, training={"p_uncond": 0.0},
                                    optimizer=partial(torch.optim.AdamW, lr=1e-3),
                                    lr_scheduler=partial(warmup_cosine, warmup_steps=10))
     ema = EMA(decay=0.9, warmup=False)
@@ -111,8 +111,7 @@ def test_fused_adamw_skips_on_the_device_and_the_host_learns_a_step_late(tmp_pat
     step count untouched, no host sync. The EMA takes its step toward the unchanged weights. The host reads the
     flag at once on the CPU or, as on a GPU (forced here with defer_nonfinite), one step later; the LR schedule
     then leaves out one step per skipped step, late by one, and a run of skips is read at once."""
-    module = LatentDiffusionModule(unet=small_unet(), noise_schedule=scaled_linear(), prediction=EpsPrediction(),
-                                   sampler=partial(ddim_sample, num_steps=2), latent_scale=1.0, training={"p_uncond": 0.0},
+    module = LatentDiffusionModule(unet=small_unet(), diffusion=DDIM2, latent_scale=1.0, training={"p_uncond": 0.0},
                                    optimizer=partial(torch.optim.AdamW, lr=1e-3, fused=True),
                                    lr_scheduler=partial(warmup_cosine, warmup_steps=10))
     module.skips.defer = defer
@@ -381,8 +380,7 @@ def test_the_ldm_step_on_a_gpu_has_no_host_sync_even_while_skipping(tmp_path: Pa
             z = torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(i))
             return {"latent": z * math.nan if i // 8 in (6, 7) else z, "label": 0}
 
-    module = LatentDiffusionModule(unet=small_unet(), noise_schedule=scaled_linear(), prediction=EpsPrediction(),
-                                   sampler=partial(ddim_sample, num_steps=2), latent_scale=1.0,
+    module = LatentDiffusionModule(unet=small_unet(), diffusion=DDIM2, latent_scale=1.0,
                                    optimizer=partial(torch.optim.AdamW, lr=1e-4, fused=True),
                                    lr_scheduler=partial(warmup_cosine, warmup_steps=10))
     guard = NonFiniteGuard(max_in_a_row=5)

@@ -181,7 +181,7 @@ def test_preset_stages_compose_and_fit_together(preset: str, tmp_path: Path) -> 
 
 TINY = ["vae.steps=6", "vae.val_every=3", "vae.batch_size=8", "ldm.steps=6", "ldm.val_every=3", "ldm.batch_size=8",
         'vae.extra=["data.source.crops_per_image=30","data.source.val_crops_per_image=6","data.num_workers=1"]',
-        'ldm.extra=["model.sampler.num_steps=2"]', 'common=["trainer.limit_val_batches=1","trainer.log_every_n_steps=2"]', "latents.num_workers=0",
+        'ldm.extra=["model.diffusion.sampler.num_steps=2"]', 'common=["trainer.limit_val_batches=1","trainer.log_every_n_steps=2"]', "latents.num_workers=0",
         "classifier.epochs=2", "classifier.width=4", "classifier.batch_size=32",
         "sample.per_class=3", "sample.grid_columns=5", "sample.steps=3", "sample.guidance=[1.0,3.0]"]
 

@@ -216,7 +216,7 @@ def test_killed_vae_run_resumes_bit_exact(tmp_path: Path) -> None:
 def test_killed_ldm_run_resumes_bit_exact(tmp_path: Path, tiny_assets: dict[str, Path]) -> None:
     """LDM on the tiny VAE's latents of the demo photos: EMA, warm-up schedule, CFG dropout, 1 worker."""
     ref = check_killed_run_resumes_exactly(tmp_path, ["model=unet_small", f"model.vae.path={tiny_assets['vae']}",
-                                                      "model.sampler.num_steps=2", "data.batch_size=4",
+                                                      "model.diffusion.sampler.num_steps=2", "data.batch_size=4",
                                                       "data.num_workers=1"])
     assert ref["callbacks"]["EMA"]["num_updates"] == 10 and ref["lr_schedulers"]
 

@@ -94,14 +94,14 @@ def test_convert_cli(evil: tuple[Path, Path], tmp_path: Path) -> None:
 
 
 def test_unet_init(evil: tuple[Path, Path]) -> None:
-    from ldmlab.lit.ldm import LatentDiffusionModule
+    from ldmlab.lit.weights import load_unet_init
     from ldmlab.nn.unet import UNetModel
 
     path, marker = evil
     unet = UNetModel(model_channels=32, channel_mult=(1,), attention_levels=(), num_heads=4, context_dim=None,
                      norm_groups=8)
     with pytest.raises(UnsafeCheckpointError) as info:
-        LatentDiffusionModule._load_unet(unet, str(path))
+        load_unet_init(unet, str(path))
     assert_refused(info.value, path, marker)
 
 

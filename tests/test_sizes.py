@@ -127,7 +127,7 @@ def test_train_with_buckets_then_sample_at_any_size(tmp_path: Path, tiny_assets:
     run_dir = tmp_path / "run"
     run_train(["model=unet_small", f"model.vae.path={tiny_assets['vae']}", "model.conditioner.num_classes=2",
                "data=wds", f"data.root={tmp_path / 'shards'}", "data.decoder.buckets=[[32,32],[24,40],[40,24]]",
-               "data.batch_size=4", "data.num_workers=1", "debug=limit", "model.sampler.num_steps=2",
+               "data.batch_size=4", "data.num_workers=1", "debug=limit", "model.diffusion.sampler.num_steps=2",
                f"hydra.run.dir={run_dir}"], cwd=tmp_path)
 
     def sample(*args: str) -> subprocess.CompletedProcess:

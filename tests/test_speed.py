@@ -18,7 +18,7 @@ from torch import nn
 from ldmlab import accel
 from ldmlab.callbacks.speed import GPUSpeed, StepTimer, resolve_compile
 from ldmlab.data.synthetic import SyntheticDataModule
-from ldmlab.diffusion import EpsPrediction, ddim_sample, scaled_linear
+from ldmlab.diffusion import Diffusion, EpsPrediction, ddim_sample, scaled_linear
 from ldmlab.lit.ldm import LatentDiffusionModule
 from ldmlab.lit.vae import VAEModule
 from ldmlab.nn.attention import SpatialTransformer
@@ -213,15 +213,17 @@ def test_inductor_settings_are_named_and_checked(tmp_path: Path) -> None:
 
 
 def ldm(precision_seed: int = 0) -> LatentDiffusionModule:
-    return LatentDiffusionModule(unet=tiny_unet(context_dim=None), noise_schedule=scaled_linear(),
-                                 prediction=EpsPrediction(), sampler=ddim_sample, latent_scale=1.0,
+    return LatentDiffusionModule(unet=tiny_unet(context_dim=None),
+                                 diffusion=Diffusion(EpsPrediction(), scaled_linear(), sampler=ddim_sample),
+                                 latent_scale=1.0,
                                  training={"seed": precision_seed},
                                  optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3))
 
 
 def ldm_with_vae() -> LatentDiffusionModule:
     vae = AutoencoderKL(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, norm_groups=8)
-    return LatentDiffusionModule(tiny_unet(context_dim=None), scaled_linear(), EpsPrediction(), ddim_sample, vae=vae)
+    return LatentDiffusionModule(tiny_unet(context_dim=None), Diffusion(EpsPrediction(), scaled_linear(), sampler=ddim_sample),
+                                 vae=vae)
 
 
 def train_losses(precision: str, callbacks: list[pl.Callback], tmp_path: Path, steps: int = 40,

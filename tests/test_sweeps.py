@@ -90,8 +90,8 @@ def test_ldm_grid_over_schedules_and_channel_mults(tmp_path: Path, tiny_assets: 
     """The issue's LDM sweep: 2 noise schedules × 2 U-Net channel_mult lists = four jobs, each trained to step 6."""
     sweep = tmp_path / "ldm"
     run_train(["-m", "model=unet_small", f"model.vae.path={tiny_assets['vae']}",
-               "model/noise_schedule=scaled_linear,cosine", "model.unet.channel_mult=[1,2,2],[1,2,4]", "debug=limit",
-               "data.batch_size=4", "data.num_workers=0", "model.sampler.num_steps=2",
+               "model/diffusion/noise_schedule=scaled_linear,cosine", "model.unet.channel_mult=[1,2,2],[1,2,4]", "debug=limit",
+               "data.batch_size=4", "data.num_workers=0", "model.diffusion.sampler.num_steps=2",
                f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
     assert [j.name for j in jobs] == ["0", "1", "2", "3"]
@@ -99,10 +99,10 @@ def test_ldm_grid_over_schedules_and_channel_mults(tmp_path: Path, tiny_assets: 
     for job in jobs:
         cfg = yaml.safe_load((job / ".hydra" / "config.yaml").read_text())
         overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())
-        schedule = next(o.split("=", 1)[1] for o in overrides if o.startswith("model/noise_schedule="))
+        schedule = next(o.split("=", 1)[1] for o in overrides if o.startswith("model/diffusion/noise_schedule="))
         mult = next(o.split("=", 1)[1] for o in overrides if o.startswith("model.unet.channel_mult="))
         assert cfg["model"]["unet"]["channel_mult"] == yaml.safe_load(mult)
-        assert cfg["model"]["noise_schedule"]["_target_"] == f"ldmlab.diffusion.schedules.{schedule}"
+        assert cfg["model"]["diffusion"]["noise_schedule"]["_target_"] == f"ldmlab.diffusion.schedules.{schedule}"
         points.add((schedule, mult))
         assert global_step(job / "checkpoints" / "last.ckpt") == 6
     assert points == set(itertools.product(["scaled_linear", "cosine"], ["[1,2,2]", "[1,2,4]"]))

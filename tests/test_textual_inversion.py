@@ -157,7 +157,7 @@ def test_train_py_textual_inversion_exports_what_diffusers_and_sample_py_load(ti
     init = save_weights(tmp_path / "init" / "unet.safetensors", unet.state_dict(), dict(unet.config), "unet")
     run = tmp_path / "run"
     run_train([*text_overrides(tiny_assets["clip32"], tiny_assets["vae"]), "finetune=textual_inversion",
-               f"model.unet_init={init}", 'model.finetune.token="<toy>"', f"model.finetune.init_word={INIT}",
+               f"model.training.unet_init={init}", 'model.finetune.token="<toy>"', f"model.finetune.init_word={INIT}",
                "data=folder", f"data.source.src={photo_folder(tmp_path / 'photos', '<toy>')}",
                "data.decoder.image_size=32", "data.source.val_fraction=0", "data.batch_size=2",
                "data.num_workers=0", "data.samples_per_epoch=16", "trainer.max_steps=8", "optimizer.lr=5e-2",

@@ -188,8 +188,8 @@ def test_mandatory_value_names_field_and_override(tmp_path: Path) -> None:
     (["data=wds"], "data.train_urls and data.root are both null"),
     (["data=folder"], "data.source.src is null"),
     (["model=unet_small", "model.vae.path=/nonexistent/vae.safetensors"], "model.vae.path=/nonexistent/vae"),
-    (["model=unet_small", "model.vae.path=/nonexistent/v.ckpt", "model.unet_init=/nonexistent/unet.safetensors"],
-     "model.unet_init=/nonexistent/unet.safetensors not found"),
+    (["model=unet_small", "model.vae.path=/nonexistent/v.ckpt", "model.training.unet_init=/nonexistent/unet.safetensors"],
+     "model.training.unet_init=/nonexistent/unet.safetensors not found"),
     (["model=unet_sd15", "model.conditioner.path=/nonexistent/clip"], "model.conditioner.path=/nonexistent/clip"),
     (["model=vae_kl_f8", "model.lpips.backbone=/nonexistent/vgg.pth"], "model.lpips.backbone=/nonexistent/vgg.pth"),
     (["ckpt_path=/nonexistent/last.ckpt"], "ckpt_path=/nonexistent/last.ckpt not found"),
@@ -242,11 +242,11 @@ def test_validate_config_raises_all_lines(tmp_path: Path) -> None:
 
 
 def test_unknown_group_option_lists_valid_ones() -> None:
-    found = override_problems(["model=unet_foo", "model/noise_schedule=cosine,bogus", "data.batch_size=3",
+    found = override_problems(["model=unet_foo", "model/diffusion/noise_schedule=cosine,bogus", "data.batch_size=3",
                                "experiment=null", "hydra/launcher=basic", "+debug=limit", "trainer=ddp"])
-    schedules = options("model/noise_schedule")
+    schedules = options("model/diffusion/noise_schedule")
     assert found == [f"model=unet_foo: no such option in conf/model/; valid: {options('model')}",
-                     f"model/noise_schedule=bogus: no such option in conf/model/noise_schedule/; valid: {schedules}"]
+                     f"model/diffusion/noise_schedule=bogus: no such option in conf/model/diffusion/noise_schedule/; valid: {schedules}"]
     assert "unet_sd15, unet_small" in found[0] and "cosine, ddpm_linear, scaled_linear" in found[1]
     assert override_problems(["-cn", "other", "model=unet_foo"]) == []  # another config tree: Hydra decides
 

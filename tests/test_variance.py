@@ -176,10 +176,10 @@ def test_variance_head_of_a_unet_learns_from_the_vlb_only() -> None:
 
 
 def test_refusals_are_one_line() -> None:
-    with pytest.raises(ValueError, match=r"^model.variance.vlb_weight=0 must be > 0 .*model/variance=fixed$"):
+    with pytest.raises(ValueError, match=r"^model.diffusion.variance.vlb_weight=0 must be > 0 .*model/diffusion/variance=fixed$"):
         LearnedVariance(0)
     out, target, weight, x0, x_t, t, _, pred = _hybrid_inputs()
-    with pytest.raises(ValueError, match=r"^model/variance=learned needs a noise schedule"):
+    with pytest.raises(ValueError, match=r"^model/diffusion/variance=learned needs a noise schedule"):
         LearnedVariance().loss(out, target, weight, x0, x_t, t, None, pred)
     assert FixedVariance().channels_problem(4, 4) is None and LearnedVariance().channels_problem(4, 8) is None
     line = LearnedVariance().channels_problem(4, 4)

@@ -1,4 +1,4 @@
-"""`python train.py model=unet_small model/variance=learned`: one override doubles the U-Net's out_channels, passes
+"""`python train.py model=unet_small model/diffusion/variance=learned`: one override doubles the U-Net's out_channels, passes
 the config check, trains with L_hybrid through a real Lightning Trainer (train/loss_vlb logged), samples with DDPM
 (strided) and DDIM η > 0, and sample.py draws from its checkpoint; mismatches are refused in one line."""
 
@@ -20,9 +20,9 @@ from ldmlab.sample import sample
 from ldmlab.validate import check_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-LEARNED = ["model=unet_small", "model/variance=learned"]
+LEARNED = ["model=unet_small", "model/diffusion/variance=learned"]
 TINY = ["model.unet.model_channels=32", "model.unet.channel_mult=[1,2]", "model.unet.attention_levels=[1]",
-        "model.unet.norm_groups=8", "model.sampler.num_steps=3"]
+        "model.unet.norm_groups=8", "model.diffusion.sampler.num_steps=3"]
 
 
 @pytest.fixture(scope="module")
@@ -31,32 +31,32 @@ def vae(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_variance_group_files() -> None:
-    assert sorted(p.stem for p in (CONF / "model" / "variance").glob("*.yaml")) == ["fixed", "learned"]
+    assert sorted(p.stem for p in (CONF / "model" / "diffusion" / "variance").glob("*.yaml")) == ["fixed", "learned"]
 
 
 @pytest.mark.parametrize("model", ["unet_small", "unet_sd15", "unet_demo_gpu"])
 def test_one_override_doubles_out_channels(model: str, tmp_path: Path) -> None:
     fixed, learned = (compose_train([f"model={model}", *extra], tmp_path)
-                      for extra in ([], ["model/variance=learned"]))
+                      for extra in ([], ["model/diffusion/variance=learned"]))
     assert fixed.model.unet.out_channels == fixed.model.unet.in_channels == 4  # the default is unchanged
     assert learned.model.unet.out_channels == 8
-    assert isinstance(hydra.utils.instantiate(fixed.model.variance), FixedVariance)
-    variance = hydra.utils.instantiate(learned.model.variance)
+    assert isinstance(hydra.utils.instantiate(fixed.model.diffusion.variance), FixedVariance)
+    variance = hydra.utils.instantiate(learned.model.diffusion.variance)
     assert isinstance(variance, LearnedVariance) and variance.vlb_weight == 0.001
-    in_8 = compose_train([f"model={model}", "model/variance=learned", "model.unet.in_channels=8"], tmp_path)
+    in_8 = compose_train([f"model={model}", "model/diffusion/variance=learned", "model.unet.in_channels=8"], tmp_path)
     assert in_8.model.unet.out_channels == 16  # follows in_channels, not a fixed 8
 
 
 @pytest.mark.parametrize("overrides, needle, fix", [
-    (["model.unet.out_channels=4"], "model.unet.out_channels=4 but model/variance=learned needs 2 x",
+    (["model.unet.out_channels=4"], "model.unet.out_channels=4 but model/diffusion/variance=learned needs 2 x",
      "set model.unet.out_channels=8"),
-    (["model/variance=fixed", "model.unet.out_channels=8"], "model.unet.out_channels=8 but model/variance=fixed",
+    (["model/diffusion/variance=fixed", "model.unet.out_channels=8"], "model.unet.out_channels=8 but model/diffusion/variance=fixed",
      "set model.unet.out_channels=4"),
-    (["model/prediction=flow", "model/sampler=flow_euler"],
-     "model/variance=learned cannot train with model/prediction=flow",
-     "use model/variance=fixed, or model/prediction=eps|v|x0"),
-    (["model.variance.vlb_weight=0"], "model.variance: model.variance.vlb_weight=0 must be > 0",
-     "model/variance=fixed"),
+    (["model/diffusion/prediction=flow", "model/diffusion/sampler=flow_euler"],
+     "model/diffusion/variance=learned cannot train with model/diffusion/prediction=flow",
+     "use model/diffusion/variance=fixed, or model/diffusion/prediction=eps|v|x0"),
+    (["model.diffusion.variance.vlb_weight=0"], "model.diffusion.variance: model.diffusion.variance.vlb_weight=0 must be > 0",
+     "model/diffusion/variance=fixed"),
 ])
 def test_mismatches_are_one_line(overrides, needle, fix, tmp_path: Path, vae: Path) -> None:
     assert check_config(compose_train([*LEARNED, f"model.vae.path={vae}"], tmp_path)) == []
@@ -93,7 +93,7 @@ def learned_run(tmp_path_factory: pytest.TempPathFactory, vae: Path) -> tuple[pl
 def test_trainer_fit_logs_the_hybrid_loss(learned_run: tuple[pl.LightningModule, Path]) -> None:
     module, _ = learned_run
     m = module.metrics
-    assert module.unet.config["out_channels"] == 8 and isinstance(module.variance, LearnedVariance)
+    assert module.unet.config["out_channels"] == 8 and isinstance(module.diffusion.variance, LearnedVariance)
     for key in ("train/loss", "train/loss_simple", "train/loss_vlb", "val/loss", "val/loss_simple", "val/loss_vlb"):
         assert key in m and torch.isfinite(torch.tensor(m[key])), key
     assert m["train/loss"] == pytest.approx(m["train/loss_simple"] + 0.001 * m["train/loss_vlb"], rel=1e-5)

@@ -16,16 +16,17 @@ CONF_DIR = Path(os.environ.get("LDMLAB_CONF") or str(files("ldmlab") / "conf"))
 
 
 def unet_out_channels(in_channels: int, variance_target: str) -> int:
-    """`${ldmlab.unet_out_channels:in_channels,variance _target_}`: model.unet.out_channels of a model/variance —
-    its class's `outputs` (1 fixed, 2 learned: [prediction | variance]) per latent channel."""
+    """`${ldmlab.unet_out_channels:in_channels,variance _target_}`: model.unet.out_channels of a
+    model/diffusion/variance — its class's `outputs` (1 fixed, 2 learned: [prediction | variance]) per latent
+    channel."""
     from hydra.utils import get_class  # imports the variance class (torch) only when a config resolves this
 
     from ldmlab.diffusion.variance import FixedVariance
 
     variance = get_class(variance_target)
     if not issubclass(variance, FixedVariance):
-        raise TypeError(f"model.variance._target_={variance_target} is not a variance: use model/variance=fixed "
-                         "or model/variance=learned")
+        raise TypeError(f"model.diffusion.variance._target_={variance_target} is not a variance: use "
+                        "model/diffusion/variance=fixed or model/diffusion/variance=learned")
     return int(in_channels) * variance.outputs
 
 

@@ -42,8 +42,8 @@ def load_ldm(ckpt_path: str | Path, use_ema: bool = True) -> LatentDiffusionModu
     model_cfg = regroup(OmegaConf.create(ckpt["ldmlab_config"]).model)  # older checkpoints: flat keys
     if "vae_config" in ckpt:  # weights come from the checkpoint: the original VAE file need not exist
         model_cfg.vae = {"_target_": "ldmlab.nn.autoencoder.AutoencoderKL", **ckpt["vae_config"]}
-    if model_cfg.get("unet_init"):  # the U-Net's weights come from the checkpoint too: the init file need not exist
-        model_cfg.unet_init = None
+    if model_cfg.get("training", {}).get("unet_init"):  # the U-Net's weights come from the checkpoint too: the
+        model_cfg.training.unet_init = None  # init file need not exist
     module: LatentDiffusionModule = hydra.utils.instantiate(model_cfg)
     module.config_yaml = ckpt["ldmlab_config"]
     module.on_load_checkpoint(ckpt)  # the latent shape, the text encoder's weights
@@ -55,11 +55,12 @@ def load_ldm(ckpt_path: str | Path, use_ema: bool = True) -> LatentDiffusionModu
 
 
 def _sampler(module: LatentDiffusionModule, name: str | None, steps: int | None) -> Any:
-    """The sampler conf/model/sampler/<name>.yaml (None = the model's own), with num_steps overridden if given."""
+    """The sampler conf/model/diffusion/sampler/<name>.yaml (None = the model's own), with num_steps overridden if
+    given."""
     if name is None:
-        base = module.sampler
+        base = module.diffusion.sampler
     else:
-        path = CONF / "model" / "sampler" / f"{name}.yaml"
+        path = CONF / "model" / "diffusion" / "sampler" / f"{name}.yaml"
         if not path.exists():
             valid = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml")))
             raise ValueError(f"sampler={name!r} unknown; valid: {valid}")
@@ -166,7 +167,7 @@ def classifier_guide(module: LatentDiffusionModule, cfg: DictConfig) -> Callable
     def guide(start: int, n: int) -> Any:
         grad = classifier_gradient(classifier, labels[start:start + n].to(module.device))
         return partial(classifier_guidance, grad_log_p=grad, scale=float(cfg.classifier_scale),
-                       schedule=module.schedule, prediction=module.prediction)
+                       schedule=module.diffusion.noise_schedule, prediction=module.diffusion.prediction)
 
     return guide
 

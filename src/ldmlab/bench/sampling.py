@@ -55,6 +55,7 @@ def sample_py_sampler(features: set[str], steps: int) -> Callable:
     import tempfile
     from pathlib import Path
 
+    from ldmlab.diffusion import Diffusion
     from ldmlab.diffusion.parameterization import EpsPrediction
     from ldmlab.diffusion.samplers import ddim_sample
     from ldmlab.diffusion.schedules import scaled_linear
@@ -68,7 +69,7 @@ def sample_py_sampler(features: set[str], steps: int) -> Callable:
     with tempfile.TemporaryDirectory() as tmp:
         conditioner = TextConditioner(make_tiny_clip(Path(tmp) / "clip", hidden_size=768))
     sampler = partial(ddim_sample, num_steps=steps, spacing="leading", steps_offset=1, set_alpha_to_one=False)
-    module = LatentDiffusionModule(unet, scaled_linear(), EpsPrediction(), sampler, vae=vae,
+    module = LatentDiffusionModule(unet, Diffusion(EpsPrediction(), scaled_linear(), sampler=sampler), vae=vae,
                                    conditioner=conditioner).cuda().eval()
     autocast = prepare_for_sampling(module, bf16=True, compile="full" if "compile" in features else "none")
 

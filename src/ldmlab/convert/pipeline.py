@@ -80,9 +80,9 @@ def sampler_config(sampler: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     name, args = _name(sampler["_target_"]), _with_defaults(sampler)
     if name not in SCHEDULERS:
         raise ValueError(f"sampler {sampler['_target_']} has no diffusers scheduler: use one of "
-                         f"{', '.join(SCHEDULERS)} (model.sampler)")
+                         f"{', '.join(SCHEDULERS)} (model.diffusion.sampler)")
     if args.get("threshold") is not None:
-        raise ValueError("the sampler thresholds x̂0 (model.sampler.threshold): no diffusers scheduler setting "
+        raise ValueError("the sampler thresholds x̂0 (model.diffusion.sampler.threshold): no diffusers scheduler setting "
                          "equals it, convert a model sampled without it")
     cls = SCHEDULERS[name]
     out = {"timestep_spacing": args["spacing"], "steps_offset": int(args["steps_offset"])}
@@ -101,28 +101,30 @@ def sampler_config(sampler: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 
 
 def scheduler_config(model: dict[str, Any]) -> dict[str, Any]:
-    """diffusers `scheduler_config.json` of an ldmlab model config (schedule, prediction and sampler)."""
-    prediction = _name(model["prediction"]["_target_"])
+    """diffusers `scheduler_config.json` of an ldmlab model config (its diffusion's schedule, prediction, variance
+    and sampler)."""
+    diffusion = model["diffusion"]
+    prediction = _name(diffusion["prediction"]["_target_"])
     if prediction == "FlowMatching":  # FlowMatchEulerDiscreteScheduler lacks the SD pipeline's scale_model_input
-        raise ValueError("model.prediction=flow has no StableDiffusionPipeline scheduler (diffusers runs flow "
-                         "matching in SD3/Flux pipelines only): sample it with python sample.py ckpt=...")
+        raise ValueError("model.diffusion.prediction=flow has no StableDiffusionPipeline scheduler (diffusers runs "
+                         "flow matching in SD3/Flux pipelines only): sample it with python sample.py ckpt=...")
     if prediction not in PREDICTION_TYPES:
         raise ValueError(f"prediction {prediction} has no diffusers prediction_type ({', '.join(PREDICTION_TYPES)})")
-    cls, sampler = sampler_config(model["sampler"])
-    if _name((model.get("variance") or {}).get("_target_", "FixedVariance")) == "LearnedVariance":
+    cls, sampler = sampler_config(diffusion["sampler"])
+    if _name((diffusion.get("variance") or {}).get("_target_", "FixedVariance")) == "LearnedVariance":
         cls, sampler = learned_variance_scheduler(cls, sampler)
-    return {"_class_name": cls, "_diffusers_version": DIFFUSERS_VERSION, **schedule_config(model["noise_schedule"]),
+    return {"_class_name": cls, "_diffusers_version": DIFFUSERS_VERSION, **schedule_config(diffusion["noise_schedule"]),
             "prediction_type": PREDICTION_TYPES[prediction], **sampler}
 
 
 def learned_variance_scheduler(cls: str, sampler: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """A learned variance's (model/variance=learned) scheduler: DDPMScheduler with variance_type=learned_range, the
-    only diffusers scheduler that splits the U-Net's 2C output (equal to ldmlab's ddpm sampler:
-    tests/test_variance_vs_diffusers.py), on the model sampler's spacing and step count."""
+    """A learned variance's (model/diffusion/variance=learned) scheduler: DDPMScheduler with
+    variance_type=learned_range, the only diffusers scheduler that splits the U-Net's 2C output (equal to ldmlab's
+    ddpm sampler: tests/test_variance_vs_diffusers.py), on the model sampler's spacing and step count."""
     if cls != "DDPMScheduler":
-        _warn(f"model/variance=learned: diffusers' {cls} cannot read the U-Net's [prediction | variance] output; "
-              "wrote DDPMScheduler (variance_type=learned_range) on the model sampler's timesteps instead")
-    _warn("model/variance=learned: StableDiffusionPipeline's classifier-free guidance also extrapolates the "
+        _warn(f"model/diffusion/variance=learned: diffusers' {cls} cannot read the U-Net's [prediction | variance] "
+              "output; wrote DDPMScheduler (variance_type=learned_range) on the model sampler's timesteps instead")
+    _warn("model/diffusion/variance=learned: StableDiffusionPipeline's classifier-free guidance also extrapolates the "
           "variance half; sample.py guides the prediction half only (GLIDE), so images differ at guidance > 1")
     keep = {k: sampler[k] for k in ("timestep_spacing", "steps_offset")}
     steps = {"num_steps": sampler["_ldmlab_sampler"]["num_steps"]}
@@ -138,7 +140,7 @@ def _check_scheduler(cfg: dict[str, Any]) -> None:
     """Warn where the pipeline will not step as ldmlab's sampler does."""
     if cfg["timestep_spacing"] == "leading" and cfg["steps_offset"] != 1:
         _warn(f"steps_offset={cfg['steps_offset']}: StableDiffusionPipeline rewrites it to 1, which moves the "
-              "'leading' timesteps; sample with model.sampler.steps_offset=1 to match")
+              "'leading' timesteps; sample with model.diffusion.sampler.steps_offset=1 to match")
     if cfg["_class_name"] == "DDIMScheduler" and cfg["timestep_spacing"] != "leading":
         _warn("DDIMScheduler steps back by T // n, not to the next grid timestep (diffusers #12633): with "
               f"'{cfg['timestep_spacing']}' spacing its images differ from ldmlab's unless n divides T")

@@ -10,6 +10,7 @@ from ldmlab.diffusion.guidance import (
     static_threshold,
 )
 from ldmlab.diffusion.parameterization import EpsPrediction, Prediction, VPrediction, X0Prediction
+from ldmlab.diffusion.process import Diffusion
 from ldmlab.diffusion.samplers import StepInfo, ddim_sample, ddpm_sample, dpmpp_2m_sample, euler_sample
 from ldmlab.diffusion.schedules import (
     NoiseSchedule,
@@ -39,6 +40,7 @@ from ldmlab.diffusion.weighting import (
 )
 
 __all__ = [
+    "Diffusion",
     "EpsPrediction",
     "FixedVariance",
     "FlowMatching",

@@ -57,7 +57,7 @@ def flow_timesteps(
         t = torch.rand(n, generator=generator, device=device)
         t = mode_density(t, mode_scale) if density == "mode" else t
     else:
-        raise ValueError(f"model.prediction.density={density!r} is unknown: use one of {', '.join(DENSITIES)}")
+        raise ValueError(f"model.diffusion.prediction.density={density!r} is unknown: use one of {', '.join(DENSITIES)}")
     return shift_sigmas(t, shift)
 
 
@@ -70,12 +70,14 @@ class FlowMatching(Prediction):
     def __init__(self, density: Density = "uniform", logit_mean: float = 0.0, logit_std: float = 1.0,
                  mode_scale: float = 1.29, shift: float = 1.0, num_timesteps: int = 1000) -> None:
         if density not in DENSITIES:
-            raise ValueError(f"model.prediction.density={density!r} is unknown: use one of {', '.join(DENSITIES)}")
+            raise ValueError(f"model.diffusion.prediction.density={density!r} is unknown: use one of "
+                             f"{', '.join(DENSITIES)}")
         if not -1 <= mode_scale <= 2 / (math.pi - 2):  # beyond, f_mode leaves [0, 1] (SD3 §3.1)
-            raise ValueError(f"model.prediction.mode_scale={mode_scale} must be in [-1, {2 / (math.pi - 2):.3f}] "
+            raise ValueError(f"model.diffusion.prediction.mode_scale={mode_scale} must be in "
+                             f"[-1, {2 / (math.pi - 2):.3f}] "
                              "(SD3 §3.1), e.g. mode_scale=1.29")
         if shift <= 0 or logit_std <= 0 or num_timesteps < 1:
-            raise ValueError(f"model.prediction: shift={shift} and logit_std={logit_std} must be > 0 and "
+            raise ValueError(f"model.diffusion.prediction: shift={shift} and logit_std={logit_std} must be > 0 and "
                              f"num_timesteps={num_timesteps} >= 1, e.g. shift=3.0 logit_std=1.0 num_timesteps=1000")
         self.density, self.logit_mean, self.logit_std = density, logit_mean, logit_std
         self.mode_scale, self.shift, self.num_timesteps = mode_scale, shift, num_timesteps

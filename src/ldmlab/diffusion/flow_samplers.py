@@ -27,7 +27,7 @@ def flow_sigmas(num_steps: int, shift: float = 1.0, num_train: int = 1000) -> Te
     linspace from 1 to σ_min = shift(1/T), then shifted (Esser et al. 2024, §5.3.2) — so σ_min is shifted twice,
     as there."""
     if num_steps < 1:
-        raise ValueError(f"model.sampler.num_steps={num_steps} must be >= 1, e.g. num_steps=28")
+        raise ValueError(f"model.diffusion.sampler.num_steps={num_steps} must be >= 1, e.g. num_steps=28")
     sigma_min = shift_sigmas(1.0 / num_train, shift)
     grid = torch.from_numpy(np.linspace(1.0, sigma_min, num_steps))
     return torch.cat([shift_sigmas(grid, shift), grid.new_zeros(1)])
@@ -43,7 +43,7 @@ def _setup(prediction: Prediction, num_steps: int, shift: float | None) -> tuple
     """The objective and the σ grid (shift None = the objective's training shift)."""
     if not isinstance(prediction, FlowMatching):
         raise TypeError(f"flow samplers integrate a velocity, but the model predicts {prediction.name}: "
-                         "set model/prediction=flow, or pick a sampler for it (ddim, ddpm, euler, dpmpp_2m)")
+                         "set model/diffusion/prediction=flow, or pick a sampler for it (ddim, ddpm, euler, dpmpp_2m)")
     shift = prediction.shift if shift is None else shift
     return prediction, flow_sigmas(num_steps, shift, prediction.num_timesteps).tolist()
 

@@ -68,7 +68,8 @@ class Prediction(ABC):
         """(x_t, t, target, loss weight) of one batch: t ~ U{0, …, T−1} and DDPM eq. 4 (Algorithm 1); weight 1
         (eq. 14's simple loss) or Min-SNR-γ. The flow objective overrides this with its own path and times."""
         if schedule is None:
-            raise ValueError(f"prediction {self.name} needs a noise schedule: set model/noise_schedule=scaled_linear")
+            raise ValueError(f"prediction {self.name} needs a noise schedule: set "
+                             "model/diffusion/noise_schedule=scaled_linear")
         t = sample_timesteps(x0.shape[0], schedule.num_timesteps, generator, x0.device)
         x_t, target = noisy_inputs(x0, t, schedule, self, offset_noise, input_perturbation, generator)
         snr = schedule.snr(t)  # float64 table kept on t's device: no host sync
@@ -80,7 +81,8 @@ class Prediction(ABC):
         integer t, and at fractional t (Euler's grid) the VP scalings of the linearly interpolated VE σ, which is
         Euler's own σ (on Karras σ, whose t is log-interpolated, a close approximation of it)."""
         if schedule is None:
-            raise ValueError(f"prediction {self.name} needs a noise schedule: set model/noise_schedule=scaled_linear")
+            raise ValueError(f"prediction {self.name} needs a noise schedule: set "
+                             "model/diffusion/noise_schedule=scaled_linear")
         if not t.is_floating_point():
             return schedule.scalings(t, like)
         sigma_ve = interp_sigmas(ve_sigmas(schedule), t.detach().cpu()).to(like.device)
@@ -91,7 +93,8 @@ class Prediction(ABC):
         """What fixes x_t given (x0, ε, t): the schedule (ε, v and x0 models share it); a guiding classifier must
         have been trained on the same."""
         if schedule is None:
-            raise ValueError(f"prediction {self.name} needs a noise schedule: set model/noise_schedule=scaled_linear")
+            raise ValueError(f"prediction {self.name} needs a noise schedule: set "
+                             "model/diffusion/noise_schedule=scaled_linear")
         return f"{schedule.name}/T={schedule.num_timesteps}"
 
     def __repr__(self) -> str:

@@ -101,7 +101,7 @@ class FixedVariance:
     """DDPM's fixed variance (σ² = β̃_t or β_t, the sampler's choice): the network predicts the mean's target only
     and trains on L_simple (Ho et al. 2020, eq. 14) with the objective's loss weight."""
 
-    name = "fixed"  # the conf/model/variance option
+    name = "fixed"  # the conf/model/diffusion/variance option
     outputs = 1  # network output channels per latent channel
 
     def channels_problem(self, in_channels: int, out_channels: int) -> str | None:
@@ -110,7 +110,7 @@ class FixedVariance:
         if out_channels == want:
             return None
         what = "the prediction" if self.outputs == 1 else "the prediction and the variance interpolation"
-        return (f"model.unet.out_channels={out_channels} but model/variance={self.name} needs {self.outputs} x "
+        return (f"model.unet.out_channels={out_channels} but model/diffusion/variance={self.name} needs {self.outputs} x "
                 f"model.unet.in_channels = {want} ({what} per latent channel): set model.unet.out_channels={want}")
 
     def loss(self, out: Tensor, target: Tensor, weight: Tensor, x0: Tensor, x_t: Tensor, t: Tensor,
@@ -129,16 +129,16 @@ class LearnedVariance(FixedVariance):
 
     def __init__(self, vlb_weight: float = 0.001) -> None:
         if not vlb_weight > 0:
-            raise ValueError(f"model.variance.vlb_weight={vlb_weight} must be > 0 (Improved DDPM's λ = 0.001): "
-                             "without the VLB term the variance output never learns; use model/variance=fixed")
+            raise ValueError(f"model.diffusion.variance.vlb_weight={vlb_weight} must be > 0 (Improved DDPM's λ = 0.001): "
+                             "without the VLB term the variance output never learns; use model/diffusion/variance=fixed")
         self.vlb_weight = vlb_weight
 
     def loss(self, out: Tensor, target: Tensor, weight: Tensor, x0: Tensor, x_t: Tensor, t: Tensor,
              schedule: NoiseSchedule | None, prediction: Prediction) -> tuple[Tensor, dict[str, Tensor]]:
         """L_simple (weighted) on the prediction + λ·T·L_t on the variance, the mean stopped (§3.1)."""
         if schedule is None:
-            raise ValueError("model/variance=learned needs a noise schedule for its VLB term: set "
-                             "model/noise_schedule=scaled_linear, or use model/variance=fixed")
+            raise ValueError("model/diffusion/variance=learned needs a noise schedule for its VLB term: set "
+                             "model/diffusion/noise_schedule=scaled_linear, or use model/diffusion/variance=fixed")
         mean, v = split_output(out, x_t.shape[1])
         assert v is not None, "split_output of a 2C output"
         simple = weighted_mse(mean, target, weight)

@@ -155,7 +155,8 @@ class DreamBooth:
             return
         if float(module.latent_scale) == 0.0:
             raise ValueError("finetune=dreambooth draws its class images before training, but the latent scale is "
-                             "not known yet: set model.latent_scale, or start from a unet_init that stores it")
+                             "not known yet: set model.latent_scale, or start from a model.training.unet_init that "
+                             "stores it")
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         side = self.image_size // module.vae.downsample_factor
         shape = (module.vae.embed_dim, side, side)

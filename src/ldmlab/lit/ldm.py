@@ -1,11 +1,12 @@
 """LatentDiffusionModule: a U-Net trained on the latents of a frozen KL-VAE (LDM, Rombach et al. 2022).
 
 encode (or read cached latents) → scale → drop the condition (CFG) → noise at random t → weighted MSE.
-Schedule, objective (ε, v, x0 or flow matching), variance (fixed, or learned with L_hybrid), loss weighting and
-sampler come from `ldmlab.diffusion` via the config groups `model/noise_schedule`, `model/prediction`,
-`model/variance`, `model/sampler`; how the U-Net is trained is `model.training` (`Training`), how validation grids
-are drawn `model.sampling` (`Sampling`). An image condition (super-resolution, inpainting: `lit.image_condition`)
-adds U-Net input channels to the same `cond` dict.
+Schedule, objective (ε, v, x0 or flow matching), variance (fixed, or learned with L_hybrid) and sampler are one
+`ldmlab.diffusion.Diffusion` (`model.diffusion`, config groups `model/diffusion/{noise_schedule,prediction,
+variance,sampler}`); how the U-Net is trained is `model.training` (`Training`: from which weights, with which loss
+weighting), how validation grids are drawn `model.sampling` (`Sampling`), which weights train `model.finetune`
+(`lit.finetune`). An image condition (super-resolution, inpainting: `lit.image_condition`) adds U-Net input channels
+to the same `cond` dict.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ldmlab.diffusion import FixedVariance, NoiseSchedule, Prediction, classifier_free_guidance
+from ldmlab.diffusion import Diffusion, classifier_free_guidance
 from ldmlab.lit.conditioning import TextConditioner
 from ldmlab.lit.finetune import FineTune
 from ldmlab.lit.image_condition import ImageCondition
@@ -37,24 +38,20 @@ class LatentDiffusionModule(LatentModule):
     def __init__(
         self,
         unet: nn.Module,
-        noise_schedule: NoiseSchedule | None,  # None: an objective with its own path (FlowMatching)
-        prediction: Prediction,
-        sampler: Sampler,
+        diffusion: Diffusion,
         vae: AutoencoderKL | None = None,
         conditioner: nn.Module | None = None,
+        image_condition: ImageCondition | None = None,
         latent_scale: float | None = 0.18215,
         training: dict[str, Any] | None = None,
         sampling: dict[str, Any] | None = None,
-        unet_init: str | None = None,
+        finetune: FineTune | None = None,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         lr_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
-        finetune: FineTune | None = None,
-        variance: FixedVariance | None = None,  # None: fixed (checkpoints from before model/variance)
-        image_condition: ImageCondition | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["unet", "noise_schedule", "prediction", "sampler", "vae", "conditioner",
-                                          "optimizer", "lr_scheduler", "finetune", "variance", "image_condition"])
+        self.save_hyperparameters(ignore=["unet", "diffusion", "vae", "conditioner", "image_condition", "finetune",
+                                          "optimizer", "lr_scheduler"])
         self.train_cfg: Training = settings(Training, training, "training")
         self.sample_cfg: Sampling = settings(Sampling, sampling, "sampling")
         unet_in, unet_out = (getattr(unet, "config", {}).get(k) for k in ("in_channels", "out_channels"))
@@ -62,22 +59,20 @@ class LatentDiffusionModule(LatentModule):
         if vae is not None and unet_in is not None and unet_in != vae.embed_dim + extra:
             raise ValueError(f"model.unet.in_channels={unet_in} but the VAE's latents have {vae.embed_dim} channels "
                              f"(+ {extra} of model.image_condition): set model.unet.in_channels={vae.embed_dim + extra}")
-        self.variance = variance or FixedVariance()
-        if unet_in and unet_out and (problem := self.variance.channels_problem(unet_in - extra, unet_out)):
+        if unet_in and unet_out and (problem := diffusion.variance.channels_problem(unet_in - extra, unet_out)):
             raise ValueError(problem)  # out_channels = the latent's, or 2 × with a learned variance
-        if unet_init is not None:  # a fine-tune keeps the latent scale its base trained with (unless set)
-            stored_scale = load_unet_init(unet, unet_init)
+        if self.train_cfg.unet_init is not None:  # a fine-tune keeps the latent scale its base trained with
+            stored_scale = load_unet_init(unet, self.train_cfg.unet_init)
             latent_scale = latent_scale or stored_scale
         if finetune is not None:  # after the base weights: LoRA wraps them, TI adds tokens (conf/finetune/)
             finetune.apply(unet, conditioner)
         self.finetune = finetune
-        self.unet, self.schedule, self.prediction, self.sampler = unet, noise_schedule, prediction, sampler
+        self.unet, self.diffusion = unet, diffusion
         self.set_latent_source(vae, latent_scale)  # lit.latents: the frozen VAE, the scale (estimated if None)
         self.conditioner, self.image_condition = conditioner, image_condition
         self.optimizer_factory = optimizer or partial(torch.optim.AdamW, lr=1e-4)
         self.scheduler_factory = lr_scheduler
 
-    _load_unet = staticmethod(load_unet_init)  # the name older callers use
 
     # ------------------------------------------------------------------ training
 
@@ -87,7 +82,7 @@ class LatentDiffusionModule(LatentModule):
 
     def loss_terms(self, batch: dict[str, Any], generator: torch.Generator,
                    p_uncond: float) -> tuple[Tensor, dict[str, Tensor]]:
-        """`diffusion_loss` (+ λ·L_vlb with a learned variance, model/variance) and its named parts to log."""
+        """`diffusion_loss` (+ λ·L_vlb with a learned variance, model/diffusion/variance) and its named parts to log."""
         cfg, z = self.train_cfg, self.latents(batch, generator)
         cond = self.conditioner(batch) if self.conditioner is not None else {}
         if cond and p_uncond > 0:
@@ -96,9 +91,9 @@ class LatentDiffusionModule(LatentModule):
             cond |= self.image_condition.inputs(batch, z.shape[-2:], self.encode_condition, generator, self.training)
         gamma = cfg.min_snr_gamma if cfg.loss_weighting == "min_snr" else None  # None: the simple loss
         # t, x_t, target and weight come from the objective (ε/v/x0 on the schedule, or flow matching)
-        x_t, t, target, weight = self.prediction.training_inputs(z, self.schedule, generator, cfg.offset_noise,
-                                                                 cfg.input_perturbation, gamma)
-        return self.variance.loss(self.unet(x_t, t, **cond), target, weight, z, x_t, t, self.schedule, self.prediction)
+        x_t, t, target, weight = self.diffusion.training_inputs(z, generator, cfg.offset_noise,
+                                                                cfg.input_perturbation, gamma)
+        return self.diffusion.loss(self.unet(x_t, t, **cond), target, weight, z, x_t, t)
 
     @torch.no_grad()
     def encode_condition(self, pixels: Tensor) -> Tensor:
@@ -168,7 +163,7 @@ class LatentDiffusionModule(LatentModule):
                                            guidance_scale if uncond is not None else 1.0)
         if guide is not None:
             denoise = guide(denoise)
-        z0 = (sampler or self.sampler)(denoise, x_T, self.schedule, self.prediction, generator=g, callback=callback)
+        z0 = self.diffusion.sample(denoise, x_T, sampler, generator=g, callback=callback)
         return z0 if self.vae is None else self.vae.decode(z0 / self.latent_scale).clamp(-1, 1)
 
     def log_images(self, batch: dict[str, Any], num_images: int = 8) -> dict[str, Tensor]:

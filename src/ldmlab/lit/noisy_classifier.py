@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import Tensor
 
-from ldmlab.diffusion import NoiseSchedule, Prediction
+from ldmlab.diffusion import Diffusion
 from ldmlab.lit.latents import LatentModule
 from ldmlab.lit.weights import save_weights
 from ldmlab.nn.autoencoder import AutoencoderKL
@@ -32,8 +32,7 @@ class NoisyClassifierModule(LatentModule):
     def __init__(
         self,
         classifier: NoisyClassifier,
-        noise_schedule: NoiseSchedule | None,
-        prediction: Prediction,
+        diffusion: Diffusion,  # its forward process (schedule, prediction): the guided LDM's; no sampler needed
         vae: AutoencoderKL | None = None,
         latent_scale: float | None = None,
         seed: int = 0,
@@ -41,10 +40,10 @@ class NoisyClassifierModule(LatentModule):
         lr_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["classifier", "noise_schedule", "prediction", "vae", "optimizer",
-                                          "lr_scheduler"])
-        self.classifier, self.schedule, self.prediction, self.seed = classifier, noise_schedule, prediction, seed
-        self.noise_path = prediction.noise_path(noise_schedule)  # fails early for an ε/v/x0 model without schedule
+        self.save_hyperparameters(ignore=["classifier", "diffusion", "vae", "optimizer", "lr_scheduler"])
+        self.classifier, self.diffusion, self.seed = classifier, diffusion, seed
+        # fails early for an ε/v/x0 model without a schedule
+        self.noise_path = diffusion.prediction.noise_path(diffusion.noise_schedule)
         self.set_latent_source(vae, latent_scale)  # lit.latents: the frozen VAE, the scale (estimated if None)
         self.optimizer_factory = optimizer or partial(torch.optim.AdamW, lr=3e-4)
         self.scheduler_factory = lr_scheduler
@@ -56,7 +55,7 @@ class NoisyClassifierModule(LatentModule):
             raise ValueError(f"batch labels {labels.tolist()} outside [0, {self.classifier.num_classes}): set "
                              "model.classifier.num_classes to the dataset's class count")
         # t and x_t as the diffusion model draws them; its regression target and weight are not needed here
-        x_t, t, _, _ = self.prediction.training_inputs(self.latents(batch, generator), self.schedule, generator)
+        x_t, t, _, _ = self.diffusion.training_inputs(self.latents(batch, generator), generator)
         logits = self.classifier(x_t, t)  # (B, K)
         return F.cross_entropy(logits, labels), (logits.argmax(dim=-1) == labels).float().mean()
 

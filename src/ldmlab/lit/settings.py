@@ -16,8 +16,11 @@ from ldmlab.losses import vae as losses
 
 @dataclass(frozen=True)
 class Training:
-    """model.training: CFG condition dropout (Ho & Salimans 2022), the loss weighting (uniform | min_snr, Hang et
-    al. 2023), offset noise, input perturbation (Ning et al. 2023), the training noise's seed (with step, rank)."""
+    """model.training: the U-Net's initial weights (`unet_init`: an ldmlab unet.safetensors to fine-tune, or None:
+    from scratch), CFG condition dropout (Ho & Salimans 2022), the loss weighting (uniform | min_snr, Hang et al.
+    2023), offset noise, input perturbation (Ning et al. 2023), the training noise's seed (with step, rank)."""
+
+    unet_init: str | None = None
 
     p_uncond: float = 0.1
     loss_weighting: str = "uniform"
@@ -105,12 +108,32 @@ def settings(cls: type, given: Mapping[str, Any] | None, field: str) -> Any:
 
 def regroup(model: MutableMapping[str, Any], groups: Mapping[str, type] = LDM_GROUPS) -> MutableMapping[str, Any]:
     """A stored `model` config or hyper-parameters from before the `groups` (LDM's by default, VAE_GROUPS for the
-    VAE's), with its flat keys moved there."""
+    VAE's), with its flat keys moved there (and, for the LDM, its diffusion parts into `model.diffusion`)."""
     for group, cls in groups.items():
         for name in [f.name for f in fields(cls) if f.name in model]:
             if model.get(group) is None:
                 model[group] = {}
             model[group][name] = model.pop(name)
+    return regroup_diffusion(model) if groups is LDM_GROUPS else model
+
+
+DIFFUSION_PARTS = ("noise_schedule", "prediction", "variance", "sampler")
+
+
+def upgrade(model: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """A `model` config a checkpoint stored, in today's layout (an LDM's or a noise-aware classifier's)."""
+    kind = str(model.get("_target_", ""))
+    if kind.endswith("LatentDiffusionModule"):
+        return regroup(model)
+    return regroup_diffusion(model) if kind.endswith("NoisyClassifierModule") else model
+
+
+def regroup_diffusion(model: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """A stored LDM or noise-aware classifier config from before `model.diffusion` (ldmlab.diffusion.Diffusion),
+    with its schedule, prediction, variance and sampler moved into that node."""
+    if model.get("diffusion") is None and "prediction" in model:
+        parts = {k: model.pop(k) for k in DIFFUSION_PARTS if k in model}
+        model["diffusion"] = {"_target_": "ldmlab.diffusion.Diffusion", **parts}
     return model
 
 

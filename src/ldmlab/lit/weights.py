@@ -22,12 +22,12 @@ def load_unet_init(unet: nn.Module, path: str) -> float | None:
     from ldmlab.convert.checkpoint import load_ldmlab
 
     if not Path(path).exists():
-        raise FileNotFoundError(f"model.unet_init='{path}' not found: give an ldmlab unet.safetensors, e.g. "
+        raise FileNotFoundError(f"model.training.unet_init='{path}' not found: give an ldmlab unet.safetensors, e.g. "
                                 "from `python -m ldmlab.convert --from sd --to ldmlab --unet <ckpt> --out <dir>`")
     state, config = load_ldmlab(path, "unet")
     if config != getattr(unet, "config", config):
         diff = sorted(k for k in config if config.get(k) != unet.config.get(k))
-        raise ValueError(f"model.unet_init={path} was saved with a different architecture ({', '.join(diff)}): "
+        raise ValueError(f"model.training.unet_init={path} was saved with a different architecture ({', '.join(diff)}): "
                          "make model.unet match it")
     unet.load_state_dict(state)
     rank_zero_info(f"U-Net initialised from {path}")

@@ -104,7 +104,7 @@ def train(args: list[str], run: Path, log: Path) -> Path:
 @torch.no_grad()
 def draw(ckpt: Path, prompts: list[str], guidance: float, steps: int, seed: int = 0) -> torch.Tensor:
     module = load_ldm(ckpt, use_ema=True)
-    sampler = partial(module.sampler, num_steps=steps)
+    sampler = partial(module.diffusion.sampler, num_steps=steps)
     return torch.cat([module.sample(prompts[i:i + 96], len(prompts[i:i + 96]), guidance, seed=seed + i,
                                     sampler=sampler) for i in range(0, len(prompts), 96)])
 
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
     base = train([*text, "data=folder", f"data.source.src={pretrain_dir}", "data.decoder.image_size=32",
                   "data.source.val_fraction=0", "data.batch_size=64", "data.num_workers=1",
                   f"trainer.max_steps={opts.pretrain_steps}"], out / "pretrain", log)
-    init = [*text, f"model.unet_init={out / 'pretrain/export/unet.safetensors'}", f"trainer.max_steps={opts.steps}"]
+    init = [*text, f"model.training.unet_init={out / 'pretrain/export/unet.safetensors'}", f"trainer.max_steps={opts.steps}"]
     folder = ["data=folder", "data.decoder.image_size=32", "data.source.val_fraction=0", "data.batch_size=8",
               "data.num_workers=0", "data.samples_per_epoch=400"]
     booth = ["finetune=dreambooth", "data=dreambooth", f"data.instance.source.src={db_dir}",

@@ -181,7 +181,7 @@ def load_classifier(path: Path, device: torch.device) -> SmallCNN:
 def generate(module: torch.nn.Module, labels: list[int], scale: float, steps: int, batch_size: int, seed: int,
              precision: str, latent_shape: tuple[int, int, int] | None = None) -> torch.Tensor:
     """Samples for `labels` at one guidance scale, in seeded batches: (N, 3, H, W) in [-1, 1] on the CPU."""
-    sampler, out = partial(module.sampler, num_steps=steps), []
+    sampler, out = partial(module.diffusion.sampler, num_steps=steps), []
     for start in range(0, len(labels), batch_size):
         chunk = labels[start:start + batch_size]
         with clf.autocast(module.device, precision):
@@ -237,5 +237,6 @@ def samples_stage(pipe: DictConfig, trainer: DictConfig, out: Path, ckpt: Path, 
              ", ".join(f"{k} {v['fid']:.3g}" for k, v in domain["sets"].items()))
     return {"guidance": results, "domain": domain, "per_class": int(s.per_class), "grid_columns": columns,
             "sizes": aspect_grids(module, pipe, names, columns, zoom, out, precision),
-            "steps": int(s.steps), "sampler": getattr(module.sampler, "func", module.sampler).__name__,
+            "steps": int(s.steps),
+            "sampler": getattr(module.diffusion.sampler, "func", module.diffusion.sampler).__name__,
             "grid_scale": zoom}

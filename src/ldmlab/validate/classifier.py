@@ -30,8 +30,8 @@ def _noise_path(stored: DictConfig) -> str | None:
     import hydra
 
     try:
-        prediction = hydra.utils.instantiate(get(stored, "model.prediction"))
-        schedule = hydra.utils.instantiate(get(stored, "model.noise_schedule"))
+        prediction = hydra.utils.instantiate(get(stored, "model.diffusion.prediction"))
+        schedule = hydra.utils.instantiate(get(stored, "model.diffusion.noise_schedule"))
         return str(prediction.noise_path(schedule))
     except Exception:  # noqa: BLE001  # an older or foreign config: the rebuild reports it
         return None
@@ -89,7 +89,8 @@ def classifier_problems(cfg: DictConfig, stored: DictConfig) -> list[str]:
     ldm_path = _noise_path(stored)
     if ldm_path is not None and meta["noise_path"] not in (None, ldm_path):
         problems.append(f"classifier={path} was trained on noise path {meta['noise_path']} but {cfg.ckpt} samples "
-                        f"{ldm_path}: train it with the LDM's model/noise_schedule and model/prediction")
+                        f"{ldm_path}: train it with the LDM's model/diffusion/noise_schedule and "
+                        "model/diffusion/prediction")
     ours, theirs = meta["latent_scale"], record["latent_scale"]
     if ours and theirs and abs(ours - theirs) > SCALE_TOLERANCE * theirs:
         problems.append(f"classifier={path} saw latents scaled by {ours:.5f} but {cfg.ckpt} uses {theirs:.5f}: "

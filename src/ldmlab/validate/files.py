@@ -61,9 +61,9 @@ def weight_problems(cfg: DictConfig) -> list[str]:
     if target(cfg, "model.vae").endswith("load_vae"):
         problems += _exists("model.vae.path", get(cfg, "model.vae.path"), "a VAEModule .ckpt, an exported "
                             "vae.safetensors, an SD checkpoint or a diffusers AutoencoderKL directory")
-    problems += checkpoint_problems("model.unet_init", get(cfg, "model.unet_init"),
+    problems += checkpoint_problems("model.training.unet_init", get(cfg, "model.training.unet_init"),
                                     "an ldmlab unet.safetensors (python -m ldmlab.convert --to ldmlab ...), "
-                                    "or model.unet_init=null")
+                                    "or model.training.unet_init=null")
     if target(cfg, "model.conditioner").endswith("TextConditioner"):
         problems += _exists("model.conditioner.path", get(cfg, "model.conditioner.path"),
                             "a directory with a save_pretrained CLIPTextModel and tokenizer",

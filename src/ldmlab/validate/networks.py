@@ -221,10 +221,11 @@ def model_networks(cfg: DictConfig) -> tuple[UNetModel | None, AutoencoderKL | N
 
 
 def configured_variance(cfg: DictConfig) -> tuple[FixedVariance | None, list[str]]:
-    """The model/variance object (fixed when unset, as in checkpoints from before it), or None and its refusal."""
-    if get(cfg, "model.variance") is None:
+    """The model/diffusion/variance object (fixed when unset, as in checkpoints from before it), or None and its
+    refusal."""
+    if get(cfg, "model.diffusion.variance") is None:
         return FixedVariance(), []
-    return meta_build(cfg, "model.variance")
+    return meta_build(cfg, "model.diffusion.variance")
 
 
 def classifier_problems(cfg: DictConfig, classifier: NoisyClassifier) -> list[str]:

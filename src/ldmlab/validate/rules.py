@@ -86,34 +86,39 @@ def guidance_problems(cfg: DictConfig) -> list[str]:
     return [line]
 
 
-def objective_problems(cfg: DictConfig, sampler: str | None = None, where: str = "model/sampler") -> list[str]:
-    """The flow-matching objective (model/prediction=flow) samples with the flow samplers, and they with it only:
-    a DDPM-family sampler would read its velocity as ε, v or x0 on a VP schedule. `sampler`: a sample.py choice
-    (the name of a conf/model/sampler file) instead of the config's own."""
-    if get(cfg, "model.prediction") is None or (sampler is None and get(cfg, "model.sampler") is None):
+def objective_problems(cfg: DictConfig, sampler: str | None = None,
+                       where: str = "model/diffusion/sampler") -> list[str]:
+    """The flow-matching objective (model/diffusion/prediction=flow) samples with the flow samplers, and they with
+    it only: a DDPM-family sampler would read its velocity as ε, v or x0 on a VP schedule. `sampler`: a sample.py
+    choice (the name of a conf/model/diffusion/sampler file) instead of the config's own."""
+    if get(cfg, "model.diffusion.prediction") is None or (sampler is None and
+                                                          get(cfg, "model.diffusion.sampler") is None):
         return []
-    flow = target(cfg, "model.prediction").endswith("FlowMatching")
-    name = sampler or target(cfg, "model.sampler").rsplit(".", 1)[-1]
-    flow_sampler = name.startswith("flow_")  # conf/model/sampler/flow_*.yaml, ldmlab.diffusion.flow_samplers.flow_*
+    flow = target(cfg, "model.diffusion.prediction").endswith("FlowMatching")
+    name = sampler or target(cfg, "model.diffusion.sampler").rsplit(".", 1)[-1]
+    flow_sampler = name.startswith("flow_")  # conf/model/diffusion/sampler/flow_*.yaml: diffusion.flow_samplers
     if flow and not flow_sampler:
         return [(f"{where}={name.removesuffix('_sample')} cannot sample the flow-matching objective "
-                 f"(model/prediction=flow predicts a velocity): use {where}=flow_euler or {where}=flow_heun")]
+                 f"(model/diffusion/prediction=flow predicts a velocity): use {where}=flow_euler or "
+                 f"{where}=flow_heun")]
     if flow_sampler and not flow:
-        retrain = "train with model/prediction=flow" if where == "sampler" else "model/prediction=flow"
-        return [(f"{where}={name.removesuffix('_sample')} integrates a velocity, but model/prediction is "
-                 f"{target(cfg, 'model.prediction').rsplit('.', 1)[-1]}: use {where}=ddim|ddpm|euler|dpmpp_2m, "
+        retrain = "model/diffusion/prediction=flow"
+        retrain = f"train with {retrain}" if where == "sampler" else retrain
+        return [(f"{where}={name.removesuffix('_sample')} integrates a velocity, but model/diffusion/prediction is "
+                 f"{target(cfg, 'model.diffusion.prediction').rsplit('.', 1)[-1]}: use "
+                 f"{where}=ddim|ddpm|euler|dpmpp_2m, "
                  f"or {retrain}")]
     return []
 
 
 def variance_problems(cfg: DictConfig) -> list[str]:
     """A learned variance (Improved DDPM) is a Gaussian reverse step on a noise schedule: flow matching has neither."""
-    if not target(cfg, "model.variance").endswith("LearnedVariance"):
+    if not target(cfg, "model.diffusion.variance").endswith("LearnedVariance"):
         return []
-    if target(cfg, "model.prediction").endswith("FlowMatching"):
-        return [("model/variance=learned cannot train with model/prediction=flow (its VLB is the KL of DDPM's Gaussian "
-                 "reverse steps; flow matching integrates a velocity ODE): use model/variance=fixed, or "
-                 "model/prediction=eps|v|x0")]
+    if target(cfg, "model.diffusion.prediction").endswith("FlowMatching"):
+        return [("model/diffusion/variance=learned cannot train with model/diffusion/prediction=flow (its VLB is the "
+                 "KL of DDPM's Gaussian reverse steps; flow matching integrates a velocity ODE): use "
+                 "model/diffusion/variance=fixed, or model/diffusion/prediction=eps|v|x0")]
     return []
 # an image condition's data decoder: what makes the batch entries it reads (ldmlab.data.conditions)
 CONDITION_DECODERS = {"SuperResolution": ("LowResDecoder", "data=demo_sr"),

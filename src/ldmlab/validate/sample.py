@@ -23,7 +23,14 @@ def stored_config(ckpt: str) -> DictConfig | None:
         stored = load_weights_only(ckpt, mmap=True).get("ldmlab_config")  # pickle only, tensors stay on disk
     except Exception:  # noqa: BLE001  # not a train.py checkpoint: load_ldm says so
         return None
-    return OmegaConf.create(stored) if isinstance(stored, str) else None
+    if not isinstance(stored, str):
+        return None
+    from ldmlab.lit.settings import upgrade  # a checkpoint from before model.diffusion reads as today's
+
+    cfg = OmegaConf.create(stored)
+    if isinstance(cfg.get("model"), DictConfig):
+        upgrade(cfg.model)
+    return cfg
 
 
 def stored_guidance_problems(cfg: DictConfig, stored: DictConfig) -> list[str]:
@@ -75,7 +82,7 @@ def sample_problems(cfg: DictConfig) -> list[str]:
         value = cfg.get(key)
         if value is not None and (not isinstance(value, int) or value < 1):
             problems.append(f"{key}={value} must be a positive integer, e.g. {key}=16")
-    samplers = sorted(p.stem for p in (CONF / "model" / "sampler").glob("*.yaml"))
+    samplers = sorted(p.stem for p in (CONF / "model" / "diffusion" / "sampler").glob("*.yaml"))
     if cfg.get("sampler") is not None and cfg.sampler not in samplers:
         problems.append(f"sampler={cfg.sampler} is unknown: valid are {', '.join(samplers)} (or null)")
     if cfg.get("compile", "auto") not in ("auto", "none", "regional", "full"):
