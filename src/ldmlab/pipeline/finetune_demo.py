@@ -140,12 +140,11 @@ def main(cfg: DictConfig) -> None:
     budget = Budget.from_config(cfg.budget)
     try:
         table = run_proof(cfg, budget)
-    except BudgetSpent as stop:
-        print(f"\nbudget: {stop}. Stopped cleanly; the same command again skips the finished stages.", flush=True)
-        return
-    except Preempted:  # a training stage reached the deadline (or a signal): its checkpoint is saved
-        print("\nbudget: a training stage stopped at its deadline with a checkpoint; the same command again "
-              "resumes it.", flush=True)
+    except (BudgetSpent, Preempted) as stop:  # Preempted: a training stage checkpointed at its deadline
+        why = "a training stage stopped at its deadline with a checkpoint" if isinstance(stop, Preempted) else stop
+        done = sorted(p.parent.name for p in Path(cfg.dir).rglob("result.json"))
+        print(f"\nbudget: {why}. Done: {', '.join(done) or 'nothing'}. The same command again skips the finished "
+              f"stages and resumes a stopped one.", flush=True)
         return
     print("\n".join(["", *table, "", f"docs: {cfg.docs}"]), flush=True)
 
