@@ -98,36 +98,45 @@ def run_proof(cfg: DictConfig, budget: Budget) -> list[str]:
     check(cfg, vae_cfg, names)
     pretrain_args = run_args(cfg, ["text_model", "pretrain"])
     trainer = machine_trainer(compose_stage(cfg, root / "finetune" / "pretrain", pretrain_args))
-    vae_path, judge_path = root / "vae" / "export" / "vae.safetensors", root / "classifier" / "classifier.safetensors"
     training = {"vae", "pretrain", *cfg.runs}
 
     def guard(name: str, fn: Callable[[Path], dict]) -> Callable[[Path], dict]:
         return budget.guard(name, fn, training=name in training)
 
-    r = run_plan(root, [vae_step(vae_cfg, vae_ov), classifier_step(cfg, vae_cfg, trainer, vae_path)], {}, guard)
-    ft, judge = root / "finetune", _plain(cfg.judge)
+    shared = [vae_step(vae_cfg, vae_ov), classifier_step(cfg, vae_cfg, trainer, root / "vae/export/vae.safetensors")]
+    r = run_plan(root, shared, {}, guard)  # the pipeline's VAE and judge, as `python -m ldmlab.pipeline` runs them
+    plan, depends = proof_plan(cfg, root, names, vae_cfg.data, trainer, budget)
+    run_plan(root / "finetune", plan, r, guard, depends)
+    return write_docs(cfg, r, ["pretrained", *cfg.runs], root / "finetune")
 
-    def judged(model: str, ckpt: Path, prompt: str) -> Step:
-        spec = {**judge, "prompt": prompt, "held_out": cfg.held_out}
+
+def proof_plan(cfg: DictConfig, root: Path, names: list[str], vae_data: DictConfig, trainer: DictConfig,
+               budget: Budget) -> tuple[list[Step], dict[str, list[str]]]:
+    """The proof's own stages in order (text encoder, data, pretraining, each fine-tune, each judging) and the
+    stages each reads."""
+    ft, judge_path, judge = root / "finetune", root / "classifier" / "classifier.safetensors", _plain(cfg.judge)
+
+    def judged(model: str, run_dir: Path, prompt: str) -> Step:
+        ckpt, spec = run_dir / "checkpoints" / "last.ckpt", {**judge, "prompt": prompt, "held_out": cfg.held_out}
         return f"judge_{model}", spec, lambda out: judge_stage(cfg, ckpt, prompt, names, judge_path, trainer, out)
 
+    pretrain_args = run_args(cfg, ["text_model", "pretrain"])
+    data_spec = {k: _plain(cfg[k]) for k in ("held_out", "instance_crops", "prompt", "ti_prompt")}
     plan: list[Step] = [
         ("text_encoder", {"words": vocabulary(cfg, names), **_plain(cfg.text_encoder)},
          lambda out: text_encoder_stage(cfg, names, out)),
-        ("data", {k: _plain(cfg[k]) for k in ("held_out", "instance_crops", "prompt", "ti_prompt")}
-         | {"per_class": cfg.pretrain.per_class}, lambda out: data_stage(cfg, vae_cfg.data, names, out)),
+        ("data", data_spec | {"per_class": cfg.pretrain.per_class}, lambda out: data_stage(cfg, vae_data, names, out)),
         ("pretrain", {"overrides": pretrain_args}, lambda out: train_stage(cfg, out, pretrain_args, budget)),
-        judged("pretrained", ft / "pretrain" / "checkpoints" / "last.ckpt", str(cfg.prompt)),
+        judged("pretrained", ft / "pretrain", str(cfg.prompt)),
     ]
     depends = {"text_encoder": [], "data": ["vae"], "pretrain": ["vae", "text_encoder", "data"],
                "judge_pretrained": ["pretrain", "classifier"]}
     for name, run in cfg.runs.items():
         args = run_args(cfg, list(run.args), list(run.extra))
         plan += [(name, {"overrides": args}, lambda out, a=args: train_stage(cfg, out, a, budget)),
-                 judged(name, ft / name / "checkpoints" / "last.ckpt", str(run.prompt))]
+                 judged(name, ft / name, str(run.prompt))]
         depends |= {name: ["pretrain"], f"judge_{name}": [name, "classifier"]}
-    run_plan(ft, plan, r, guard, depends)
-    return write_docs(cfg, r, ["pretrained", *cfg.runs], ft)
+    return plan, depends
 
 
 def _plain(node: Any) -> Any:
