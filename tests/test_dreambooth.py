@@ -165,9 +165,9 @@ def test_dreambooth_lora_under_two_rank_ddp(tiny_assets: dict[str, Path], tmp_pa
 
 def test_the_proofs_text_encoder_spells_every_caption_word_as_one_token(tmp_path: Path) -> None:
     from ldmlab.data.demo import class_names
-    from ldmlab.pipeline.finetune_demo import IDENTIFIER, build_text_encoder, caption
+    from ldmlab.pipeline.finetune_parts import build_text_encoder, caption
 
-    words = sorted({w for n in class_names() for w in caption(n).split()} | {IDENTIFIER})
+    words = sorted({w for n in class_names() for w in caption(n).split()} | {"sks"})
     text = TextConditioner(build_text_encoder(tmp_path / "clip", words))
     assert all(len(text.tokenizer(w, add_special_tokens=False).input_ids) == 1 for w in words)
     assert text.encoder.get_input_embeddings().num_embeddings == len(text.tokenizer)

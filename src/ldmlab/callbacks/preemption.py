@@ -109,6 +109,13 @@ class Preemption(pl.Callback):
                 self._requested = STOP
             self._record(trainer, "start")
 
+    def request_stop(self) -> bool:
+        """Stop as after SIGTERM (checkpoint at this step's end, exit 0), e.g. at a deadline
+        (ldmlab.callbacks.deadline); False when this callback is off (SLURM without auto-requeue)."""
+        if self._active:
+            self._requested = max(self._requested, STOP)
+        return self._active
+
     def _handler(self, request: int, trainer: pl.Trainer | None = None) -> Any:
         def handler(signum: int, frame: FrameType | None) -> None:
             self._requested = max(self._requested, request)  # only a flag: this may run inside a collective

@@ -1,212 +1,161 @@
-"""Does each fine-tuning method learn? (issue 20) A CPU-size proof on the demo photographs, after `make demo`.
+"""Does each fine-tuning method learn? (issue 20) The proof on the demo photographs, as resumable stages.
 
-1. A text encoder and tokenizer are built here (CLIP architecture, random and frozen; one token per caption word)
-   and a text-conditioned demo U-Net is pretrained with `train.py` on "a photo of <name>" crops of 9 photographs.
-2. The 10th photograph ("flower") is taught from 5 crops by DreamBooth (with and without prior preservation),
-   LoRA and Textual Inversion, each a `train.py` run from the pretrained U-Net.
-3. The demo's classifier judge (trained on real crops of all 10 photos, never on samples) scores the share of
-   "new prompt" samples it calls the new photograph, and the 9 old prompts' class accuracy (forgetting).
+    python -m ldmlab.pipeline.finetune_demo                    # CPU, after `make demo` (reuses its VAE and judge)
+    python -m ldmlab.pipeline.finetune_demo finetune_demo=gpu  # demo_gpu size, one GPU, two 10-minute calls
 
-    python -m ldmlab.pipeline.finetune_demo [--demo outputs/pipeline/demo] [--out outputs/finetune_demo]
+1. The `pipeline=` preset's VAE and classifier stages (ldmlab.pipeline.run): the judge is a classifier trained on
+   real crops of all 10 photographs, never on samples.
+2. A text encoder and tokenizer are built here (CLIP architecture, random and frozen; one token per caption
+   word) and a text-conditioned U-Net is pretrained with train.py on "a photo of <name>" crops of 9 photographs.
+3. The 10th photograph (`held_out`) is taught from a few crops by DreamBooth (with and without prior
+   preservation), LoRA and Textual Inversion, each a train.py run from the pretrained U-Net.
+4. The judge scores the share of "new prompt" samples it calls the held-out photo, and the 9 old prompts' class
+   accuracy (forgetting): <docs>/table.md, results.json and grids.
+
+Every stage runs into <dir>/finetune/<stage> (the VAE and judge into <dir>/vae, <dir>/classifier) and is skipped
+once its result.json exists; the train.py overrides of every run are in conf/finetune_demo/cpu.yaml. With
+`budget.seconds`, a call ends cleanly before its limit (ldmlab.pipeline.budget) and the next call goes on.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import subprocess
-import sys
-import time
-from functools import partial
+import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import hydra
 import torch
-from PIL import Image
+from omegaconf import DictConfig, OmegaConf
 
+from ldmlab.callbacks.preemption import Preempted
+from ldmlab.checkpointing import checkpoint_step
 from ldmlab.configs import CONF_DIR
 from ldmlab.data.demo import class_names
-from ldmlab.pipeline import classifier as clf
-from ldmlab.pipeline.report import labelled_grid
-from ldmlab.pipeline.stages import load_classifier
-from ldmlab.sample import load_ldm
+from ldmlab.machine import resolve_machine
+from ldmlab.pipeline.budget import Budget, BudgetSpent
+from ldmlab.pipeline.finetune_parts import (
+    build_text_encoder,
+    caption,
+    data_stage,
+    judge_stage,
+    text_encoder_stage,
+    vocabulary,
+    write_docs,
+)
+from ldmlab.pipeline.report import mean_of_last, read_series
+from ldmlab.pipeline.run import Step, classifier_step, overrides, resolve_dir, run_plan, vae_step
+from ldmlab.pipeline.stages import compose_stage, describe_device, run_training
 
-HELD = 9  # 'flower': the photograph the pretrained model never saw
-IDENTIFIER, CLASS_NOUN, TOKEN = "sks", "photo", "<new>"
-REPO = CONF_DIR.parents[2] if (CONF_DIR.parents[2] / "train.py").is_file() else Path.cwd()
-
-
-def caption(name: str) -> str:
-    return f"a photo of {name.replace('_', ' ')}"  # CLIP's pre-tokenizer splits words at '_' anyway
-
-
-def build_text_encoder(out: Path, words: list[str], width: int = 64, max_length: int = 8) -> Path:
-    """A random CLIPTextModel and a BPE tokenizer whose merges spell every word of `words` as one token."""
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    out.mkdir(parents=True, exist_ok=True)
-    specials = ["<unk>", "<|startoftext|>", "<|endoftext|>"]
-    letters = sorted({c for w in words for c in w[:-1]} | {w[-1] + "</w>" for w in words})
-    merges: list[str] = []
-    while True:  # BPE applies the lowest-ranked merge first: add one for the first pair of an unfinished word
-        tokenizer = _tokenizer(out, specials + letters + _merged(merges), merges)
-        pieces = next((t for w in words if len(t := tokenizer.tokenize(w)) > 1), None)
-        if pieces is None:
-            break
-        merges.append(f"{pieces[0]} {pieces[1]}")
-    torch.manual_seed(0)
-    config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width,
-                            num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=max_length,
-                            bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    CLIPTextModel(config).save_pretrained(str(out))
-    return out
+__all__ = ["build_text_encoder", "caption", "main", "run_proof"]  # the first two: tests build the same encoder
+log = logging.getLogger("ldmlab.pipeline")
 
 
-def _merged(merges: list[str]) -> list[str]:
-    return list(dict.fromkeys(m.replace(" ", "") for m in merges))
+def run_args(cfg: DictConfig, parts: list[str], extra: list[str] | None = None) -> list[str]:
+    """A train.py run's overrides: the named parts of `args`, its own `extra`, the proof's `extra`, then the
+    pipeline's `common` (later ones win)."""
+    lists = [*(cfg.args[p] for p in parts), extra or [], cfg.extra, cfg.common]
+    return [str(o) for part in lists for o in _plain(part)]
 
 
-def _tokenizer(out: Path, vocab: list[str], merges: list[str]) -> Any:
-    """A CLIPTokenizer over `vocab` and `merges`, saved in `out`."""
-    from transformers import CLIPTokenizer
-
-    vocab = list(dict.fromkeys(vocab))
-    (out / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-    (out / "merges.txt").write_text("\n".join(["#version: 0.2", *merges]) + "\n")
-    tokenizer = CLIPTokenizer(str(out / "vocab.json"), str(out / "merges.txt"), unk_token="<unk>",
-                              pad_token="<|endoftext|>")
-    tokenizer.save_pretrained(str(out))
-    return tokenizer
+def check(cfg: DictConfig, vae_cfg: DictConfig, names: list[str]) -> None:
+    """One line per setting the proof cannot run with, before any stage starts."""
+    if cfg.held_out not in names:
+        raise ValueError(f"held_out={cfg.held_out} is not a demo photograph: one of {', '.join(names)}")
+    if int(cfg.instance_crops) < 1:
+        raise ValueError(f"instance_crops={cfg.instance_crops}: the fine-tunes need at least one crop")
+    if int(cfg.image_size) != int(vae_cfg.data.decoder.image_size):
+        raise ValueError(f"image_size={cfg.image_size} but the VAE stage's crops are "
+                         f"{vae_cfg.data.decoder.image_size} px: set image_size={vae_cfg.data.decoder.image_size}")
 
 
-def write_folder(out: Path, pixels: torch.Tensor, captions: list[str]) -> Path:
-    """PNG crops with same-name .txt captions: a data=folder source."""
-    out.mkdir(parents=True, exist_ok=True)
-    for i, (image, text) in enumerate(zip(pixels, captions)):
-        Image.fromarray(image.numpy()).save(out / f"{i:05d}.png")
-        (out / f"{i:05d}.txt").write_text(text)
-    return out
+def machine_trainer(cfg: DictConfig) -> DictConfig:
+    """The trainer a train.py run of `cfg` gets on this machine (device, precision): the judge's too."""
+    return resolve_machine(cfg.copy()).trainer
 
 
-def train(args: list[str], run: Path, log: Path) -> Path:
-    """`python train.py <args>` into `run`; returns its last.ckpt (skipped when a finished one is there)."""
-    last = run / "checkpoints" / "last.ckpt"
-    if (run / "export").is_dir() and last.is_file():
-        return last
-    cmd = [sys.executable, str(REPO / "train.py"), *args, f"hydra.run.dir={run}"]
-    with log.open("a") as f:
-        f.write(f"\n$ {' '.join(cmd)}\n")
-        f.flush()
-        subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=True, cwd=REPO)
-    return last
+def train_stage(cfg: DictConfig, out: Path, args: list[str], budget: Budget) -> dict:
+    """`python train.py <args>` into `out`, in this process as the pipeline's stages run; a run stopped at the
+    budget's deadline raised Preempted, and a later call resumes it from its checkpoint."""
+    run_cfg = budget.arm(compose_stage(cfg, out, args))
+    try:
+        run_training(run_cfg, out, args)
+    finally:
+        torch._dynamo.reset()  # the next run compiles its own U-Net from a clean slate, as a new process would
+    steps, done = int(run_cfg.trainer.max_steps), checkpoint_step(out / "checkpoints" / "last.ckpt")
+    if done != steps:  # stopped early without a stop checkpoint (ldmlab.callbacks.deadline's fallback)
+        raise BudgetSpent(f"{out.name} stopped at step {done} of {steps}")
+    series = read_series(out) if (out / "csv" / "metrics.csv").is_file() else {}  # none before log_every_n_steps
+    return {"steps": done, "train_loss": mean_of_last(series, "train/loss"),
+            "device": describe_device(run_cfg.trainer)}
 
 
-@torch.no_grad()
-def draw(ckpt: Path, prompts: list[str], guidance: float, steps: int, seed: int = 0) -> torch.Tensor:
-    module = load_ldm(ckpt, use_ema=True)
-    sampler = partial(module.diffusion.sampler, num_steps=steps)
-    return torch.cat([module.sample(prompts[i:i + 96], len(prompts[i:i + 96]), guidance, seed=seed + i,
-                                    sampler=sampler) for i in range(0, len(prompts), 96)])
+def run_proof(cfg: DictConfig, budget: Budget) -> list[str]:
+    """Every stage of the proof (finished ones skipped), then the docs; returns the result table's lines."""
+    root, names = resolve_dir(cfg), class_names()
+    vae_ov = overrides(cfg, "vae")
+    vae_cfg = budget.arm(compose_stage(cfg, root / "vae", vae_ov))
+    check(cfg, vae_cfg, names)
+    pretrain_args = run_args(cfg, ["text_model", "pretrain"])
+    trainer = machine_trainer(compose_stage(cfg, root / "finetune" / "pretrain", pretrain_args))
+    training = {"vae", "pretrain", *cfg.runs}
+
+    def guard(name: str, fn: Callable[[Path], dict]) -> Callable[[Path], dict]:
+        return budget.guard(name, fn, training=name in training)
+
+    shared = [vae_step(vae_cfg, vae_ov), classifier_step(cfg, vae_cfg, trainer, root / "vae/export/vae.safetensors")]
+    r = run_plan(root, shared, {}, guard)  # the pipeline's VAE and judge, as `python -m ldmlab.pipeline` runs them
+    plan, depends = proof_plan(cfg, root, names, vae_cfg.data, trainer, budget)
+    run_plan(root / "finetune", plan, r, guard, depends)
+    return write_docs(cfg, r, ["pretrained", *cfg.runs], root / "finetune")
 
 
-def judge(ckpt: Path, new_prompt: str, names: list[str], judge_model: torch.nn.Module, opts: argparse.Namespace
-          ) -> tuple[dict, torch.Tensor]:
-    """Share of `new_prompt` samples judged as the held-out photo, and the old prompts' class accuracy."""
-    new = draw(ckpt, [new_prompt] * opts.n_new, opts.guidance, opts.sample_steps)
-    old_labels = [c for c in range(len(names)) if c != HELD for _ in range(opts.n_old)]
-    old = draw(ckpt, [caption(names[c]) for c in old_labels], opts.guidance, opts.sample_steps, seed=10_000)
-    new_pred = clf.predict(judge_model, new)
-    old_pred = clf.predict(judge_model, old)
-    return {"prompt": new_prompt, "new_share": float((new_pred == HELD).float().mean()),
-            "old_accuracy": float((old_pred == torch.tensor(old_labels)).float().mean())}, new
+def proof_plan(cfg: DictConfig, root: Path, names: list[str], vae_data: DictConfig, trainer: DictConfig,
+               budget: Budget) -> tuple[list[Step], dict[str, list[str]]]:
+    """The proof's own stages in order (text encoder, data, pretraining, each fine-tune, each judging) and the
+    stages each reads."""
+    ft, judge_path, judge = root / "finetune", root / "classifier" / "classifier.safetensors", _plain(cfg.judge)
+
+    def judged(model: str, run_dir: Path, prompt: str) -> Step:
+        ckpt, spec = run_dir / "checkpoints" / "last.ckpt", {**judge, "prompt": prompt, "held_out": cfg.held_out}
+        return f"judge_{model}", spec, lambda out: judge_stage(cfg, ckpt, prompt, names, judge_path, trainer, out)
+
+    pretrain_args = run_args(cfg, ["text_model", "pretrain"])
+    data_spec = {k: _plain(cfg[k]) for k in ("held_out", "instance_crops", "prompt", "ti_prompt")}
+    plan: list[Step] = [
+        ("text_encoder", {"words": vocabulary(cfg, names), **_plain(cfg.text_encoder)},
+         lambda out: text_encoder_stage(cfg, names, out)),
+        ("data", data_spec | {"per_class": cfg.pretrain.per_class}, lambda out: data_stage(cfg, vae_data, names, out)),
+        ("pretrain", {"overrides": pretrain_args}, lambda out: train_stage(cfg, out, pretrain_args, budget)),
+        judged("pretrained", ft / "pretrain", str(cfg.prompt)),
+    ]
+    depends = {"text_encoder": [], "data": ["vae"], "pretrain": ["vae", "text_encoder", "data"],
+               "judge_pretrained": ["pretrain", "classifier"]}
+    for name, run in cfg.runs.items():
+        args = run_args(cfg, list(run.args), list(run.extra))
+        plan += [(name, {"overrides": args}, lambda out, a=args: train_stage(cfg, out, a, budget)),
+                 judged(name, ft / name, str(run.prompt))]
+        depends |= {name: ["pretrain"], f"judge_{name}": [name, "classifier"]}
+    return plan, depends
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--demo", type=Path, default=REPO / "outputs/pipeline/demo")
-    p.add_argument("--out", type=Path, default=REPO / "outputs/finetune_demo")
-    p.add_argument("--docs", type=Path, default=REPO / "docs/finetune/demo_cpu")
-    p.add_argument("--pretrain-steps", type=int, default=1500)
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--guidance", type=float, default=3.0)
-    p.add_argument("--sample-steps", type=int, default=25)
-    p.add_argument("--n-new", type=int, default=64)
-    p.add_argument("--n-old", type=int, default=16)
-    opts = p.parse_args(argv)
-    vae, judge_path = opts.demo / "vae/export/vae.safetensors", opts.demo / "classifier/classifier.safetensors"
-    if not (vae.is_file() and judge_path.is_file()):
-        sys.exit(f"{opts.demo} lacks vae/export/vae.safetensors or classifier/classifier.safetensors: run make demo")
-    started, out, names = time.time(), opts.out, class_names()
-    out.mkdir(parents=True, exist_ok=True)
-    log = out / "runs.log"
-    pixels, labels = demo_train_crops()
-    clip = build_text_encoder(out / "clip", sorted({w for n in names for w in caption(n).split()} | {IDENTIFIER}))
-    old = labels != HELD
-    pretrain_dir = write_folder(out / "pretrain_data", pixels[old], [caption(names[c]) for c in labels[old]])
-    instance = pixels[labels == HELD][:5]
-    db_dir = write_folder(out / "instance", instance, [f"a {IDENTIFIER} {CLASS_NOUN}"] * 5)
-    ti_dir = write_folder(out / "instance_ti", instance, [caption(TOKEN)] * 5)
-    text = ["model=unet_demo", f"model.vae.path={vae}", "model.conditioner._target_=ldmlab.lit.conditioning.TextConditioner",
-            "~model.conditioner.num_classes", f"+model.conditioner.path={clip}", "+model.conditioner.max_length=8",
-            "model.unet.context_dim=64", "model.unet.num_classes=null", "trainer=cpu", "callbacks.image_grids=null",
-            "trainer.num_sanity_val_steps=0", "trainer.limit_val_batches=0", "seed=0"]
-    base = train([*text, "data=folder", f"data.source.src={pretrain_dir}", "data.decoder.image_size=32",
-                  "data.source.val_fraction=0", "data.batch_size=64", "data.num_workers=1",
-                  f"trainer.max_steps={opts.pretrain_steps}"], out / "pretrain", log)
-    init = [*text, f"model.training.unet_init={out / 'pretrain/export/unet.safetensors'}", f"trainer.max_steps={opts.steps}"]
-    folder = ["data=folder", "data.decoder.image_size=32", "data.source.val_fraction=0", "data.batch_size=8",
-              "data.num_workers=0", "data.samples_per_epoch=400"]
-    booth = ["finetune=dreambooth", "data=dreambooth", f"data.instance.source.src={db_dir}",
-             "data.instance.decoder.image_size=32", "data.instance.batch_size=8", "data.instance.num_workers=0",
-             f"model.finetune.identifier={IDENTIFIER}", f"model.finetune.class_noun={CLASS_NOUN}",
-             "model.finetune.num_class_images=200", f"model.finetune.class_dir={out / 'class_images'}",
-             f"model.finetune.guidance={opts.guidance}", "model.finetune.batch_size=100", "optimizer.lr=1e-4"]
-    runs = {
-        "dreambooth": (booth, f"a {IDENTIFIER} {CLASS_NOUN}"),
-        "dreambooth_no_prior": ([*booth, "model.finetune.prior_weight=0"], f"a {IDENTIFIER} {CLASS_NOUN}"),
-        "lora": (["finetune=lora", *folder, f"data.source.src={db_dir}", "model.finetune.rank=8",
-                  "optimizer.lr=1e-3"], f"a {IDENTIFIER} {CLASS_NOUN}"),
-        "textual_inversion": (["finetune=textual_inversion", *folder, f"data.source.src={ti_dir}",
-                               f'model.finetune.token="{TOKEN}"', f"model.finetune.init_word={CLASS_NOUN}",
-                               "optimizer.lr=5e-3"], caption(TOKEN)),
-    }
-    judge_model = load_classifier(judge_path, torch.device("cpu"))
-    results, grids = {}, {}
-    results["pretrained"], grids["pretrained"] = judge(base, f"a {IDENTIFIER} {CLASS_NOUN}", names, judge_model, opts)
-    for name, (args, prompt) in runs.items():
-        ckpt = train([*init, *args], out / name, log)
-        results[name], grids[name] = judge(ckpt, prompt, names, judge_model, opts)
-        print(f"{name}: {results[name]}", flush=True)
-    return write_docs(opts, results, grids, instance, time.time() - started)
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
-def demo_train_crops() -> tuple[torch.Tensor, torch.Tensor]:
-    """The demo's training crops, (N, 32, 32, 3) uint8 and labels, from its shards under data/."""
-    import hydra
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=["data=demo", f"paths.data_dir={REPO / 'data'}"])
-    dm = hydra.utils.instantiate(cfg.data)
-    dm.prepare_data()
-    return clf.load_split(dm, "train")
-
-
-def write_docs(opts: argparse.Namespace, results: dict, grids: dict, instance: torch.Tensor, seconds: float) -> dict:
-    """results.json, samples.png (8 new-prompt samples per model, the 5 training crops on top) and README.md."""
-    docs = opts.docs
-    docs.mkdir(parents=True, exist_ok=True)
-    real = instance.permute(0, 3, 1, 2).float() / 127.5 - 1
-    rows = [torch.cat([real, real[:3]])] + [g[:8] for g in grids.values()]
-    labelled_grid(torch.cat(rows), ["training crops", *grids], 8, 3).save(docs / "samples.png")
-    meta = {k: v for k, v in vars(opts).items() if k not in ("demo", "out", "docs")}
-    (docs / "results.json").write_text(json.dumps({"settings": meta, "results": results,
-                                                   "minutes": seconds / 60}, indent=1))
-    table = ["| model | prompt | judged as the new photo | old prompts' class accuracy |", "|---|---|---|---|"]
-    table += [f"| {k} | `{v['prompt']}` | {v['new_share']:.1%} | {v['old_accuracy']:.1%} |" for k, v in results.items()]
-    (docs / "table.md").write_text("\n".join(table) + "\n")
-    print("\n".join(table))
-    return results
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="finetune_demo")
+def main(cfg: DictConfig) -> None:
+    """`python -m ldmlab.pipeline.finetune_demo [finetune_demo=gpu] [key=value ...]`."""
+    budget = Budget.from_config(cfg.budget)
+    try:
+        table = run_proof(cfg, budget)
+    except (BudgetSpent, Preempted) as stop:  # Preempted: a training stage checkpointed at its deadline
+        why = "a training stage stopped at its deadline with a checkpoint" if isinstance(stop, Preempted) else stop
+        done = sorted(p.parent.name for p in Path(cfg.dir).rglob("result.json"))
+        print(f"\nbudget: {why}. Done: {', '.join(done) or 'nothing'}. The same command again skips the finished "
+              f"stages and resumes a stopped one.", flush=True)
+        return
+    print("\n".join(["", *table, "", f"docs: {cfg.docs}"]), flush=True)
 
 
 if __name__ == "__main__":

@@ -109,6 +109,30 @@ def overrides(cfg: DictConfig, stage: str) -> list[str]:
     return [str(o) for part in lists for o in OmegaConf.to_container(part, resolve=True)]
 
 
+Step = tuple[str, dict, Callable[[Path], dict]]  # (stage, its settings, what it does)
+
+
+def vae_step(vae_cfg: DictConfig, vae_ov: list[str]) -> Step:
+    """The VAE stage: `vae_cfg` (composed from `vae_ov`) trained into <dir>/vae."""
+    return "vae", {"overrides": vae_ov}, lambda out: stages.vae_stage(vae_cfg, out, vae_ov)
+
+
+def classifier_step(cfg: DictConfig, vae_cfg: DictConfig, trainer: DictConfig, vae_path: Path) -> Step:
+    """The judge: a classifier of the VAE stage's real crops, on `trainer`'s device and precision."""
+    return ("classifier", {**_plain(cfg.classifier), "seed": cfg.seed},
+            lambda out: stages.classifier_stage(cfg, vae_cfg, trainer, out, vae_path))
+
+
+def run_plan(root: Path, plan: list[Step], r: dict, guard: Callable[[str, Callable], Callable] | None = None,
+             depends: dict[str, list[str]] = DEPENDS) -> dict:
+    """Run each stage of `plan` into root/<stage> (skipped when done), adding its result to `r`; a stage's spec
+    gets when the stages it reads (`depends`) finished. `guard(stage, fn)` may wrap what a stage does."""
+    for name, spec, fn in plan:
+        after = {d: r[d]["finished"] for d in depends[name]}
+        r[name] = run_stage(root / name, {**spec, "after": after}, guard(name, fn) if guard else fn)
+    return r
+
+
 def run_pipeline(cfg: DictConfig) -> Path:
     """VAE → latent cache → LDM → classifier → samples → report; returns the report's path."""
     root = resolve_dir(cfg)
@@ -116,21 +140,17 @@ def run_pipeline(cfg: DictConfig) -> Path:
     vae_cfg = stages.compose_stage(cfg, root / "vae", vae_ov)
     ldm_cfg = stages.compose_stage(cfg, root / "ldm", ldm_ov)
     vae_path, r = root / "vae" / "export" / "vae.safetensors", {}
-    # (stage, its settings, what it does); `DEPENDS` adds when the stages it reads finished to its spec
-    plan: list[tuple[str, dict, Callable[[Path], dict]]] = [
-        ("vae", {"overrides": vae_ov}, lambda out: stages.vae_stage(vae_cfg, out, vae_ov)),
+    plan: list[Step] = [
+        vae_step(vae_cfg, vae_ov),
         ("latents", _plain(cfg.latents), lambda out: stages.latents_stage(cfg, vae_cfg, out, vae_path)),
         ("ldm", {"overrides": ldm_ov}, lambda out: stages.ldm_stage(ldm_cfg, out, ldm_ov)),
-        ("classifier", {**_plain(cfg.classifier), "seed": cfg.seed},
-         lambda out: stages.classifier_stage(cfg, vae_cfg, ldm_cfg.trainer, out, vae_path)),
+        classifier_step(cfg, vae_cfg, ldm_cfg.trainer, vae_path),
         ("samples", {**_plain(cfg.sample), "seed": cfg.seed},
          lambda out: stages.samples_stage(cfg, ldm_cfg.trainer, out, root / "ldm" / "checkpoints" / "last.ckpt",
                                           root / "classifier" / "classifier.safetensors",
                                           r["vae"]["class_names"], vae_cfg.data, vae_path)),
     ]
-    for name, spec, fn in plan:
-        after = {d: r[d]["finished"] for d in DEPENDS[name]}
-        r[name] = run_stage(root / name, {**spec, "after": after}, fn)
+    run_plan(root, plan, r)
     _write_json(root / "results.json", r)
     return write_report(root, r, title=str(cfg.name))
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import hydra
 import torch
@@ -178,9 +179,10 @@ def load_classifier(path: Path, device: torch.device) -> SmallCNN:
 
 
 @torch.no_grad()
-def generate(module: torch.nn.Module, labels: list[int], scale: float, steps: int, batch_size: int, seed: int,
+def generate(module: torch.nn.Module, labels: list[Any], scale: float, steps: int, batch_size: int, seed: int,
              precision: str, latent_shape: tuple[int, int, int] | None = None) -> torch.Tensor:
-    """Samples for `labels` at one guidance scale, in seeded batches: (N, 3, H, W) in [-1, 1] on the CPU."""
+    """Samples for `labels` (or prompts) at one guidance scale, in seeded batches: (N, 3, H, W) in [-1, 1] on the
+    CPU."""
     sampler, out = partial(module.diffusion.sampler, num_steps=steps), []
     for start in range(0, len(labels), batch_size):
         chunk = labels[start:start + batch_size]
