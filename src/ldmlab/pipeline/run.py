@@ -22,12 +22,14 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ldmlab.pipeline import stages
 from ldmlab.pipeline.report import write_report
+from ldmlab.pipeline.variants import Comparison
 
 log = logging.getLogger("ldmlab.pipeline")
 RESULT, SPEC = "result.json", "spec.json"
 # what each stage reads: a stage redone makes the stages that read it stale
 DEPENDS = {"vae": [], "latents": ["vae"], "ldm": ["latents"], "classifier": ["vae"],
            "samples": ["ldm", "classifier"]}
+PER_VARIANT = ("ldm", "samples")  # a comparison of variants runs these once per variant, under variants/<name>/
 
 
 class StageMismatch(RuntimeError):
@@ -110,8 +112,12 @@ def overrides(cfg: DictConfig, stage: str) -> list[str]:
 
 
 def run_pipeline(cfg: DictConfig) -> Path:
-    """VAE → latent cache → LDM → classifier → samples → report; returns the report's path."""
+    """VAE → latent cache → LDM → classifier → samples → report; returns the report's path. With a `variants` node
+    (pipeline=variants_gpu): VAE → latent cache → classifier, then the LDM and samples stages once per variant
+    (ldmlab.pipeline.variants), and the comparison's table instead of the report."""
     root = resolve_dir(cfg)
+    # every variant composed and checked before the first stage runs: a bad override costs seconds, not a VAE
+    comparison = Comparison(cfg, root) if cfg.get("variants") is not None else None
     vae_ov, ldm_ov = overrides(cfg, "vae"), overrides(cfg, "ldm")
     vae_cfg = stages.compose_stage(cfg, root / "vae", vae_ov)
     ldm_cfg = stages.compose_stage(cfg, root / "ldm", ldm_ov)
@@ -129,8 +135,12 @@ def run_pipeline(cfg: DictConfig) -> Path:
                                           r["vae"]["class_names"], vae_cfg.data, vae_path)),
     ]
     for name, spec, fn in plan:
+        if comparison is not None and name in PER_VARIANT:
+            continue
         after = {d: r[d]["finished"] for d in DEPENDS[name]}
         r[name] = run_stage(root / name, {**spec, "after": after}, fn)
+    if comparison is not None:
+        return comparison.run(r, vae_cfg, run_stage)
     _write_json(root / "results.json", r)
     return write_report(root, r, title=str(cfg.name))
 
