@@ -39,11 +39,10 @@ NAME = re.compile(r"^[A-Za-z0-9_-]+$")  # a variant's name is a directory name
 @dataclass
 class Budget:
     """When to stop between variants: the next one starts if the time since `start` plus the longest finished
-    variant's time (or `estimate` before any finished) fits in `seconds`. The first variant of a run always starts,
-    so every run makes progress, whatever the shared stages took."""
+    variant's time fits in `seconds`. The first variant of a run always starts, so every run makes progress whatever
+    the shared stages took (and a later check always has a finished variant to go by)."""
 
     seconds: float | None
-    estimate: float
     clock: Callable[[], float] = time.monotonic
     start: float = field(default=0.0)
     started: int = 0
@@ -55,7 +54,7 @@ class Budget:
         """Whether a variant expected to take as long as the longest of `durations` still fits."""
         if self.seconds is None or self.started == 0:
             return True
-        return self.clock() - self.start + max(durations, default=self.estimate) <= self.seconds
+        return self.clock() - self.start + max(durations, default=0.0) <= self.seconds
 
 
 def variant_overrides(cfg: DictConfig, name: str) -> list[str]:
@@ -81,8 +80,6 @@ def settings_problems(cfg: DictConfig) -> list[str]:
                  for n in v.runs if not NAME.match(str(n))]
     if v.budget_s is not None and v.budget_s < 0:
         problems.append(f"variants.budget_s={v.budget_s} must be >= 0 seconds, or null for no limit")
-    if v.estimate_s <= 0:
-        problems.append(f"variants.estimate_s={v.estimate_s} must be > 0 seconds (a variant's expected time)")
     if not 0 <= v.timer_skip < cfg.ldm.steps:
         problems.append(f"variants.timer_skip={v.timer_skip} leaves no timed step of ldm.steps={cfg.ldm.steps}: "
                         f"set variants.timer_skip to 0..{cfg.ldm.steps - 1}")
@@ -95,7 +92,7 @@ class Comparison:
 
     def __init__(self, cfg: DictConfig, root: Path) -> None:
         self.cfg, self.root = cfg, root
-        self.budget = Budget(cfg.variants.budget_s, float(cfg.variants.estimate_s))
+        self.budget = Budget(cfg.variants.budget_s)
         problems = settings_problems(cfg)
         self.configs: dict[str, tuple[list[str], DictConfig]] = {}
         for name in cfg.variants.runs:
