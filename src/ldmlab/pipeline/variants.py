@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
@@ -60,9 +60,14 @@ class Budget:
 def variant_overrides(cfg: DictConfig, name: str) -> list[str]:
     """One variant's train.py overrides: the preset's ldm.overrides, the variant's own, variants.each, then the
     user's ldm.extra and common (last: they win), and the variant's task name."""
-    lists = [cfg.ldm.overrides, cfg.variants.runs[name], cfg.variants.each, cfg.ldm.get("extra", []), cfg.common]
-    flat = [str(o) for part in lists for o in OmegaConf.to_container(part, resolve=True)]
-    return [*flat, f"task_name={cfg.name}_{name}"]
+    lists = [cfg.ldm.overrides, cfg.variants.runs[name], cfg.variants.each, cfg.ldm.get("extra"), cfg.get("common")]
+    return [o for part in lists for o in _strings(part)] + [f"task_name={cfg.name}_{name}"]
+
+
+def _strings(node: Any) -> list[str]:
+    """A config list, resolved (or None: empty), as strings."""
+    items = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+    return [str(o) for o in cast(list, items or [])]
 
 
 def timer_overrides(out: Path, skip: int) -> list[str]:
@@ -123,7 +128,7 @@ class Comparison:
         """Train and score each variant not finished yet, as the budget allows; write the table; return its path.
         `shared`: the vae, latents and classifier stages' results; `run_stage`: the pipeline's (ldmlab.pipeline.run)."""
         done = {n: r for n in self.configs if (r := self.finished(n)) is not None}
-        pending = []
+        pending: list[str] = []
         for name in self.configs:
             if name in done:
                 log.info("[variant %s] done before: skipped", name)
@@ -150,7 +155,7 @@ class Comparison:
         log.info("[variant %s] %s", name, " ".join(self.cfg.variants.runs[name]) or "(the preset's LDM)")
         ldm = run_stage(vdir / "ldm", {"overrides": overrides, "after": {"latents": shared["latents"]["finished"]}},
                         lambda out: ldm_with_speed(ldm_cfg, out, overrides))
-        spec = {**OmegaConf.to_container(self.cfg.sample, resolve=True), "seed": self.cfg.seed,
+        spec = {**cast(dict, OmegaConf.to_container(self.cfg.sample, resolve=True)), "seed": self.cfg.seed,
                 "after": {"ldm": ldm["finished"], "classifier": shared["classifier"]["finished"]}}
         samples = run_stage(vdir / "samples", spec, lambda out: stages.samples_stage(
             self.cfg, ldm_cfg.trainer, out, vdir / "ldm" / "checkpoints" / "last.ckpt",

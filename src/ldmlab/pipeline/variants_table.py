@@ -68,19 +68,17 @@ def table(table_rows: list[Row]) -> list[str]:
 
 
 def winners(table_rows: list[Row]) -> str:
-    """`Best: class accuracy at g=4 flow (97.0 %); FID ...`: which variant wins each comparable column."""
+    """`Best — class accuracy at g=4: flow (97.0 %); FID: ...`: which variant wins each comparable column."""
     scales = sorted({s for r in table_rows for s in r["accuracy"]})
-    columns = [(f"class accuracy at g={s:g}", lambda r, s=s: r["accuracy"].get(s), True, lambda x: f"{100 * x:.1f} %")
-               for s in scales]
-    columns += [("FID", lambda r: r["fid"], False, lambda x: f"{x:.3g}"),
-                ("KID", lambda r: r["kid"], False, lambda x: f"{x:.3g}"),
-                ("img/s", lambda r: r["img_per_s"], True, lambda x: f"{x:.0f}")]
+    columns = [(f"class accuracy at g={s:g}", [r["accuracy"].get(s) for r in table_rows], True, "%") for s in scales]
+    columns += [(label, [r[key] for r in table_rows], BETTER[key], spec)
+                for label, key, spec in (("FID", "fid", ".3g"), ("KID", "kid", ".3g"), ("img/s", "img_per_s", ".0f"))]
     parts = []
-    for label, value, larger, fmt in columns:
-        top = best([value(r) for r in table_rows], larger)
+    for label, values, larger, spec in columns:
+        top = best(values, larger)
         if top is not None:
-            names = [r["name"] for r in table_rows if value(r) == top]
-            parts.append(f"{label}: {', '.join(names)} ({fmt(top)})")
+            names = [r["name"] for r, x in zip(table_rows, values) if x == top]
+            parts.append(f"{label}: {', '.join(names)} ({_cell(top, spec)})")
     return "Best — " + "; ".join(parts) + "." if parts else "No finished variant yet."
 
 
