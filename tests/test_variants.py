@@ -184,7 +184,8 @@ def test_tiny_comparison_runs_one_variant_per_zero_budget_run_then_the_rest(tmp_
     assert list(results["variants"]) == ["baseline"] and len(results["pending"]) == 8
     second = run_pipeline_cli(root, tmp_path, "pipeline=variants_tiny", tiny=False)
     assert all(f"[{s}] done before" in second for s in ("vae", "latents", "classifier"))
-    assert "[variant baseline] done before: skipped" in second and "[variant adm] model.unet." in second
+    assert re.search(r"\[variant baseline\].*\n.*\[ldm\] done before.*\n.*\[samples\] done before", second)
+    assert "[variant adm] model.unet." in second
     assert f"report: {root / 'variants.md'}" in second
     results = json.loads((root / "results.json").read_text())
     assert list(results["variants"]) == VARIANTS and results["pending"] == []
@@ -198,3 +199,7 @@ def test_tiny_comparison_runs_one_variant_per_zero_budget_run_then_the_rest(tmp_
     for v in results["variants"].values():
         assert v["ldm"]["timed_steps"] == 3 and v["ldm"]["img_per_s"] > 0  # 4 steps, the first untimed
     assert not (root / "variants" / "baseline" / "ldm" / "images").exists()  # variants.each: no grids in training
+    # a finished variant whose overrides changed is refused, naming what to delete, before anything trains
+    third = run_pipeline_cli(root, tmp_path, "pipeline=variants_tiny", 'variants.runs.v=["model/prediction=x0"]',
+                             tiny=False, ok=False)
+    assert f"rm -r {root / 'variants' / 'v' / 'ldm'} {root / 'variants' / 'v' / 'samples'}" in third

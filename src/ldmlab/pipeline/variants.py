@@ -117,21 +117,19 @@ class Comparison:
     def dir(self, name: str) -> Path:
         return self.root / "variants" / name
 
-    def finished(self, name: str) -> dict[str, dict] | None:
-        """The variant's ldm and samples results when both stages are done, else None."""
-        paths = {stage: self.dir(name) / stage / RESULT for stage in ("ldm", "samples")}
-        if not all(p.is_file() for p in paths.values()):
-            return None
-        return {stage: json.loads(p.read_text()) for stage, p in paths.items()}
+    def finished(self, name: str) -> bool:
+        """Whether both of the variant's stages (ldm, samples) have written their result."""
+        return all((self.dir(name) / stage / RESULT).is_file() for stage in ("ldm", "samples"))
 
     def run(self, shared: dict[str, dict], vae_cfg: DictConfig, run_stage: Callable[..., dict]) -> Path:
         """Train and score each variant not finished yet, as the budget allows; write the table; return its path.
         `shared`: the vae, latents and classifier stages' results; `run_stage`: the pipeline's (ldmlab.pipeline.run)."""
-        done = {n: r for n in self.configs if (r := self.finished(n)) is not None}
+        # finished variants first, through run_stage: skipped when their settings are today's, refused (naming
+        # what to delete) when not, before anything trains
+        done = {n: self.run_variant(n, shared, vae_cfg, run_stage) for n in self.configs if self.finished(n)}
         pending: list[str] = []
         for name in self.configs:
             if name in done:
-                log.info("[variant %s] done before: skipped", name)
                 continue
             if pending or not self.budget.allows([seconds(r) for r in done.values()]):
                 pending.append(name)
