@@ -13,7 +13,7 @@ import hydra
 import pytest
 from conftest import REPO
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 from test_pipeline import run_pipeline_cli
 
 from ldmlab.pipeline.run import resolve_dir
@@ -21,6 +21,8 @@ from ldmlab.pipeline.variants import Budget, Comparison, variant_overrides
 from ldmlab.pipeline.variants_table import write_table
 from ldmlab.validate import ConfigError, check_config
 
+# the override strings live in one file (renamed there alone, issue 18): tests read them from it
+RUNS = OmegaConf.load(REPO / "conf" / "pipeline" / "variant_set" / "issue22.yaml")
 VARIANTS = ["baseline", "v", "x0", "min_snr", "zero_snr", "cosine", "flow", "learned_variance", "adm"]
 
 
@@ -64,7 +66,7 @@ def test_variant_overrides_put_the_users_last(tmp_path: Path) -> None:
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = pipeline_cfg("variants_tiny", tmp_path, 'common=["trainer.log_every_n_steps=3"]')
     ov = variant_overrides(cfg, "flow")
-    flow = ov.index("model/prediction=flow")
+    flow = ov.index(RUNS.flow[0])
     assert ov[:flow] == [str(o) for o in cfg.ldm.overrides]  # the preset's LDM, as pipeline=variants's ldm stage
     assert flow < ov.index("callbacks.image_grids=null") < ov.index("model.unet.model_channels=32")  # each, extra
     assert ov[-2:] == ["trainer.log_every_n_steps=3", "task_name=variants_tiny_flow"]
@@ -147,15 +149,16 @@ def test_gpu_preset_shares_one_vae_and_judge_and_fits_its_budget(tmp_path: Path)
 
 def test_bad_variants_are_refused_before_any_stage(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as error:
-        comparison("variants_tiny", tmp_path, 'variants.runs.v=["model/prediction=vv"]',
-                   'variants.runs.flow=["model/prediction=flow"]', "variants.timer_skip=4", "variants.budget_s=-1")
+        comparison("variants_tiny", tmp_path, f'variants.runs.v=["{RUNS.v[0]}v"]',  # model/prediction=vv
+                   f'variants.runs.flow=["{RUNS.flow[0]}"]',  # flow matching without its sampler
+                   "variants.timer_skip=4", "variants.budget_s=-1")
     lines = error.value.problems
     assert len(lines) == 4 and all("\n" not in line for line in lines)
     assert lines[0] == "variants.budget_s=-1 must be >= 0 seconds, or null for no limit"
     assert lines[1] == "variants.timer_skip=4 leaves no timed step of ldm.steps=4: set variants.timer_skip to 0..3"
-    assert lines[2].startswith("variants.runs.v: ") and "Could not find 'model/prediction/vv'" in lines[2]
+    assert lines[2].startswith("variants.runs.v: ") and f"Could not find '{RUNS.v[0].replace('=', '/')}v'" in lines[2]
     assert "eps flow v x0" in lines[2]
-    assert lines[3].startswith("variants.runs.flow: model/sampler=ddim cannot sample the flow-matching objective")
+    assert lines[3].startswith("variants.runs.flow: ") and "=ddim cannot sample the flow-matching objective" in lines[3]
     assert not (tmp_path / "vae").exists()  # refused before the first stage
 
 
@@ -200,6 +203,6 @@ def test_tiny_comparison_runs_one_variant_per_zero_budget_run_then_the_rest(tmp_
         assert v["ldm"]["timed_steps"] == 3 and v["ldm"]["img_per_s"] > 0  # 4 steps, the first untimed
     assert not (root / "variants" / "baseline" / "ldm" / "images").exists()  # variants.each: no grids in training
     # a finished variant whose overrides changed is refused, naming what to delete, before anything trains
-    third = run_pipeline_cli(root, tmp_path, "pipeline=variants_tiny", 'variants.runs.v=["model/prediction=x0"]',
+    third = run_pipeline_cli(root, tmp_path, "pipeline=variants_tiny", f'variants.runs.v=["{RUNS.x0[0]}"]',
                              tiny=False, ok=False)
     assert f"rm -r {root / 'variants' / 'v' / 'ldm'} {root / 'variants' / 'v' / 'samples'}" in third
