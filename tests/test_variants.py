@@ -79,7 +79,7 @@ def fake_variant(acc1: float, acc4: float, fid: float, img_per_s: float | None) 
     sets = {"reconstructions": {"fid": 1.5, "kid": 0.01}, "g1": {"fid": 2 * fid, "kid": 0.2},
             "g4": {"fid": fid, "kid": fid / 100}}
     return {"ldm": {"steps": 800, "batch_size": 128, "device": "cuda: NVIDIA H200 (bf16-mixed)", "train_loss": 0.06,
-                    "val_loss": 0.059, "img_per_s": img_per_s, "seconds": 150.0},
+                    "val_loss": 0.059, "img_per_s": img_per_s, "seconds": 150.0, "timer_skip": 50},
             "samples": {"guidance": [{"scale": 1.0, "accuracy": acc1, "grid": "samples/grid_g1.png"},
                                      {"scale": 4.0, "accuracy": acc4, "grid": "samples/grid_g4.png"}],
                         "sampler": "ddim_sample", "steps": 50, "per_class": 50, "seconds": 7.0,
@@ -103,6 +103,7 @@ def test_table_has_a_row_per_variant_and_bolds_each_columns_best(tmp_path: Path)
             "KID: flow (0.215); img/s: baseline (1800).") in text
     assert "Pending (not trained yet: run the same command again): adm." in text
     assert "800 steps × batch 128 on cuda: NVIDIA H200" in text and "score FID 1.5, the floor" in text
+    assert "seconds per step of the train.py loop after its first 50 steps" in text
 
 
 # ---------------------------------------------------------------- configs

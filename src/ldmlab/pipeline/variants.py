@@ -166,7 +166,7 @@ def ldm_with_speed(cfg: DictConfig, out: Path, overrides: list[str]) -> dict[str
     result = stages.ldm_stage(cfg, out, overrides)
     timing = json.loads((out / "step_time.json").read_text())
     per_step = timing["seconds_per_step"]
-    result.update(seconds_per_step=per_step, timed_steps=timing["steps"],
+    result.update(seconds_per_step=per_step, timed_steps=timing["steps"], timer_skip=timing["skip"],
                   img_per_s=result["batch_size"] / per_step if per_step else None)
     return result
 

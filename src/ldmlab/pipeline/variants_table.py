@@ -98,9 +98,10 @@ def intro(results: dict[str, Any], first: Row | None) -> str:
             f"{domain['reference_n']} held-out crops on the judge's features (`{domain['features']}`; the crops' "
             f"VAE reconstructions score FID {_cell(floor, '.3g')}, the floor through this decoder). Train loss: mean "
             "of the last 10 logs; val loss: the end's, on fixed noise. Losses are each objective's own (ε, v, x0, "
-            "velocity; + λ·L_vlb with a learned variance) and do not rank the variants. img/s: the train.py step "
-            "(data, EMA, logging included) in steady state, after the compile warm-up (StepTimer). LDM stage s: "
-            "wall time with start-up, compile, validation and checkpoints.")
+            "velocity; + λ·L_vlb with a learned variance) and do not rank the variants. img/s: batch / seconds "
+            f"per step of the train.py loop after its first {ldm.get('timer_skip', ldm['steps'] - ldm.get('timed_steps', 0))} "
+            "steps (StepTimer: the compile and CUDA-graph capture of a GPU run left out; data, EMA and logging in). "
+            "LDM stage s: its wall time, start-up, compile, validation and checkpoints included.")
 
 
 def write_table(root: Path, results: dict[str, Any], title: str) -> Path:
