@@ -186,11 +186,12 @@ TINY = ["vae.steps=6", "vae.val_every=3", "vae.batch_size=8", "ldm.steps=6", "ld
         "sample.per_class=3", "sample.grid_columns=5", "sample.steps=3", "sample.guidance=[1.0,3.0]"]
 
 
-def run_pipeline_cli(pipe_dir: Path, cwd: Path, *extra: str, ok: bool = True) -> str:
-    """`python -m ldmlab.pipeline` with the TINY settings in a subprocess; its output (stdout + stderr)."""
+def run_pipeline_cli(pipe_dir: Path, cwd: Path, *extra: str, ok: bool = True, tiny: bool = True) -> str:
+    """`python -m ldmlab.pipeline` with the TINY settings (or a preset's own: tiny=False) in a subprocess; its
+    output (stdout + stderr)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true"}
     cmd = [sys.executable, "-m", "ldmlab.pipeline", f"dir={pipe_dir}", f"paths.root_dir={cwd}",
-           f"paths.data_dir={shared_data_dir()}", *TINY, *extra]
+           f"paths.data_dir={shared_data_dir()}", *(TINY if tiny else []), *extra]
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert (proc.returncode == 0) == ok, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc.stdout + proc.stderr

@@ -6,7 +6,10 @@ The GPU timings themselves are benchmarks (python -m ldmlab.bench.gpu → docs/B
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import pytorch_lightning as pl
@@ -263,6 +266,30 @@ def test_bf16_channels_last_training_follows_fp32(tmp_path: Path) -> None:
         assert abs(got - ref) <= 0.05 * ref, (i, ref, got)
     assert sum(bf16[-10:]) < 0.8 * sum(bf16[:10])  # it learns
     assert timer.seconds_per_step > 0
+
+
+def test_step_timer_counts_from_the_fits_first_step_and_writes_json(tmp_path: Path) -> None:
+    """A fit resumed at step 100 still times its steps after `skip` of its own (the warm-up recurs on a resume);
+    `path` gets seconds per step, the count and the warm-up as JSON (what pipeline=variants_gpu reads for img/s)."""
+    timer = StepTimer(skip=2, path=str(tmp_path / "timing" / "step_time.json"))
+    trainer = SimpleNamespace(global_step=100, max_steps=106, is_global_zero=True)
+    module = SimpleNamespace(device=torch.device("cpu"))
+    timer.on_fit_start(trainer, module)
+    for step in range(100, 106):
+        trainer.global_step = step
+        timer.on_train_batch_start(trainer, module, None, 0)
+        time.sleep(0.02)
+        trainer.global_step = step + 1
+        timer.on_train_batch_end(trainer, module, None, None, 0)
+    timer.on_train_end(trainer, module)
+    written = json.loads((tmp_path / "timing" / "step_time.json").read_text())
+    assert written["steps"] == 4 and written["skip"] == 2  # steps 102-105
+    assert written["seconds_per_step"] == pytest.approx(timer.seconds_per_step) and written["seconds_per_step"] >= 0.02
+    assert written["warmup_seconds"] >= 2 * 0.02
+    untimed = StepTimer(skip=50, path=str(tmp_path / "none.json"))  # stopped before its first timed step
+    untimed.on_fit_start(trainer, module)
+    untimed.on_train_end(trainer, module)
+    assert json.loads((tmp_path / "none.json").read_text())["seconds_per_step"] is None
 
 
 def test_step_profile_writes_kernel_and_host_tables(tmp_path: Path) -> None:

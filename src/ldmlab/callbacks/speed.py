@@ -4,9 +4,11 @@ StepTimer: steady-state seconds per step, for the benchmarks and for `train.py` 
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -103,19 +105,23 @@ class GPUSpeed(pl.Callback):
 
 class StepTimer(pl.Callback):
     """Seconds per training step after `skip` warm-up steps (compilation, cuDNN autotuning), GPU-synchronised
-    only at the two ends so the steps in between run as they would without it."""
+    only at the two ends so the steps in between run as they would without it. The steps are counted from this
+    fit's first (a resumed run warms up again); `path`: also write the result there as JSON when training ends."""
 
-    def __init__(self, skip: int = 5) -> None:
-        self.skip = skip
+    def __init__(self, skip: int = 5, path: str | None = None) -> None:
+        self.skip, self.path = skip, path
         self._fit_start = self._start = self._end = 0.0
         self._steps = 0
+        self._first: int | None = None  # global_step of this fit's first batch
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._fit_start = time.perf_counter()
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        if trainer.global_step == self.skip:
+        if self._first is None:
+            self._first = trainer.global_step
+        if trainer.global_step == self._first + self.skip:
             synchronize_device(pl_module)
             self._start = time.perf_counter()
             self._steps = 0
@@ -133,6 +139,16 @@ class StepTimer(pl.Callback):
             self._end = time.perf_counter()
         if self._start and self._steps:
             log.info("StepTimer: %.4f s/step over %d steps", self.seconds_per_step, self._steps)
+        if self.path is not None and trainer.is_global_zero:
+            self.write(Path(self.path))
+
+    def write(self, path: Path) -> None:
+        """{seconds_per_step (null: no step after the warm-up), steps, skip, warmup_seconds} as JSON at `path`."""
+        timed = bool(self._start and self._steps)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"seconds_per_step": self.seconds_per_step if timed else None,
+                                    "steps": self._steps if timed else 0, "skip": self.skip,
+                                    "warmup_seconds": self.warmup_seconds() if timed else None}, indent=1) + "\n")
 
     @property
     def seconds_per_step(self) -> float:

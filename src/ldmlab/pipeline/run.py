@@ -22,12 +22,14 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ldmlab.pipeline import stages
 from ldmlab.pipeline.report import write_report
+from ldmlab.pipeline.variants import Comparison
 
 log = logging.getLogger("ldmlab.pipeline")
 RESULT, SPEC = "result.json", "spec.json"
 # what each stage reads: a stage redone makes the stages that read it stale
 DEPENDS = {"vae": [], "latents": ["vae"], "ldm": ["latents"], "classifier": ["vae"],
            "samples": ["ldm", "classifier"]}
+PER_VARIANT = ("ldm", "samples")  # a comparison of variants runs these once per variant, under variants/<name>/
 
 
 class StageMismatch(RuntimeError):
@@ -134,8 +136,12 @@ def run_plan(root: Path, plan: list[Step], r: dict, guard: Callable[[str, Callab
 
 
 def run_pipeline(cfg: DictConfig) -> Path:
-    """VAE → latent cache → LDM → classifier → samples → report; returns the report's path."""
+    """VAE → latent cache → LDM → classifier → samples → report; returns the report's path. With a `variants` node
+    (pipeline=variants_gpu): VAE → latent cache → classifier, then the LDM and samples stages once per variant
+    (ldmlab.pipeline.variants), and the comparison's table instead of the report."""
     root = resolve_dir(cfg)
+    # every variant composed and checked before the first stage runs: a bad override costs seconds, not a VAE
+    comparison = Comparison(cfg, root) if cfg.get("variants") is not None else None
     vae_ov, ldm_ov = overrides(cfg, "vae"), overrides(cfg, "ldm")
     vae_cfg = stages.compose_stage(cfg, root / "vae", vae_ov)
     ldm_cfg = stages.compose_stage(cfg, root / "ldm", ldm_ov)
@@ -150,6 +156,9 @@ def run_pipeline(cfg: DictConfig) -> Path:
                                           root / "classifier" / "classifier.safetensors",
                                           r["vae"]["class_names"], vae_cfg.data, vae_path)),
     ]
+    if comparison is not None:  # the LDM and its samples run once per variant, in the comparison
+        run_plan(root, [step for step in plan if step[0] not in PER_VARIANT], r)
+        return comparison.run(r, vae_cfg, run_stage)
     run_plan(root, plan, r)
     _write_json(root / "results.json", r)
     return write_report(root, r, title=str(cfg.name))

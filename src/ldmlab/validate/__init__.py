@@ -44,13 +44,15 @@ class ConfigError(ValueError, CompactHydraException):
         super().__init__("\n".join(self.problems))
 
 
-def check_config(cfg: DictConfig, entry: str = "train.py") -> list[str]:
-    """Every problem of a composed train config, one line each ([] when it is fine)."""
+def check_config(cfg: DictConfig, entry: str = "train.py", files: bool = True) -> list[str]:
+    """Every problem of a composed train config, one line each ([] when it is fine). files=False leaves out the
+    rules that read data and weight files: a pipeline checks a stage before the stages that write them have run."""
     from ldmlab.validate.networks import network_problems  # torch: not needed by the command-line check
 
     missing = missing_values(cfg, entry)
-    rules = (data_problems, weight_problems, network_problems, guidance_problems, objective_problems,
-             variance_problems, batch_problems, fsdp_problems, finetune_problems, image_condition_problems)
+    rules = (*((data_problems, weight_problems) if files else ()), network_problems, guidance_problems,
+             objective_problems, variance_problems, batch_problems, fsdp_problems, finetune_problems,
+             image_condition_problems)
     return missing + [line for rule in rules for line in rule(cfg)]
 
 
