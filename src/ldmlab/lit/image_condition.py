@@ -43,6 +43,7 @@ class ImageCondition(ABC):
 
     keys: ClassVar[tuple[str, ...]]  # the batch entries it reads
     what: ClassVar[str]  # how sample.py gives them
+    baseline: ClassVar[str]  # what `picture` is, in reports
 
     def __init__(self, p_drop: float = 0.0) -> None:
         if not 0.0 <= p_drop < 1.0:
@@ -61,6 +62,11 @@ class ImageCondition(ABC):
     @abstractmethod
     def picture(self, batch: dict[str, Any], size: Size) -> Tensor:
         """The condition as (N, 3, H, W) pixels in [-1, 1] at `size` (grids; the baseline a sample should beat)."""
+
+    def shown(self, batch: dict[str, Any], size: Size) -> Tensor:
+        """The condition as the model is given it, as (N, 3, H, W) pixels at `size` (grids); `picture` unless
+        that is a processed copy."""
+        return self.picture(batch, size)
 
     def inputs(self, batch: dict[str, Any], size: Sequence[int], encode: Encode,
                generator: torch.Generator | None = None, train: bool = False) -> Inputs:
@@ -91,7 +97,7 @@ class ImageCondition(ABC):
 class SuperResolution(ImageCondition):
     """The low-resolution image upsampled to the latent size and concatenated (3 channels), noise-augmented."""
 
-    keys, what = ("low_res",), "image=<low-res png>"
+    keys, what, baseline = ("low_res",), "image=<low-res png>", "bicubic upsampling"
 
     def __init__(self, factor: int = 4, schedule: NoiseSchedule | None = None, max_noise_level: int = 350,
                  noise_level: int = 20, resize: str = "bicubic", p_drop: float = 0.0) -> None:
@@ -139,11 +145,15 @@ class SuperResolution(ImageCondition):
         low = batch["low_res"].float()
         return F.interpolate(low, size=size, mode="bicubic", align_corners=False).clamp(-1, 1)
 
+    def shown(self, batch: dict[str, Any], size: Size) -> Tensor:
+        """The low-res image, each pixel repeated (nearest): what the model is given, before any upsampling."""
+        return F.interpolate(batch["low_res"].float(), size=size, mode="nearest")
+
 
 class Inpainting(ImageCondition):
     """SD-inpainting's 1 + C channels: the mask at latent size (nearest, as diffusers) and the masked image's latent."""
 
-    keys, what = ("image", "mask"), "image=<png> mask=<png>"
+    keys, what, baseline = ("image", "mask"), "image=<png> mask=<png>", "masked crop"
 
     def channels(self, latent_channels: int) -> int:
         return 1 + latent_channels

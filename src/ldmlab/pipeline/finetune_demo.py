@@ -27,9 +27,9 @@ from PIL import Image
 from ldmlab.configs import CONF_DIR
 from ldmlab.data.demo import class_names
 from ldmlab.pipeline import classifier as clf
-from ldmlab.pipeline.report import labelled_grid
 from ldmlab.pipeline.stages import load_classifier
 from ldmlab.sample import load_ldm
+from ldmlab.utils.images import labelled_grid
 
 HELD = 9  # 'flower': the photograph the pretrained model never saw
 IDENTIFIER, CLASS_NOUN, TOKEN = "sks", "photo", "<new>"
