@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +23,7 @@ from conftest import compose_train
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
+from test_image_condition_e2e import TINY as E2E_TINY
 
 from ldmlab.configs import CONF_DIR
 from ldmlab.data.conditions import masked_image
@@ -31,10 +34,8 @@ from ldmlab.run import train
 from ldmlab.sample import load_ldm
 
 N = 48  # held-out images scored: more than the tiny VAE encoder's 40 features (FD's minimum)
-TINY = ["trainer.max_steps=4", "trainer.val_check_interval=4", "trainer.limit_val_batches=1", "data.batch_size=4",
-        "data.num_workers=0", "model.sampler.num_steps=2", "trainer.num_sanity_val_steps=0",
-        "callbacks.image_grids.num_images=2", "callbacks.condition_psnr.batches=1", "data.source.crops_per_image=20",
-        "data.source.val_crops_per_image=5", "seed=0"]  # 10 photos × 5 = 50 held-out crops
+# the image-condition e2e test's tiny run (its override strings stay in one place), with 10 photos × 5 = 50 crops held out
+TINY = [*(o for o in E2E_TINY if not o.startswith("data.source.val_crops_per_image=")), "data.source.val_crops_per_image=5"]
 
 
 def fake_loader(sizes: list[int]) -> list[dict]:
@@ -140,6 +141,9 @@ def test_evaluate_scores_samples_and_baselines_against_the_held_out_images(run: 
     baselines = {b["images"]: b for b in results["baselines"]}
     expected = {"bicubic upsampling" if name == "sr_demo" else "masked crop": picture, "VAE reconstruction":
                 reconstruction}
+    if name == "inpaint_demo":  # the samples as an inpainting tool shows them: known pixels put back
+        mask = batch["mask"]
+        expected["samples, guidance 1, known pixels pasted back"] = samples * mask + truth * (1 - mask)
     assert set(baselines) == set(expected)
     for label, images in expected.items():
         # rel 1e-4: the VAE decodes batches of 20 there, 48 here (float sums in another order, rounded to uint8)
@@ -180,3 +184,34 @@ def test_ranks_condition_sample_i_on_image_i_and_n_is_capped_by_the_held_out_ima
                                          r"n=50 or fewer \(an image-conditioned model draws one sample per held-out"):
         evaluate(evaluate_cfg(ckpt, tmp_path / "big", "n=60", "metrics=[psnr]"))
     assert not (tmp_path / "big" / "samples").exists()
+
+
+REPORT = Path(__file__).resolve().parents[1] / "docs" / "image_condition" / "README.md"
+
+
+def report_lines(prefix: str) -> list[list[str]]:
+    """The arguments of every `<prefix> ...` line in the proof report's bash blocks (comments dropped)."""
+    blocks = re.findall(r"```bash\n(.*?)```", REPORT.read_text(), flags=re.DOTALL)
+    return [shlex.split(line.split(" #")[0])[len(prefix.split()):] for block in blocks
+            for line in block.replace("\\\n", " ").splitlines() if line.startswith(prefix + " ")]
+
+
+def test_the_proof_report_commands_compose_as_written(tmp_path: Path) -> None:
+    """docs/image_condition/README.md: its train.py lines compose to the experiment they name and its evaluate
+    lines to the checkpoint, count and features they name; the grids it shows exist and stay small."""
+    trains, evaluations = report_lines("python train.py"), report_lines("python -m ldmlab.evaluate")
+    assert len(trains) >= 2 and len(evaluations) >= 2
+    for args in trains:
+        cfg = compose_train(args, tmp_path)
+        said = dict(a.split("=", 1) for a in args)
+        assert cfg.task_name == said["experiment"] and str(cfg.trainer.max_steps) == said.get(
+            "trainer.max_steps", str(cfg.trainer.max_steps))
+    for args in evaluations:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose("evaluate", overrides=args)
+        said = dict(a.split("=", 1) for a in args)
+        assert (cfg.ckpt, cfg.n, cfg.features.name) == (said["ckpt"], int(said["n"]), said["features.name"])
+    pictures = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", REPORT.read_text())
+    assert len(pictures) >= 2
+    for picture in pictures:
+        assert (REPORT.parent / picture).stat().st_size < 300_000, picture

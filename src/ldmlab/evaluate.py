@@ -24,7 +24,7 @@ from tqdm import tqdm
 from ldmlab.configs import CONF_DIR
 from ldmlab.evaluation.clip import ClipTowers
 from ldmlab.evaluation.features import build_feature_network
-from ldmlab.evaluation.paired import PairedScores, baselines, grid_rows, held_out_loader, rebatched, sampled
+from ldmlab.evaluation.paired import PairedScores, grid_rows, held_out_loader, paired_rows, rebatched
 from ldmlab.evaluation.reference import cached_reference, describe_data, real_batches, stats_path
 from ldmlab.evaluation.report import markdown_table, write_report
 from ldmlab.evaluation.samples import Chunk, SampleCache, chunks, from_uint8
@@ -199,12 +199,10 @@ def evaluate_paired(job: Job) -> tuple[list[dict[str, float]], list[dict], str]:
     scores = PairedScores(network, reference, pairs, Plan(cfg.n, cfg.batch_size, cfg.seed, job.metrics), job.options)
     autocast, cache = prepare_for_sampling(module, cfg.bf16, cfg.compile), SampleCache(
         job.out / "samples" / samples_key(cfg, data))
-    with autocast:
-        fixed = [{"images": name, **scores.score(produce)} for name, produce in baselines(module).items()]
-        with tqdm(total=len(chunks(cfg.n, cfg.batch_size, rank, world)) * len(cfg.guidance), desc="sample chunks",
-                  disable=rank != 0) as bar:
-            results = [{"guidance": float(g), **scores.score(sampled(module, float(g), sampler, cache),
-                                                               on_chunk=lambda *_: bar.update())} for g in cfg.guidance]
+    total = len(chunks(cfg.n, cfg.batch_size, rank, world)) * len(cfg.guidance)
+    with autocast, tqdm(total=total, desc="sample chunks", disable=rank != 0) as bar:
+        results, others = paired_rows(module, scores, [float(g) for g in cfg.guidance], sampler, cache,
+                                      on_chunk=lambda *_: bar.update())
         if rank == 0 and cfg.grid > 0:
             images, names = grid_rows(module, next(pairs()), [float(g) for g in cfg.guidance], sampler, cache, cfg.grid)
             labelled_grid(images, names, len(images) // len(names)).save(job.out / "grid.png", optimize=True)
@@ -212,7 +210,7 @@ def evaluate_paired(job: Job) -> tuple[list[dict[str, float]], list[dict], str]:
               f"{type(module.image_condition).__name__} condition and scored against image i, sampler "
               f"{cfg.sampler or 'of the model'}, {cfg.steps or 'its default'} steps, features **{network.name}** "
               f"(reference: the same {cfg.n} images); grid.png: the first images")
-    return results, fixed, header
+    return results, others, header
 
 
 def _lists_from_commas(argv: list[str]) -> list[str]:

@@ -104,6 +104,11 @@ def sampled(module: Any, guidance: float, sampler: Any, cache: SampleCache | Non
     return produce
 
 
+def pasted(module: Any, produce: Produce) -> Produce:
+    """`produce`'s images with the pixels the condition gives put back (inpainting: outside the mask)."""
+    return lambda chunk, batch: module.image_condition.paste(on_device(batch, module.device), produce(chunk, batch))
+
+
 def baselines(module: Any) -> dict[str, Produce]:
     """What a sample should beat, by name: the condition's own picture (bicubic upsampling, the masked crop)
     and the held-out images through the VAE (posterior mean: the ceiling of any model on its latents)."""
@@ -148,6 +153,21 @@ class PairedScores:
                 on_chunk(chunk, images)
         pixel_scores = {k: v for k, v in pixels.compute().items() if k in self.plan.metrics}
         return {**(features.compute() if features is not None else {}), **pixel_scores}
+
+
+def paired_rows(module: Any, scores: PairedScores, guidance: Sequence[float], sampler: Any,
+                cache: SampleCache | None = None, on_chunk: Callable[[Chunk, Tensor], None] | None = None,
+                ) -> tuple[list[dict], list[dict]]:
+    """The samples' scores, one row per guidance scale, and those of the other image sets, named by "images":
+    the samples with the given pixels pasted back (inpainting), the condition's picture, the VAE reconstruction."""
+    others = [{"images": name, **scores.score(produce)} for name, produce in baselines(module).items()]
+    rows, kept = [], []
+    for g in guidance:
+        rows.append({"guidance": g, **scores.score(sampled(module, g, sampler, cache), on_chunk)})
+        if module.image_condition.keeps_pixels:  # as an inpainting tool shows its result
+            kept.append({"images": f"samples, guidance {g:g}, known pixels pasted back",
+                         **scores.score(pasted(module, sampled(module, g, sampler, cache)))})
+    return rows, kept + others
 
 
 def grid_rows(module: Any, first: tuple[Chunk, Batch], guidance: Sequence[float], sampler: Any,

@@ -44,6 +44,7 @@ class ImageCondition(ABC):
     keys: ClassVar[tuple[str, ...]]  # the batch entries it reads
     what: ClassVar[str]  # how sample.py gives them
     baseline: ClassVar[str]  # what `picture` is, in reports
+    keeps_pixels: ClassVar[bool] = False  # whether some of the truth's pixels are given (`paste` puts them back)
 
     def __init__(self, p_drop: float = 0.0) -> None:
         if not 0.0 <= p_drop < 1.0:
@@ -67,6 +68,10 @@ class ImageCondition(ABC):
         """The condition as the model is given it, as (N, 3, H, W) pixels at `size` (grids); `picture` unless
         that is a processed copy."""
         return self.picture(batch, size)
+
+    def paste(self, batch: dict[str, Any], samples: Tensor) -> Tensor:
+        """Samples with the pixels the condition gives put back (none here: the samples as they are)."""
+        return samples
 
     def inputs(self, batch: dict[str, Any], size: Sequence[int], encode: Encode,
                generator: torch.Generator | None = None, train: bool = False) -> Inputs:
@@ -154,6 +159,7 @@ class Inpainting(ImageCondition):
     """SD-inpainting's 1 + C channels: the mask at latent size (nearest, as diffusers) and the masked image's latent."""
 
     keys, what, baseline = ("image", "mask"), "image=<png> mask=<png>", "masked crop"
+    keeps_pixels = True
 
     def channels(self, latent_channels: int) -> int:
         return 1 + latent_channels
@@ -167,3 +173,9 @@ class Inpainting(ImageCondition):
     def picture(self, batch: dict[str, Any], size: Size) -> Tensor:
         """The masked image (masked pixels grey)."""
         return masked_image(batch["image"], batch["mask"].to(batch["image"].dtype))
+
+    def paste(self, batch: dict[str, Any], samples: Tensor) -> Tensor:
+        """samples · mask + image · (1 − mask): the known pixels put back, as an inpainting tool shows its result
+        (the model regenerates the whole latent; outside the mask it is only as exact as the VAE)."""
+        mask = batch["mask"].to(samples)
+        return samples * mask + batch["image"].to(samples) * (1 - mask)
