@@ -2,7 +2,7 @@
 held-out ground truth. Sample i is conditioned on held-out image i's condition (its low-res copy, or the image
 under its mask: the data decoder's seeded masks, those of validation) and compared with image i: per-image PSNR
 and SSIM, and FID/KID/IS/precision/recall of the samples against the same images' features (SR3, Saharia et al.
-2021, sec. 5, reports both kinds). Two baselines are scored the same way: the condition's own picture (bicubic
+2021, reports both kinds). Two baselines are scored the same way: the condition's own picture (bicubic
 upsampling, the masked crop) and the images through the VAE, the ceiling of any latent model on them."""
 
 from __future__ import annotations
