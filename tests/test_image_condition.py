@@ -23,7 +23,7 @@ from ldmlab.convert.unet import diffusers_unet_config, infer_unet_config, ldmlab
 from ldmlab.diffusion import EpsPrediction, ddim_sample, scaled_linear
 from ldmlab.lit.image_condition import Inpainting, SuperResolution
 from ldmlab.lit.ldm import LatentDiffusionModule
-from ldmlab.metrics import psnr
+from ldmlab.metrics import PixelFidelity, psnr, ssim
 from ldmlab.nn.autoencoder import AutoencoderKL
 from ldmlab.nn.unet import UNetModel
 from ldmlab.sample import load_ldm
@@ -252,3 +252,40 @@ def test_psnr_closed_form_and_torchmetrics() -> None:
     ref = peak_signal_noise_ratio((noisy + 1) / 2, (y + 1) / 2, data_range=1.0, reduction="none", dim=(1, 2, 3))
     torch.testing.assert_close(psnr(noisy, y).float(), ref, rtol=1e-5, atol=1e-4)
     assert torch.isinf(psnr(y, y)).all()
+
+
+def test_ssim_against_skimage_and_torchmetrics_and_closed_forms() -> None:
+    """Wang et al.'s SSIM as skimage computes it (Gaussian window, the border where the window does not fit left
+    out); torchmetrics averages the reflect-padded full map, so its map is compared with that border cropped."""
+    from skimage.metrics import structural_similarity
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.rand(3, 3, 24, 20, generator=g) * 2 - 1
+    x = (y + 0.3 * torch.randn(y.shape, generator=g)).clamp(-1, 1)
+    ours = ssim(x, y)
+    ref = [structural_similarity(((a + 1) / 2).permute(1, 2, 0).double().numpy(),
+                                 ((b + 1) / 2).permute(1, 2, 0).double().numpy(), data_range=1.0, channel_axis=2,
+                                 gaussian_weights=True, sigma=1.5, use_sample_covariance=False) for a, b in zip(x, y)]
+    torch.testing.assert_close(ours, torch.tensor(ref, dtype=torch.float64), rtol=1e-9, atol=1e-9)
+    _, full = structural_similarity_index_measure(((x + 1) / 2).double(), ((y + 1) / 2).double(), data_range=1.0,
+                                                  reduction="none", return_full_image=True)
+    torch.testing.assert_close(ours, full[..., 5:-5, 5:-5].flatten(1).mean(1), rtol=1e-9, atol=1e-9)
+    # 1 for identical images; the same picture in [0, 255] scores the same; lower under more noise
+    torch.testing.assert_close(ssim(y, y), torch.ones(3, dtype=torch.float64))
+    torch.testing.assert_close(ssim((x + 1) * 127.5, (y + 1) * 127.5, value_range=(0, 255)), ours)
+    assert (ssim((y + torch.randn(y.shape, generator=g)).clamp(-1, 1), y) < ours).all()
+    with pytest.raises(ValueError, match="at least 11 px"):
+        ssim(x[..., :10, :10], y[..., :10, :10])
+
+
+def test_pixel_fidelity_averages_per_image_scores() -> None:
+    g = torch.Generator().manual_seed(1)
+    y = torch.rand(5, 3, 16, 16, generator=g) * 2 - 1
+    x = (y + 0.2 * torch.randn(y.shape, generator=g)).clamp(-1, 1)
+    scores = PixelFidelity()
+    scores.update(x[:2], y[:2])
+    scores.update(x[2:], y[2:])
+    assert scores.compute() == pytest.approx({"psnr": psnr(x, y).mean().item(), "ssim": ssim(x, y).mean().item()})
+    with pytest.raises(ValueError, match="no images"):
+        PixelFidelity().compute()

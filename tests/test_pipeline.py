@@ -19,8 +19,9 @@ from PIL import Image
 
 from ldmlab.nn.classifier import SmallCNN
 from ldmlab.pipeline.classifier import class_accuracy, predict, sample_labels
-from ldmlab.pipeline.report import labelled_grid, smooth, write_report
+from ldmlab.pipeline.report import smooth, write_report
 from ldmlab.pipeline.run import StageMismatch, dependents, run_stage
+from ldmlab.utils.images import labelled_grid
 
 NAMES = ["ant", "bee", "cow"]
 

@@ -273,6 +273,11 @@ class ShardDataModule(pl.LightningDataModule):
         """Validation batches, or [] (no validation) when there are no validation shards."""
         return self._loader(self.val_set, None) if self.val_set is not None else []
 
+    def full_val_dataloader(self) -> EpochLoader:
+        """Every validation batch, on every rank (not this rank's share): for an evaluation that splits its work
+        over ranks itself, so that image i is the same whatever the number of ranks."""
+        return self._loader(self.make_val_set(), None)
+
     def _loader(self, dataset: ShardStream | None, epoch_fn: Callable[[], int | None] | None) -> EpochLoader:
         """A DataLoader over pre-batched items (batch_size=None: batching happens in the workers)."""
         if dataset is None:

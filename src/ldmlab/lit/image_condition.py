@@ -43,6 +43,8 @@ class ImageCondition(ABC):
 
     keys: ClassVar[tuple[str, ...]]  # the batch entries it reads
     what: ClassVar[str]  # how sample.py gives them
+    baseline: ClassVar[str]  # what `picture` is, in reports
+    keeps_pixels: ClassVar[bool] = False  # whether some of the truth's pixels are given (`paste` puts them back)
 
     def __init__(self, p_drop: float = 0.0) -> None:
         if not 0.0 <= p_drop < 1.0:
@@ -61,6 +63,15 @@ class ImageCondition(ABC):
     @abstractmethod
     def picture(self, batch: dict[str, Any], size: Size) -> Tensor:
         """The condition as (N, 3, H, W) pixels in [-1, 1] at `size` (grids; the baseline a sample should beat)."""
+
+    def shown(self, batch: dict[str, Any], size: Size) -> Tensor:
+        """The condition as the model is given it, as (N, 3, H, W) pixels at `size` (grids); `picture` unless
+        that is a processed copy."""
+        return self.picture(batch, size)
+
+    def paste(self, batch: dict[str, Any], samples: Tensor) -> Tensor:
+        """Samples with the pixels the condition gives put back (none here: the samples as they are)."""
+        return samples
 
     def inputs(self, batch: dict[str, Any], size: Sequence[int], encode: Encode,
                generator: torch.Generator | None = None, train: bool = False) -> Inputs:
@@ -91,7 +102,7 @@ class ImageCondition(ABC):
 class SuperResolution(ImageCondition):
     """The low-resolution image upsampled to the latent size and concatenated (3 channels), noise-augmented."""
 
-    keys, what = ("low_res",), "image=<low-res png>"
+    keys, what, baseline = ("low_res",), "image=<low-res png>", "bicubic upsampling"
 
     def __init__(self, factor: int = 4, schedule: NoiseSchedule | None = None, max_noise_level: int = 350,
                  noise_level: int = 20, resize: str = "bicubic", p_drop: float = 0.0) -> None:
@@ -139,11 +150,16 @@ class SuperResolution(ImageCondition):
         low = batch["low_res"].float()
         return F.interpolate(low, size=size, mode="bicubic", align_corners=False).clamp(-1, 1)
 
+    def shown(self, batch: dict[str, Any], size: Size) -> Tensor:
+        """The low-res image, each pixel repeated (nearest): what the model is given, before any upsampling."""
+        return F.interpolate(batch["low_res"].float(), size=size, mode="nearest")
+
 
 class Inpainting(ImageCondition):
     """SD-inpainting's 1 + C channels: the mask at latent size (nearest, as diffusers) and the masked image's latent."""
 
-    keys, what = ("image", "mask"), "image=<png> mask=<png>"
+    keys, what, baseline = ("image", "mask"), "image=<png> mask=<png>", "masked crop"
+    keeps_pixels = True
 
     def channels(self, latent_channels: int) -> int:
         return 1 + latent_channels
@@ -157,3 +173,9 @@ class Inpainting(ImageCondition):
     def picture(self, batch: dict[str, Any], size: Size) -> Tensor:
         """The masked image (masked pixels grey)."""
         return masked_image(batch["image"], batch["mask"].to(batch["image"].dtype))
+
+    def paste(self, batch: dict[str, Any], samples: Tensor) -> Tensor:
+        """samples · mask + image · (1 − mask): the known pixels put back, as an inpainting tool shows its result
+        (the model regenerates the whole latent; outside the mask it is only as exact as the VAE)."""
+        mask = batch["mask"].to(samples)
+        return samples * mask + batch["image"].to(samples) * (1 - mask)

@@ -14,9 +14,9 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from ldmlab.pipeline import classifier as clf
-from ldmlab.pipeline.report import labelled_grid
 from ldmlab.pipeline.stages import device_of, generate, load_classifier
 from ldmlab.sample import load_ldm
+from ldmlab.utils.images import labelled_grid
 
 GRID_COLUMNS = 8  # new-prompt samples per model in samples.png
 OLD_SEED = 10_000  # the old prompts' samples are seeded apart from the new prompt's

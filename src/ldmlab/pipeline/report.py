@@ -11,11 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageDraw
-from torch import Tensor
-
 from ldmlab.compare import csv_series, plot
-from ldmlab.utils.images import make_grid
 
 Series = dict[str, list[tuple[int, float]]]
 
@@ -57,25 +53,6 @@ def loss_curve_png(series: Series, out: Path, train_key: str = "train/loss", val
         raise ValueError(f"no {train_key} or {val_key} logged: nothing to plot")
     plot(curves, "LDM loss", out, label="{}")
     return out
-
-
-# ---------------------------------------------------------------- sample grids
-
-
-def labelled_grid(images: Tensor, row_names: Sequence[str], columns: int, scale: int = 1) -> Image.Image:
-    """One row of `columns` images per name (images in row order), upscaled ×scale, names on the left."""
-    if len(images) != len(row_names) * columns:
-        raise ValueError(f"{len(images)} images do not make {len(row_names)} rows of {columns}")
-    grid = make_grid(images, nrow=columns)  # (3, H', W') uint8
-    tile = Image.fromarray(grid.permute(1, 2, 0).numpy())
-    tile = tile.resize((tile.width * scale, tile.height * scale), Image.Resampling.NEAREST)
-    margin = 8 + 6 * max(len(n) for n in row_names)  # PIL's default bitmap font: ~6 px per character
-    canvas = Image.new("RGB", (tile.width + margin, tile.height), "white")
-    canvas.paste(tile, (margin, 0))
-    draw, row_h = ImageDraw.Draw(canvas), tile.height / len(row_names)
-    for i, name in enumerate(row_names):
-        draw.text((4, int((i + 0.5) * row_h) - 5), name, fill="black")
-    return canvas
 
 
 # ---------------------------------------------------------------- the Markdown

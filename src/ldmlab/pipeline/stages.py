@@ -29,9 +29,10 @@ from ldmlab.data.transforms import normalize
 from ldmlab.nn.classifier import SmallCNN
 from ldmlab.pipeline import classifier as clf
 from ldmlab.pipeline.domain import domain_scores
-from ldmlab.pipeline.report import labelled_grid, loss_curve_png, mean_of_last, read_series
+from ldmlab.pipeline.report import loss_curve_png, mean_of_last, read_series
 from ldmlab.run import train
 from ldmlab.sample import load_ldm
+from ldmlab.utils.images import labelled_grid
 
 log = logging.getLogger("ldmlab.pipeline")
 

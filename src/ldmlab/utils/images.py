@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 from torch import Tensor
 
 
@@ -35,3 +36,19 @@ def save_png(grid: Tensor, path: str | Path) -> Path:
     array = grid.permute(1, 2, 0).numpy()
     Image.fromarray(array[..., 0] if array.shape[-1] == 1 else np.ascontiguousarray(array)).save(path)
     return path
+
+
+def labelled_grid(images: Tensor, row_names: Sequence[str], columns: int, scale: int = 1) -> Image.Image:
+    """One row of `columns` images per name (images in row order), upscaled ×scale, names on the left."""
+    if len(images) != len(row_names) * columns:
+        raise ValueError(f"{len(images)} images do not make {len(row_names)} rows of {columns}")
+    grid = make_grid(images, nrow=columns)  # (3, H', W') uint8
+    tile = Image.fromarray(grid.permute(1, 2, 0).numpy())
+    tile = tile.resize((tile.width * scale, tile.height * scale), Image.Resampling.NEAREST)
+    margin = 8 + 6 * max(len(n) for n in row_names)  # PIL's default bitmap font: ~6 px per character
+    canvas = Image.new("RGB", (tile.width + margin, tile.height), "white")
+    canvas.paste(tile, (margin, 0))
+    draw, row_h = ImageDraw.Draw(canvas), tile.height / len(row_names)
+    for i, name in enumerate(row_names):
+        draw.text((4, int((i + 0.5) * row_h) - 5), name, fill="black")
+    return canvas
