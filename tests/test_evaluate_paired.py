@@ -34,8 +34,9 @@ from ldmlab.run import train
 from ldmlab.sample import load_ldm
 
 N = 48  # held-out images scored: more than the tiny VAE encoder's 40 features (FD's minimum)
-# the image-condition e2e test's tiny run (its override strings stay in one place), with 10 photos × 5 = 50 crops held out
-TINY = [*(o for o in E2E_TINY if not o.startswith("data.source.val_crops_per_image=")), "data.source.val_crops_per_image=5"]
+# the image-condition e2e test's tiny run (its override strings stay in one place), 10 photos × 5 = 50 crops held out
+HELD_OUT = "data.source.val_crops_per_image="
+TINY = [*(o for o in E2E_TINY if not o.startswith(HELD_OUT)), f"{HELD_OUT}5"]
 
 
 def fake_loader(sizes: list[int]) -> list[dict]:

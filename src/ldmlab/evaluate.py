@@ -165,7 +165,8 @@ def evaluate_samples(job: Job) -> tuple[list[dict[str, float]], list[dict], str]
     if not prompts and isinstance(module.conditioner, TextConditioner):  # statistics from the cache: read captions
         list(real_batches(datamodule.val_dataloader(), reference_n, module.vae, captions))
     plan = Plan(cfg.n, cfg.batch_size, cfg.seed, job.metrics, _sampler(module, cfg.sampler, cfg.steps), prompts)
-    autocast, cache = prepare_for_sampling(module, cfg.bf16, cfg.compile), SampleCache(job.out / "samples" / samples_key(cfg))
+    autocast = prepare_for_sampling(module, cfg.bf16, cfg.compile)
+    cache = SampleCache(job.out / "samples" / samples_key(cfg))
     total = len(chunks(cfg.n, cfg.batch_size, rank, world)) * len(cfg.guidance)
     results = []
     with tqdm(total=total, desc="sample chunks", disable=rank != 0) as bar:
@@ -197,8 +198,8 @@ def evaluate_paired(job: Job) -> tuple[list[dict[str, float]], list[dict], str]:
     reference = cached_reference(path, compute, write=rank == 0)
     sampler = _sampler(module, cfg.sampler, cfg.steps)
     scores = PairedScores(network, reference, pairs, Plan(cfg.n, cfg.batch_size, cfg.seed, job.metrics), job.options)
-    autocast, cache = prepare_for_sampling(module, cfg.bf16, cfg.compile), SampleCache(
-        job.out / "samples" / samples_key(cfg, data))
+    autocast = prepare_for_sampling(module, cfg.bf16, cfg.compile)
+    cache = SampleCache(job.out / "samples" / samples_key(cfg, data))
     total = len(chunks(cfg.n, cfg.batch_size, rank, world)) * len(cfg.guidance)
     with autocast, tqdm(total=total, desc="sample chunks", disable=rank != 0) as bar:
         results, others = paired_rows(module, scores, [float(g) for g in cfg.guidance], sampler, cache,

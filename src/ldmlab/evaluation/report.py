@@ -8,8 +8,8 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-COLUMNS = (("psnr", "PSNR (dB)"), ("ssim", "SSIM"), ("fid", "FID"), ("kid", "KID"), ("is", "IS"), ("precision", "precision"), ("recall", "recall"),
-           ("clip_score", "CLIP score"))
+COLUMNS = (("psnr", "PSNR (dB)"), ("ssim", "SSIM"), ("fid", "FID"), ("kid", "KID"), ("is", "IS"),
+           ("precision", "precision"), ("recall", "recall"), ("clip_score", "CLIP score"))
 
 
 def _cell(row: dict, key: str) -> str:
