@@ -20,7 +20,7 @@ from test_unet import SMALL, diffusers_twin, randomized
 from ldmlab.convert.__main__ import main
 from ldmlab.convert.checkpoint import load_ldmlab
 from ldmlab.convert.unet import diffusers_unet_config, infer_unet_config, ldmlab_unet_config
-from ldmlab.diffusion import EpsPrediction, ddim_sample, scaled_linear
+from ldmlab.diffusion import Diffusion, EpsPrediction, ddim_sample, scaled_linear
 from ldmlab.lit.image_condition import Inpainting, SuperResolution
 from ldmlab.lit.ldm import LatentDiffusionModule
 from ldmlab.metrics import PixelFidelity, psnr, ssim
@@ -154,8 +154,8 @@ def test_condition_dropout_and_guidance_halves() -> None:
 def test_module_needs_latent_plus_condition_channels(tiny_assets: dict[str, Path]) -> None:
     from ldmlab.convert.load import load_vae
 
-    make = partial(LatentDiffusionModule, noise_schedule=scaled_linear(), prediction=EpsPrediction(),
-                   sampler=partial(ddim_sample, num_steps=2), vae=load_vae(tiny_assets["vae"]))
+    diffusion = Diffusion(EpsPrediction(), scaled_linear(), sampler=partial(ddim_sample, num_steps=2))
+    make = partial(LatentDiffusionModule, diffusion=diffusion, vae=load_vae(tiny_assets["vae"]))
     make(unet=UNetModel(**{**INPAINT, "context_dim": None}), image_condition=Inpainting())
     with pytest.raises(ValueError, match=r"\(\+ 5 of model.image_condition\): set model.unet.in_channels=9"):
         make(unet=UNetModel(**{**SR, "noise_level_embed": False}), image_condition=Inpainting())
