@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, read_offline_wandb, run_train
+from conftest import REPO, read_offline_wandb
 from PIL import Image
 
 from ldmlab.compare import CompareError, compare, main
@@ -19,20 +20,18 @@ def offline_run(job: Path) -> dict:
     return read_offline_wandb(path)
 
 
-def test_many_loggers_sweep_wandb_runs_and_compare(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Two jobs with logger=many: two offline W&B runs (own config, override tags, one group); compare lists both."""
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    monkeypatch.delenv("WANDB_MODE", raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: offline fallback
-    sweep = tmp_path / "kl"
-    run_train(["-m", "model=vae_tiny", "debug=limit", "data.batch_size=4", "data.num_workers=0",
-               "trainer.num_sanity_val_steps=0", "trainer.limit_val_batches=1", "model.loss.kl_weight=1e-6,1e-5",
-               "logger=many", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
-    runs = [offline_run(sweep / str(n)) for n in range(2)]
-    assert {r["group"] for r in runs} == {"debug-kl"} and runs[0]["id"] != runs[1]["id"]
+def test_many_loggers_sweep_wandb_runs_and_compare(vae_sweep: tuple[Path, str], tmp_path: Path) -> None:
+    """Four jobs with logger=many: four offline W&B runs (own config, override tags, one group); compare lists
+    them with the two overrides that differ."""
+    sweep = tmp_path / "grid"
+    shutil.copytree(vae_sweep[0], sweep)  # a copy: the CSV logs are moved aside below
+    runs = [offline_run(sweep / str(n)) for n in range(4)]
+    assert {r["group"] for r in runs} == {"debug-grid"} and len({r["id"] for r in runs}) == 4
     assert {r["job_type"] for r in runs} == {"sweep"}
-    for run, kl in zip(runs, ["1e-06", "1e-05"]):
+    points = [(kl, lr) for kl in ("1e-06", "1e-05") for lr in ("0.0002", "0.0005")]  # Hydra's sweep order
+    for run, (kl, lr) in zip(runs, points, strict=True):
         assert run["tags"][0] == "dev" and f"model.loss.kl_weight={kl}" in run["tags"] and "logger=many" in run["tags"]
+        assert f"optimizer.lr={lr}" in run["tags"]
         assert all(len(t) <= 64 for t in run["tags"])  # long path overrides are shortened, not rejected
         assert run["config"]["model"]["loss"]["kl_weight"] == float(kl)
         assert run["config"]["optimized_metric"] == "val/psnr"
@@ -41,16 +40,17 @@ def test_many_loggers_sweep_wandb_runs_and_compare(tmp_path: Path, monkeypatch: 
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines[0] == "| job | model.loss.kl_weight | val/psnr (final) |"  # only the override that differs
-    rows = [line.split(" | ") for line in lines[2:4]]
-    assert [r[:2] for r in rows] == [["| 0", "1e-06"], ["| 1", "1e-05"]]
-    assert all(float(r[2].rstrip(" |")) > 0 for r in rows)
+    # only the overrides that differ: not TINY's, not logger=many, not the sweep dir
+    assert lines[0] == "| job | model.loss.kl_weight | optimizer.lr | val/psnr (final) |"
+    rows = [line.split(" | ") for line in lines[2:6]]
+    assert [r[:3] for r in rows] == [[f"| {n}", kl, lr] for n, (kl, lr) in enumerate(points)]
+    assert all(float(r[3].rstrip(" |")) > 0 for r in rows)
     with Image.open(png) as img:
         assert img.format == "PNG" and img.width >= 300 and img.height >= 200 and len(img.getcolors(1 << 16)) > 3
     # without the CSV logs the same values come from the W&B offline runs
-    for n in range(2):
+    for n in range(4):
         (sweep / str(n) / "csv" / "metrics.csv").rename(sweep / str(n) / "csv" / "metrics.bak")
-    assert compare(sweep).splitlines()[2:] == lines[2:4]
+    assert compare(sweep).splitlines()[2:] == lines[2:6]
 
 
 def make_job(sweep: Path, n: int, overrides: list[str], csv_text: str | None) -> None:

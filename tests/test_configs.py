@@ -13,8 +13,8 @@ import torch
 from conftest import CONF, REPO, compose_train
 from omegaconf import OmegaConf
 
+from ldmlab.fit import build, instantiate_group
 from ldmlab.machine import resolve_machine
-from ldmlab.run import build, instantiate_group
 
 GROUPS = ["model", "data", "trainer", "speed", "optimizer", "lr_scheduler", "logger", "callbacks", "paths",
           "experiment", "debug", "hydra"]

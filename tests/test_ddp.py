@@ -7,9 +7,9 @@ from pathlib import Path
 import hydra
 import pytest
 import torch
-from conftest import compose_train, run_train
+from conftest import TINY, compose_train, run_train
 from pytorch_lightning.strategies import FSDPStrategy
-from test_sweeps import TINY, global_step, last_metric
+from test_sweeps import global_step, last_metric
 
 from ldmlab.machine import Machine, resolve_machine
 from ldmlab.nn.attention import SpatialTransformer

@@ -12,6 +12,10 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import REPO, read_metrics, run_train, series, shared_data_dir
+from hydra import compose, initialize_config_dir
+
+from ldmlab.configs import CONF_DIR
+from ldmlab.evaluate import evaluate as run_evaluate
 
 pytestmark = pytest.mark.slow
 
@@ -26,12 +30,22 @@ def ldm_eval(vae: Path, stats: Path, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def eval_run(tiny_assets: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 6-step LDM run with eval=vae every 3 steps (validation at 3 and 6)."""
-    cwd = tmp_path_factory.mktemp("eval_run")
-    run_train(ldm_eval(tiny_assets["vae"], cwd / "stats", "callbacks.sample_quality.every_n_steps=3",
-                       f"hydra.run.dir={cwd / 'run'}"), cwd=cwd)
-    return cwd / "run"
+def eval_search(tiny_assets: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """hparams_search=ldm_optuna, 2 trials of 6 LDM steps with eval=vae every 3 steps (validation at 3 and 6),
+    the reference statistics cached in <sweep>/../stats; the sweep dir."""
+    cwd = tmp_path_factory.mktemp("eval_search")
+    sweep = cwd / "search"
+    run_train(ldm_eval(tiny_assets["vae"], cwd / "stats", "hparams_search=ldm_optuna", "hydra.sweeper.n_trials=2",
+                       "hydra.sweeper.sampler.n_startup_trials=2", "callbacks.sample_quality.every_n_steps=3",
+                       f"hydra.sweep.dir={sweep}"), cwd=cwd)
+    return sweep
+
+
+@pytest.fixture(scope="module")
+def eval_run(eval_search: Path) -> Path:
+    """The search's first trial: a 6-step LDM run with the in-loop evaluation at steps 3 and 6 (shared, so the
+    module trains once for the in-loop, evaluate and Optuna tests)."""
+    return eval_search / "0"
 
 
 def test_sample_quality_every_n_steps_with_cached_reference(eval_run: Path) -> None:
@@ -45,7 +59,7 @@ def test_sample_quality_every_n_steps_with_cached_reference(eval_run: Path) -> N
         assert all(0 <= v <= 1 for key in ("precision", "recall") for v in series(rows, f"eval/{key}_g{scale}"))
     share = series(rows, "eval/time_share")
     assert len(share) == 2 and all(0 < s < 1 for s in share)
-    [cached] = [p for p in (eval_run.parent / "stats").glob("vae-encoder-*_n48_*.safetensors") if ".rows." not in p.name]
+    [cached] = [p for p in (eval_run.parents[1] / "stats").glob("vae-encoder-*_n48_*.safetensors") if ".rows." not in p.name]
     assert cached.with_suffix(".rows.safetensors").exists()
     assert sorted(p.name for p in (eval_run / "eval").glob("*.png")) == [
         "samples_g1_step0000003.png", "samples_g1_step0000006.png",
@@ -61,7 +75,8 @@ def evaluate(args: list[str], cwd: Path, ranks: int = 1) -> subprocess.Completed
     return proc
 
 
-def test_evaluate_writes_the_guidance_table_and_resumes_from_its_samples(eval_run: Path, tmp_path: Path) -> None:
+def test_evaluate_writes_the_guidance_table_and_resumes_from_its_samples(eval_run: Path, tmp_path: Path,
+                                                                         one_thread: None) -> None:
     """The issue's command line (guidance=1,3 as typed): a row per scale, the curve, and a re-run that reads its
     cached samples gives the same numbers; 2 gloo ranks split the samples and agree with 1 (KID's subsets draw
     from rows in rank order, so it is compared loosely)."""
@@ -76,8 +91,11 @@ def test_evaluate_writes_the_guidance_table_and_resumes_from_its_samples(eval_ru
     assert [r["guidance"] for r in first] == [1.0, 3.0] and all(r["fid"] > 0 for r in first)
     assert (out / "tradeoff.png").stat().st_size > 1000
     assert len(list((out / "samples").rglob("chunk*.pt"))) == 2 * 4
-    evaluate([*common, f"out={out}"], tmp_path)  # every chunk from the cache
-    assert json.loads((out / "results.json").read_text())["rows"] == first
+    # every chunk from the cache (in-process, the command line ran above; one thread as its OMP_NUM_THREADS=1, so
+    # the features sum in the same order)
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("evaluate", overrides=[o for o in common if o != "guidance=1,3"] + ["guidance=[1,3]", f"out={out}"])
+    assert run_evaluate(cfg) == first and json.loads((out / "results.json").read_text())["rows"] == first
     evaluate([*common, f"out={tmp_path / 'two'}"], tmp_path, ranks=2)
     two = json.loads((tmp_path / "two" / "results.json").read_text())["rows"]
     for a, b in zip(first, two, strict=True):
@@ -101,15 +119,11 @@ def test_evaluate_refuses_before_sampling(args: list[str], line: str, eval_run: 
     assert not (tmp_path / "out" / "samples").exists()
 
 
-def test_optuna_selects_on_the_in_loop_fid(tmp_path: Path, tiny_assets: dict[str, Path]) -> None:
+def test_optuna_selects_on_the_in_loop_fid(eval_search: Path) -> None:
     """hparams_search=ldm_optuna, 2 trials: each trial's objective is the eval/fid_g1 it logged last, and the
     study's best is the smaller of the two."""
-    sweep = tmp_path / "search"
-    run_train(ldm_eval(tiny_assets["vae"], tmp_path / "stats", "hparams_search=ldm_optuna",
-                       "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=2",
-                       "callbacks.sample_quality.every_n_steps=6", f"hydra.sweep.dir={sweep}"), cwd=tmp_path)
-    result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
-    trials = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
+    result = yaml.safe_load((eval_search / "optimization_results.yaml").read_text())
+    trials = sorted(p for p in eval_search.iterdir() if p.is_dir() and p.name.isdigit())
     fids = [series(read_metrics(t), "eval/fid_g1")[-1] for t in trials]
     assert len(trials) == 2 and fids[0] != fids[1]
     assert result["best_value"] == pytest.approx(min(fids), rel=1e-6)

@@ -168,7 +168,7 @@ def guided_setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     cfg = compose_train([*TINY_LDM, f"model.vae.path={vae}"], tmp)
     torch.manual_seed(0)
     module = hydra.utils.instantiate(cfg.model, _convert_="all", optimizer=hydra.utils.instantiate(cfg.optimizer))
-    module.config_yaml = OmegaConf.to_yaml(cfg, resolve=True)  # as ldmlab.run.build stores it
+    module.config_yaml = OmegaConf.to_yaml(cfg, resolve=True)  # as ldmlab.fit.build stores it
     fit = trainer(tmp, 1, limit_val_batches=0)
     fit.fit(module, torch.utils.data.DataLoader(_Latents(), batch_size=8))
     fit.save_checkpoint(tmp / "last.ckpt")

@@ -14,9 +14,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO, shared_data_dir
+from conftest import REPO, TINY, shared_data_dir
 from slurm_cluster import FINAL_STATES, SlurmCluster, unavailable_reason
-from test_sweeps import TINY, global_step, last_metric, logged_steps, wandb_runs
+from test_sweeps import global_step, last_metric, logged_steps, wandb_runs
 
 pytestmark = pytest.mark.slurm
 

@@ -9,13 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import read_offline_wandb, run_train
+from conftest import TINY, read_offline_wandb, run_train
 
 pytestmark = pytest.mark.slow
-
-# A few steps of the tiny VAE with validation and checkpoints, as cheap as the loop allows.
-TINY = ["model=vae_tiny", "debug=limit", "data.batch_size=4", "data.num_workers=0", "trainer.num_sanity_val_steps=0",
-        "trainer.limit_val_batches=1"]
 
 
 def wandb_runs(run_dir: Path) -> list[dict]:
@@ -38,15 +34,9 @@ def global_step(ckpt: Path) -> int:
     return int(torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"])
 
 
-def test_grid_runs_four_jobs_each_its_own_wandb_run_in_one_group(tmp_path: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_grid_runs_four_jobs_each_its_own_wandb_run_in_one_group(vae_sweep: tuple[Path, str]) -> None:
     """`-m` with two values of two params: four jobs, four run dirs, four W&B runs in the sweep's group."""
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path))
-    sweep = tmp_path / "grid"
-    run_train(["-m", *TINY, "model.loss.kl_weight=1e-6,1e-5", "optimizer.lr=2e-4,5e-4", "logger=[csv,wandb]",
-               f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    sweep, _ = vae_sweep
     jobs = [sweep / str(n) for n in range(4)]
     points = set()
     for job in jobs:

@@ -72,7 +72,7 @@ def _train_checkpoint(overrides: list[str], tmp_path: Path) -> Path:
     cfg = compose_train([*overrides, *TINY_UNET], tmp_path)
     torch.manual_seed(0)
     module = hydra.utils.instantiate(cfg.model, _convert_="all", optimizer=hydra.utils.instantiate(cfg.optimizer))
-    module.config_yaml = OmegaConf.to_yaml(cfg, resolve=True)  # as ldmlab.run.build stores it
+    module.config_yaml = OmegaConf.to_yaml(cfg, resolve=True)  # as ldmlab.fit.build stores it
     trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                          default_root_dir=tmp_path)

@@ -79,7 +79,7 @@ def learned_run(tmp_path_factory: pytest.TempPathFactory, vae: Path) -> tuple[pl
     cfg = compose_train([*LEARNED, f"model.vae.path={vae}", *TINY], tmp)
     torch.manual_seed(0)
     module = hydra.utils.instantiate(cfg.model, _convert_="all", optimizer=hydra.utils.instantiate(cfg.optimizer))
-    module.config_yaml = OmegaConf.to_yaml(cfg, resolve=True)  # as ldmlab.run.build stores it
+    module.config_yaml = OmegaConf.to_yaml(cfg, resolve=True)  # as ldmlab.fit.build stores it
     trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                          limit_val_batches=1, default_root_dir=tmp)

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import hydra
 import pytest
-from conftest import REPO
+from conftest import REPO, shared_data_dir
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf, open_dict
 from test_pipeline import run_pipeline_cli
 
-from ldmlab.pipeline.run import resolve_dir
+from ldmlab.pipeline.run import StageMismatch, resolve_dir, run_pipeline
 from ldmlab.pipeline.variants import Budget, Comparison, variant_overrides
 from ldmlab.pipeline.variants_table import write_table
 from ldmlab.validate import ConfigError, check_config
@@ -206,7 +206,10 @@ def test_tiny_comparison_runs_one_variant_per_zero_budget_run_then_the_rest(tmp_
     for v in results["variants"].values():
         assert v["ldm"]["timed_steps"] == 3 and v["ldm"]["img_per_s"] > 0  # 4 steps, the first untimed
     assert not (root / "variants" / "baseline" / "ldm" / "images").exists()  # variants.each: no grids in training
-    # a finished variant whose overrides changed is refused, naming what to delete, before anything trains
-    third = run_pipeline_cli(root, tmp_path, "pipeline=variants_tiny", f'variants.runs.v=["{RUNS.x0[0]}"]',
-                             tiny=False, ok=False)
-    assert f"rm -r {root / 'variants' / 'v' / 'ldm'} {root / 'variants' / 'v' / 'samples'}" in third
+    # a finished variant whose overrides changed is refused, naming what to delete, before anything trains (in
+    # this process: the command line ran twice above)
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"), \
+            pytest.raises(StageMismatch) as refused:
+        run_pipeline(pipeline_cfg("variants_tiny", root, f'variants.runs.v=["{RUNS.x0[0]}"]', f"paths.root_dir={tmp_path}",
+                                  f"paths.data_dir={shared_data_dir()}"))
+    assert f"rm -r {root / 'variants' / 'v' / 'ldm'} {root / 'variants' / 'v' / 'samples'}" in str(refused.value)

@@ -1,7 +1,7 @@
 """Checkpoint files: atomic writes, a run's newest checkpoint, and per-rank state inside rank 0's file.
 
 Lightning writes checkpoints through `trainer.strategy.checkpoint_io`; `AtomicCheckpointIO` (installed by
-`ldmlab.run.build`) writes `<name>.tmp-<pid>` next to the target, fsyncs it and renames it over the target, so a
+`ldmlab.fit.build`) writes `<name>.tmp-<pid>` next to the target, fsyncs it and renames it over the target, so a
 process killed mid-save (SIGKILL, OOM, node failure) leaves the previous checkpoint whole. `resume_path` decides
 where a run starts from: `ckpt_path=<file>`, `ckpt_path=<dir>` or `ckpt_path=last` (the newest checkpoint there),
 and with `resume=auto` the run dir's own newest checkpoint when the run dir already has one (a restart).

@@ -37,7 +37,7 @@ class Deadline(pl.Callback):
             return
         self._asked = True
         log.warning("deadline reached after step %d: checkpoint and stop", trainer.global_step)
-        # by type: Preemption is added by ldmlab.run.build after the config's callbacks, so it runs after this
+        # by type: Preemption is added by ldmlab.fit.build after the config's callbacks, so it runs after this
         # hook in the same step end and saves that step
         preemption = next((cb for cb in trainer.callbacks if isinstance(cb, Preemption)), None)
         if preemption is None or not preemption.request_stop():
